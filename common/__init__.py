@@ -1,0 +1,1 @@
+"""Shared building blocks: bands, raster I/O, datasets, backbones, schedules, EMA, engine, config."""

@@ -1,0 +1,126 @@
+"""Optimisers and parameter groups shared by every stage.
+
+Parameter groups carry two extra keys that the engine's schedules read every step:
+``lr_scale`` (multiplies the scheduled learning rate, e.g. a backbone lr multiplier) and ``apply_wd``
+(whether the scheduled weight decay applies: biases and normalisation parameters get none, as in DINO's
+``get_params_groups``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["OptimConfig", "LARS", "param_groups_no_wd_for_norm_and_bias", "build_optimizer"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and learning-rate/weight-decay schedules (values per optimisation step)."""
+
+    name: Literal["adamw", "sgd", "lars"] = "adamw"  # optimiser
+    lr: float = 1e-3  # peak learning rate (before scaling by global batch, see scale_lr_with_batch)
+    scale_lr_with_batch: bool = False  # lr *= global_batch / 256 (DINO's linear scaling rule)
+    min_lr: float = 0.0  # final learning rate of the cosine/poly schedule
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"  # learning-rate policy after warm-up
+    poly_power: float = 0.9  # exponent of the poly policy
+    warmup_steps: int = 0  # linear warm-up length in optimisation steps
+    warmup_epochs: float = 0.0  # alternative warm-up length in epochs (converted with the steps per epoch)
+    weight_decay: float = 0.0  # weight decay at the start
+    weight_decay_end: float | None = None  # cosine weight-decay schedule end value (None: constant)
+    momentum: float = 0.9  # SGD/LARS momentum
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    backbone_lr_mult: float = 1.0  # learning-rate multiplier for parameters under the backbone (fine-tuning)
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise ValueError("optim.warmup_steps and optim.warmup_epochs must be >= 0")
+        if self.weight_decay < 0 or (self.weight_decay_end is not None and self.weight_decay_end < 0):
+            raise ValueError("optim.weight_decay must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if self.backbone_lr_mult < 0:
+            raise ValueError(f"optim.backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+
+
+def _is_no_wd(name: str, param: torch.Tensor) -> bool:
+    # Biases and norm scales/shifts (1-D) and weight-norm magnitudes are not decayed.
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups_no_wd_for_norm_and_bias(
+    named_params: Iterable[tuple[str, nn.Parameter]], lr_scale: float = 1.0, prefix_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """Split trainable parameters into decayed and non-decayed groups (optionally per name prefix lr scale).
+
+    Args:
+        named_params: ``model.named_parameters()``.
+        lr_scale: lr multiplier of every group.
+        prefix_scales: extra multipliers for parameters whose name starts with a prefix (e.g. ``{"backbone.": 0.1}``).
+    """
+    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        scale = lr_scale
+        for prefix, s in (prefix_scales or {}).items():
+            if name.startswith(prefix):
+                scale *= s
+        buckets.setdefault((not _is_no_wd(name, p), scale), []).append(p)
+    groups = []
+    for (apply_wd, scale), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        groups.append({"params": params, "apply_wd": apply_wd, "lr_scale": scale, "weight_decay": 0.0})
+    return groups
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in facebookresearch/dino ``utils.LARS``: SGD with a layer-wise trust ratio.
+
+    1-D parameters (biases, norms) get neither weight decay nor the trust ratio.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch API
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(
+                        param_norm > 0.0, torch.where(update_norm > 0, (g["eta"] * param_norm / update_norm), one), one
+                    )
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """Create the optimiser named by ``cfg.name``; lr and weight decay are set by the engine every step."""
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+    if cfg.name == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adamw, sgd, lars")

@@ -1,0 +1,76 @@
+"""Deterministic data order and per-sample random streams.
+
+The order of an epoch is a pure function of ``(seed, epoch)`` and a sample's augmentation randomness a pure function
+of ``(seed, epoch, index)``. So the data a step sees does not depend on the number of DataLoader workers, on which
+process loads it, or on whether the run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["EpochSampler", "AugmentedDataset", "sample_rng", "seed_worker"]
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by ``(seed, epoch)``; call :meth:`set_epoch` before each epoch.
+
+    Every process draws the same permutation; Accelerate shards the batches across processes.
+    """
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True):
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.length))
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class AugmentedDataset(Dataset):
+    """Applies ``transform(sample, rng)`` with a per-(seed, epoch, index) generator.
+
+    Args:
+        base: a dataset returning sample dicts.
+        transform: ``transform(sample, rng) -> sample`` (or any object, e.g. a list of crops).
+        seed: the run's seed.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[dict, np.random.Generator], Any], seed: int = 0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.transform(self.base[index], sample_rng(self.seed, self.epoch, index))
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive numpy/random seeds from torch's per-worker seed."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)

@@ -1,0 +1,1 @@
+"""DeepLab fine-tuning: models, losses, metrics, inference and training methods."""
