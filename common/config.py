@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 
 from pathlib import Path
@@ -51,6 +52,19 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads `1e-3` (no dot) as a string; accept the scientific notation every Python user writes.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def _load_yaml(path: str | os.PathLike) -> dict:
@@ -200,6 +214,12 @@ def _build(cls: type[T], data: dict, prefix: str, source: str) -> T:
     kwargs = {}
     for name, value in data.items():
         dotted = f"{prefix}.{name}" if prefix else name
+        f = fields[name]
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]):
+            # A partial section starts from the field's own default (which may differ from the class defaults).
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                value = _merge(config_to_dict(default), value)
         kwargs[name] = _convert(value, hints[name], dotted, source)
     missing = [
         n for n, f in fields.items()

@@ -1,0 +1,868 @@
+"""PyTorch datasets over GeoTIFFs: unlabelled tiles, segmentation tiles, BigEarthNet patches, SpaceNet-6 SAR tiles.
+
+Common behaviour (the sample contract of ``docs/CONTRACTS.md``):
+
+* A sample is a dict with ``image`` float32 ``(C, H, W)`` in model units (reflectance / dB, *not* normalised),
+  ``valid`` bool ``(H, W)`` (False where any band is no-data/NaN/inf), ``index`` int, ``id`` str, and for labelled
+  segmentation ``mask`` int64 ``(H, W)`` with :data:`~common.bands.IGNORE_INDEX` (255) wherever the label is
+  ignored *or* the image is invalid. With ``return_georef=True`` also ``crs`` (str) and ``transform``
+  (6-tuple, see :mod:`common.raster`); use :func:`common.raster.unbatch_georef` on collated batches.
+* Invalid image pixels are filled (``fill_value="mean"``: the sensor's reference mean of the band, which becomes 0
+  after normalisation with the reference statistics; a float: that value; ``None``: left as converted).
+* ``transform`` (optional callable) receives the sample dict with **numpy** arrays (``image`` float32 CHW,
+  ``mask`` int64 HW, ``valid`` bool HW) and must return a dict. Afterwards every numpy array in the dict is
+  converted to a ``torch.Tensor``; values that already are tensors, and other values, are left alone.
+* Files are opened lazily in ``__getitem__`` and closed before it returns: no handle is held by the dataset, so it
+  is safe with any number of DataLoader workers (fork or spawn).
+* Construction validates the inputs up front, with one error per problem naming the file (``validate="full"``:
+  every file opens, has the expected bands and readable pixel data (truncation), masks match image size/CRS and
+  carry no label outside the class list; ``"header"``: skip the pixel-data read; ``"none"``: only file existence).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.bands import IGNORE_INDEX, SENSORS, SensorSpec, get_sensor, to_model_units
+from common.raster import (
+    GEOTIFF_SUFFIXES,
+    RasterError,
+    RasterInfo,
+    Tile,
+    find_band_files,
+    raster_info,
+    read_band_files,
+    read_raster,
+    tile_windows,
+    to_affine,
+    to_crs,
+)
+from common.splits import read_ids
+
+__all__ = [
+    "VALIDATE_MODES",
+    "BIGEARTHNET_CLASSES",
+    "SPACENET6_CLASSES",
+    "Transform",
+    "UnlabelledTiles",
+    "SegmentationDataset",
+    "SpaceNet6Tiles",
+    "BigEarthNetPatches",
+]
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+"""Sample transform: dict with numpy arrays in, dict out."""
+
+VALIDATE_MODES = ("full", "header", "none")
+"""Construction-time validation levels."""
+
+LABEL_CHECK_MODES = ("auto", "construction", "access")
+"""When :class:`SegmentationDataset` checks mask values: ``auto`` reads all masks at construction when their total
+size is at most :data:`LABEL_CHECK_PIXEL_BUDGET` pixels, else checks each mask when it is first loaded."""
+
+LABEL_CHECK_PIXEL_BUDGET = 2**27
+"""Total mask pixels up to which ``label_check="auto"`` reads every mask at construction (~134 Mpx)."""
+
+SPLITS_DIR = "splits"
+"""Sub-directory of a dataset root holding split files."""
+
+SPLIT_SUFFIX = ".txt"
+"""Suffix of split files."""
+
+BIGEARTHNET_METADATA_SUFFIX = "_labels_metadata.json"
+"""Suffix of the per-patch BigEarthNet label file."""
+
+BIGEARTHNET_CLASSES: tuple[str, ...] = (
+    "Agro-forestry areas", "Airports", "Annual crops associated with permanent crops", "Bare rock",
+    "Beaches, dunes, sands", "Broad-leaved forest", "Burnt areas", "Coastal lagoons", "Complex cultivation patterns",
+    "Coniferous forest", "Construction sites", "Continuous urban fabric", "Discontinuous urban fabric", "Dump sites",
+    "Estuaries", "Fruit trees and berry plantations", "Green urban areas", "Industrial or commercial units",
+    "Inland marshes", "Intertidal flats",
+    "Land principally occupied by agriculture, with significant areas of natural vegetation",
+    "Mineral extraction sites", "Mixed forest", "Moors and heathland", "Natural grassland",
+    "Non-irrigated arable land", "Olive groves", "Pastures", "Peatbogs", "Permanently irrigated land", "Port areas",
+    "Rice fields", "Road and rail networks and associated land", "Salines", "Salt marshes",
+    "Sclerophyllous vegetation", "Sea and ocean", "Sparsely vegetated areas", "Sport and leisure facilities",
+    "Transitional woodland/shrub", "Vineyards", "Water bodies", "Water courses",
+)  # fmt: skip
+"""The 43 BigEarthNet (CORINE level-3) class names, in the usual alphabetical order (multi-hot index order)."""
+
+LABEL_SEPARATOR = "|"
+"""Separator of the ``label_names`` string of :class:`BigEarthNetPatches` samples."""
+
+SPACENET6_CLASSES: tuple[str, ...] = ("background", "building")
+"""Classes of :class:`SpaceNet6Tiles` masks."""
+
+_DEFAULT_IMAGE_PATTERN = "{id}.tif"
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_mode(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}")
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    if pattern.count("{id}") != 1:
+        raise ValueError(f"file pattern {pattern!r} must contain '{{id}}' exactly once")
+    head, tail = pattern.split("{id}")
+    return re.compile(re.escape(head) + r"(?P<id>.+)" + re.escape(tail) + r"$")
+
+
+def _ids_in_dir(directory: Path, pattern: str) -> list[str]:
+    rx = _pattern_regex(pattern)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: directory does not exist")
+    return sorted(m.group("id") for p in directory.iterdir() if p.is_file() and (m := rx.match(p.name)))
+
+
+def _resolve_split(
+    root: Path, split: str | os.PathLike | Sequence[str] | None, splits_dir: str
+) -> tuple[list[str] | None, str]:
+    """Ids of a split (or None for 'all') and a description of where they came from."""
+    if split is None:
+        return None, "all files"
+    if not isinstance(split, (str, os.PathLike)):
+        ids = [str(i) for i in split]
+        if len(set(ids)) != len(ids):
+            raise ValueError("split list repeats ids")
+        return ids, "split list"
+    candidates = [Path(split), root / splits_dir / str(split), root / splits_dir / f"{split}{SPLIT_SUFFIX}"]
+    for c in candidates:
+        if c.is_file():
+            return read_ids(c), str(c)
+    raise ValueError(f"split {str(split)!r} not found; tried {', '.join(str(c) for c in candidates)}")
+
+
+def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in sample.items():
+        if isinstance(v, np.ndarray):
+            out[k] = torch.from_numpy(np.ascontiguousarray(v))
+        else:
+            out[k] = v
+    return out
+
+
+def _check_label_values(mask: np.ndarray, num_classes: int, where: str | Path) -> None:
+    """Raise ValueError naming ``where`` if ``mask`` holds labels outside ``0..num_classes-1`` and 255."""
+    if mask.dtype == np.uint8:
+        present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    else:
+        if np.issubdtype(mask.dtype, np.floating):
+            finite = mask[np.isfinite(mask)]
+            if np.any(finite != np.round(finite)):
+                raise ValueError(f"{where}: mask holds non-integer label values")
+        present = np.unique(mask[np.isfinite(mask)] if np.issubdtype(mask.dtype, np.floating) else mask)
+    bad = [int(v) for v in present if not (0 <= v < num_classes or v == IGNORE_INDEX)]
+    if bad:
+        raise ValueError(
+            f"{where}: label value(s) {bad[:10]} outside the class list 0..{num_classes - 1} "
+            f"(ignore value {IGNORE_INDEX})"
+        )
+
+
+# ---------------------------------------------------------------------- base
+class _RasterDataset(Dataset):
+    """Sensor handling, sample assembly and transform application shared by all datasets."""
+
+    def __init__(
+        self,
+        sensor: str | SensorSpec,
+        bands: Sequence[str] | None,
+        transform: Transform | None,
+        return_georef: bool,
+        fill_value: str | float | None,
+        offset: float,
+        validate: str,
+    ) -> None:
+        _check_mode("validate", validate, VALIDATE_MODES)
+        if isinstance(fill_value, str) and fill_value != "mean":
+            raise ValueError(f"fill_value must be 'mean', a number or None, got {fill_value!r}")
+        self.spec: SensorSpec = get_sensor(sensor, bands)
+        base = SENSORS.get(self.spec.name)
+        # Names assumed for multi-band files without band descriptions: the sensor's full raw band list.
+        self.file_bands: tuple[str, ...] = base.bands if base is not None else self.spec.raw_bands
+        self.transform = transform
+        self.return_georef = return_georef
+        self.fill_value = fill_value
+        self.offset = offset
+        self.validate = validate
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Channel names of ``image``."""
+        return self.spec.bands
+
+    def _model_image(
+        self, raw: np.ndarray, raw_bands: Sequence[str], valid: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        image = to_model_units(raw, self.spec, raw_bands=raw_bands, offset=self.offset)
+        valid = valid & np.isfinite(image).all(axis=0)
+        if self.fill_value is not None and not valid.all():
+            if self.fill_value == "mean":
+                fill = self.spec.mean_array()
+            else:
+                fill = np.full(len(self.spec.bands), self.fill_value, np.float32)
+            image = np.where(valid[None], image, fill[:, None, None]).astype(np.float32)
+        return image, valid
+
+    def _finish(self, sample: dict[str, Any], georef: Mapping[str, Any]) -> dict[str, Any]:
+        if self.return_georef:
+            sample["crs"] = georef["crs"]
+            sample["transform"] = tuple(georef["transform"])
+        if self.transform is not None:
+            sample = self.transform(sample)
+            if not isinstance(sample, dict):
+                raise TypeError(f"transform {self.transform!r} must return a dict, got {type(sample).__name__}")
+        return _to_tensors(sample)
+
+    def _index(self, index: int) -> int:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {n}")
+        return index
+
+    def __len__(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- unlabelled
+class UnlabelledTiles(_RasterDataset):
+    """Unlabelled image tiles for self-supervised pretraining (and tiled inference).
+
+    Datasheet:
+        Sources: multi-band GeoTIFFs (``layout="multiband"``; band names from the band descriptions, or the
+            sensor's full band list, e.g. the 12 S2L2A bands, for files without descriptions) or folders with one
+            GeoTIFF per band named ``*_<BAND>.tif`` as in BigEarthNet (``layout="band_files"``; bands resampled to
+            the finest selected band's grid). ``layout="auto"`` picks band folders when every file found lies in a
+            folder holding all needed band files.
+        Samples: ``image``, ``valid``, ``index``, ``id`` (file stem or folder name), plus ``tile``
+            (int64 ``[row_off, col_off, height, width]``) when ``tile_size`` is set and ``crs``/``transform`` when
+            ``return_georef``.
+        Tiling: ``tile_size`` splits every multi-band file into windows (:func:`common.raster.tile_windows`, last
+            tile flush with the edge); files smaller than a tile are padded with invalid pixels.
+        Units: model units of the sensor (S2 reflectance, SAR dB), not normalised.
+
+    Args:
+        root: Directory (searched with ``glob``) or a list of files / band folders.
+        sensor: Sensor name or spec.
+        bands: Band names in channel order (default: the sensor's bands).
+        transform: Sample transform (numpy in, dict out).
+        glob: Pattern for ``root`` directories.
+        layout: ``"auto"``, ``"multiband"`` or ``"band_files"``.
+        tile_size: Optional tile size for large scenes (multi-band layout only).
+        overlap: Tile overlap in pixels.
+        return_georef: Add ``crs`` and ``transform``.
+        validate: ``"full"``, ``"header"`` or ``"none"``.
+        fill_value: Fill of invalid pixels (``"mean"``, a float or None).
+        offset: Sentinel-2 radiometric offset in DN (-1000 for baseline >= 04.00).
+        resampling: Resampling of coarser band files (band-folder layout).
+
+    Raises:
+        ValueError / RasterError: No inputs, or an invalid input (the message names the file and the problem).
+    """
+
+    LAYOUTS = ("auto", "multiband", "band_files")
+
+    def __init__(
+        self,
+        root: str | os.PathLike | Sequence[str | os.PathLike],
+        sensor: str | SensorSpec = "S2L2A",
+        bands: Sequence[str] | None = None,
+        transform: Transform | None = None,
+        *,
+        glob: str = "**/*.tif",
+        layout: str = "auto",
+        tile_size: int | None = None,
+        overlap: int = 0,
+        return_georef: bool = False,
+        validate: str = "full",
+        fill_value: str | float | None = "mean",
+        offset: float = 0,
+        resampling: str = "bilinear",
+    ) -> None:
+        super().__init__(sensor, bands, transform, return_georef, fill_value, offset, validate)
+        _check_mode("layout", layout, self.LAYOUTS)
+        self.resampling = resampling
+        self.tile_size = tile_size
+        self.overlap = overlap
+        sources, self.layout = self._discover(root, glob, layout)
+        if not sources:
+            raise ValueError(f"{root}: no input rasters found (glob {glob!r}, layout {layout!r})")
+        self.sources: list[Path] = sources
+        if self.layout == "band_files" and tile_size is not None:
+            raise ValueError("tile_size is only supported for multi-band files, not band folders")
+        infos = self._validate_sources()
+        self.items: list[tuple[int, Tile | None]] = []
+        for si, src in enumerate(self.sources):
+            if tile_size is None:
+                self.items.append((si, None))
+                continue
+            info = infos[si] if infos[si] is not None else raster_info(src, check_data=False)
+            for t in tile_windows(info.height, info.width, tile_size, overlap):
+                self.items.append((si, t))
+
+    def _discover(self, root: Any, glob: str, layout: str) -> tuple[list[Path], str]:
+        if isinstance(root, (str, os.PathLike)):
+            root = Path(root)
+            if root.is_file():
+                files = [root]
+            elif root.is_dir():
+                files = sorted(p for p in root.glob(glob) if p.is_file() and p.suffix in GEOTIFF_SUFFIXES)
+            else:
+                raise ValueError(f"{root}: input path does not exist")
+            entries: list[Path] = files
+        else:
+            entries = [Path(p) for p in root]
+            missing = [str(p) for p in entries if not p.exists()]
+            if missing:
+                raise ValueError(f"input path(s) do not exist: {missing[:5]}")
+            files = [p for p in entries if p.is_file()]
+        dirs_given = [p for p in entries if p.is_dir()]
+        if layout == "multiband":
+            if dirs_given:
+                raise ValueError(f"{dirs_given[0]}: a directory given with layout='multiband'")
+            return files, layout
+        if layout == "band_files" or dirs_given:
+            folders = sorted(set(dirs_given) | {p.parent for p in files})
+            return folders, "band_files"
+        # auto: band folders when every file sits in a folder that holds a file for every needed band
+        raw = self.spec.raw_bands
+        folders = sorted({p.parent for p in files})
+        suffixes = {f"_{b.upper()}" for b in raw}
+
+        def is_band_folder(d: Path) -> bool:
+            stems = {p.stem.upper() for p in files if p.parent == d}
+            return all(any(s.endswith(suf) for s in stems) for suf in suffixes)
+
+        if folders and all(is_band_folder(d) for d in folders):
+            return folders, "band_files"
+        return files, "multiband"
+
+    def _validate_sources(self) -> list[RasterInfo | None]:
+        infos: list[RasterInfo | None] = [None] * len(self.sources)
+        if self.validate == "none":
+            for s in self.sources:
+                if not s.exists():
+                    raise RasterError(f"{s}: does not exist")
+            return infos
+        check = self.validate == "full"
+        raw = list(self.spec.raw_bands)
+        for i, src in enumerate(self.sources):
+            if self.layout == "band_files":
+                for b, f in find_band_files(src, raw).items():
+                    info = raster_info(f, check_data=check)
+                    if info.count != 1:
+                        raise RasterError(f"{f}: band file for {b} has {info.count} bands, expected 1")
+            else:
+                info = raster_info(src, default_band_names=self.file_bands, check_data=check)
+                present = [n for n in info.band_names if n is not None]
+                missing = [b for b in raw if b not in present]
+                if missing:
+                    raise RasterError(f"{src}: band(s) {missing} not found; bands present: {', '.join(present)}")
+                infos[i] = info
+        return infos
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._index(index)
+        si, tile = self.items[index]
+        src = self.sources[si]
+        raw = list(self.spec.raw_bands)
+        if self.layout == "band_files":
+            r = read_band_files(src, raw, resampling=self.resampling, fallback_nodata=self.spec.nodata)
+            sample_id = src.name
+        else:
+            window = None if tile is None else Tile(tile.row_off, tile.col_off, self.tile_size, self.tile_size)
+            r = read_raster(
+                src, bands=raw, window=window, default_band_names=self.file_bands,
+                fallback_nodata=self.spec.nodata, boundless=tile is not None,
+            )  # fmt: skip
+            sample_id = src.stem
+        image, valid = self._model_image(r.array, raw, r.valid)
+        sample: dict[str, Any] = {"image": image, "valid": valid, "index": index, "id": sample_id}
+        if tile is not None:
+            sample["tile"] = np.array([tile.row_off, tile.col_off, tile.height, tile.width], dtype=np.int64)
+        return self._finish(sample, r.georef())
+
+
+# ---------------------------------------------------------------------- segmentation
+class SegmentationDataset(_RasterDataset):
+    """Multi-band image tiles with class-index masks (or without, for the unlabelled part of semi-supervised runs).
+
+    Datasheet:
+        Layout: ``root/<image_dir>/<image_pattern>`` (default ``images/{id}.tif``), masks
+            ``root/<mask_dir>/<mask_pattern>`` (single band, class index, 255 ignore, optional nodata), split files
+            ``root/splits/<name>.txt`` with one id per line (``train_all``, ``labelled_1_8``, ``unlabelled_1_8``,
+            ``val`` in the demo data).
+        Samples: ``image``, ``valid``, ``index``, ``id``; ``mask`` (int64, 255 where ignored, where the mask file is
+            no-data and where the image is invalid) when ``labelled``; ``crs``/``transform`` when ``return_georef``.
+        Validation (construction): missing split ids, unreadable/truncated images and masks, missing band names or
+            wrong band counts, mask/image size, CRS or transform mismatch (a mask without CRS is taken as
+            pixel-aligned), and label values outside ``0..num_classes-1`` (at construction, or at first load for
+            datasets above :data:`LABEL_CHECK_PIXEL_BUDGET` mask pixels; see ``label_check``).
+        Units: model units of the sensor, not normalised.
+
+    Args:
+        root: Dataset root.
+        split: Split file name (looked up as a path, then under ``root/splits`` with and without ``.txt``), a list
+            of ids, or None for every image.
+        image_dir: Image sub-directory of ``root`` (an absolute path is used as is).
+        mask_dir: Mask sub-directory of ``root`` (an absolute path is used as is: e.g. S1 tiles co-registered with
+            S2 tiles share the S2 masks and split files).
+        bands: Band names in channel order (default: the sensor's bands).
+        sensor: Sensor name or spec.
+        num_classes: Number of classes (required when ``labelled``).
+        transform: Sample transform (numpy in, dict out).
+        labelled: Load masks; False gives image-only samples (unlabelled split).
+        return_georef: Add ``crs`` and ``transform``.
+        image_pattern: Image file name pattern with ``{id}``.
+        mask_pattern: Mask file name pattern with ``{id}``.
+        validate: ``"full"``, ``"header"`` or ``"none"``.
+        label_check: ``"auto"``, ``"construction"`` or ``"access"``.
+        fill_value: Fill of invalid pixels (``"mean"``, a float or None).
+        offset: Sentinel-2 radiometric offset in DN.
+        class_names: Optional class names (length ``num_classes``).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | os.PathLike | Sequence[str] | None = None,
+        image_dir: str = "images",
+        mask_dir: str = "masks",
+        bands: Sequence[str] | None = None,
+        sensor: str | SensorSpec = "S2L2A",
+        num_classes: int | None = None,
+        transform: Transform | None = None,
+        *,
+        labelled: bool = True,
+        return_georef: bool = False,
+        image_pattern: str = _DEFAULT_IMAGE_PATTERN,
+        mask_pattern: str = _DEFAULT_IMAGE_PATTERN,
+        validate: str = "full",
+        label_check: str = "auto",
+        fill_value: str | float | None = "mean",
+        offset: float = 0,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(sensor, bands, transform, return_georef, fill_value, offset, validate)
+        _check_mode("label_check", label_check, LABEL_CHECK_MODES)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root}: dataset root does not exist")
+        if labelled and (num_classes is None or num_classes < 1):
+            raise ValueError(f"{self.root}: num_classes is required for a labelled segmentation dataset")
+        if num_classes is not None and num_classes > IGNORE_INDEX:
+            raise ValueError(f"num_classes={num_classes} collides with the ignore value {IGNORE_INDEX}")
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self.labelled = labelled
+        self.image_dir = self.root / image_dir
+        self.mask_dir = self.root / mask_dir
+        self.image_pattern = image_pattern
+        self.mask_pattern = mask_pattern
+        _pattern_regex(image_pattern), _pattern_regex(mask_pattern)
+        ids, self.split_source = _resolve_split(self.root, split, SPLITS_DIR)
+        if ids is None:
+            ids = _ids_in_dir(self.image_dir, image_pattern)
+            if not ids:
+                raise ValueError(f"{self.image_dir}: no images matching {image_pattern!r}")
+        self.ids: list[str] = ids
+        missing = [i for i in ids if not self.image_path(i).is_file()]
+        if missing:
+            raise ValueError(
+                f"{self.split_source}: {len(missing)} id(s) have no image in {self.image_dir} "
+                f"(pattern {image_pattern!r}), e.g. {missing[:5]}"
+            )
+        self._check_labels_on_access = False
+        self._validate_items(label_check)
+
+    # -- paths
+    def image_path(self, sample_id: str) -> Path:
+        """Image file of an id."""
+        return self.image_dir / self.image_pattern.format(id=sample_id)
+
+    def mask_path(self, sample_id: str) -> Path:
+        """Mask file of an id."""
+        return self.mask_dir / self.mask_pattern.format(id=sample_id)
+
+    # -- validation
+    def _label_sources_missing(self, sample_id: str) -> str | None:
+        """Description of the missing label source of an id, or None if present."""
+        p = self.mask_path(sample_id)
+        return None if p.is_file() else f"{p}: mask file does not exist"
+
+    def _validate_items(self, label_check: str) -> None:
+        if self.labelled:
+            for i in self.ids:
+                problem = self._label_sources_missing(i)
+                if problem:
+                    raise ValueError(problem)
+        if self.validate == "none":
+            self._check_labels_on_access = self.labelled
+            return
+        check = self.validate == "full"
+        raw = list(self.spec.raw_bands)
+        total_mask_pixels = 0
+        for i in self.ids:
+            info = raster_info(self.image_path(i), default_band_names=self.file_bands, check_data=check)
+            present = [n for n in info.band_names if n is not None]
+            missing = [b for b in raw if b not in present]
+            if missing:
+                raise RasterError(
+                    f"{self.image_path(i)}: band(s) {missing} not found; bands present: {', '.join(present)}"
+                )
+            if self.labelled:
+                total_mask_pixels += self._validate_label_header(i, info, check)
+        if not self.labelled:
+            return
+        read_now = label_check == "construction" or (
+            label_check == "auto" and check and total_mask_pixels <= LABEL_CHECK_PIXEL_BUDGET
+        )
+        if read_now:
+            for i in self.ids:
+                self._load_mask(i, check_values=True)
+        else:
+            self._check_labels_on_access = True
+
+    def _validate_label_header(self, sample_id: str, image: RasterInfo, check_data: bool) -> int:
+        """Check the mask header against the image; returns the mask's pixel count."""
+        mp = self.mask_path(sample_id)
+        m = raster_info(mp, check_data=check_data)
+        if m.count != 1:
+            raise RasterError(f"{mp}: mask has {m.count} bands, expected 1")
+        if m.shape != image.shape:
+            raise RasterError(
+                f"{mp}: mask size {m.height}x{m.width} differs from image {image.path} ({image.height}x{image.width})"
+            )
+        if m.crs is not None and image.crs is not None:
+            if to_crs(m.crs) != to_crs(image.crs):
+                raise RasterError(f"{mp}: mask CRS {m.crs} differs from image {image.path} CRS {image.crs}")
+            if not np.allclose(m.transform, image.transform, rtol=1e-9, atol=1e-6 * image.resolution[0]):
+                raise RasterError(
+                    f"{mp}: mask transform {m.transform} differs from image {image.path} {image.transform}"
+                )
+        return m.width * m.height
+
+    # -- loading
+    def _load_mask(
+        self,
+        sample_id: str,
+        check_values: bool,
+        image_shape: tuple[int, int] | None = None,
+        georef: Mapping[str, Any] | None = None,
+    ) -> np.ndarray:
+        """Mask of an id as int64 (H, W) with IGNORE_INDEX where the mask file is no-data."""
+        mp = self.mask_path(sample_id)
+        s = read_raster(mp, bands=[1])
+        if check_values:
+            _check_label_values(s.array[0][s.valid], self.num_classes, mp)  # type: ignore[arg-type]
+        mask = s.array[0].astype(np.int64)
+        mask[~s.valid] = IGNORE_INDEX
+        if image_shape is not None and mask.shape != tuple(image_shape):
+            raise RasterError(f"{mp}: mask size {mask.shape} differs from image size {tuple(image_shape)}")
+        return mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._index(index)
+        sample_id = self.ids[index]
+        raw = list(self.spec.raw_bands)
+        r = read_raster(
+            self.image_path(sample_id), bands=raw, default_band_names=self.file_bands, fallback_nodata=self.spec.nodata
+        )
+        image, valid = self._model_image(r.array, raw, r.valid)
+        sample: dict[str, Any] = {"image": image, "valid": valid, "index": index, "id": sample_id}
+        if self.labelled:
+            mask = self._load_mask(sample_id, self._check_labels_on_access, image.shape[1:], r.georef())
+            mask[~valid] = IGNORE_INDEX
+            sample["mask"] = mask
+        return self._finish(sample, r.georef())
+
+
+class SpaceNet6Tiles(SegmentationDataset):
+    """SpaceNet-6-like quad-pol SAR tiles with building footprints (binary segmentation: background, building).
+
+    Datasheet:
+        Layout: images ``root/<image_dir>/<image_pattern>`` (4-band HH, HV, VH, VV linear intensity, converted to
+            dB; nodata 0), footprints ``root/<geojson_dir>/<geojson_pattern>`` (GeoJSON FeatureCollection of
+            (Multi)Polygons), optional masks ``root/<mask_dir>/<mask_pattern>`` (uint8 0/1, 255 ignore). For the
+            real SpaceNet-6 release use e.g. ``image_dir="SAR-Intensity"``,
+            ``image_pattern="SN6_Train_AOI_11_Rotterdam_SAR-Intensity_{id}.tif"``,
+            ``geojson_dir="geojson_buildings"``,
+            ``geojson_pattern="SN6_Train_AOI_11_Rotterdam_Buildings_{id}.geojson"``.
+        Labels: footprints are burnt with :func:`rasterio.features.rasterize` onto the image grid (value 1,
+            ``all_touched`` option); when an id has no GeoJSON the mask raster is used instead. Pixels where the
+            SAR image is invalid become 255.
+        GeoJSON CRS: the file's ``crs`` member if present, else ``geojson_crs`` if given, else EPSG:4326 (RFC 7946)
+            when the image CRS is projected, all coordinates lie within longitude/latitude range and they do not
+            overlap the tile in image coordinates; else the image CRS. Geometries are reprojected to the image CRS
+            when needed.
+        Samples: as :class:`SegmentationDataset` (``mask`` only when ``labelled``).
+        Tiles overlap in SpaceNet-6: build folds with ``python -m common.splits --group-by ...``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | os.PathLike | Sequence[str] | None = None,
+        image_dir: str = "images",
+        geojson_dir: str = "geojson",
+        mask_dir: str = "masks",
+        bands: Sequence[str] | None = None,
+        sensor: str | SensorSpec = "SAR4",
+        transform: Transform | None = None,
+        *,
+        labelled: bool = True,
+        return_georef: bool = False,
+        image_pattern: str = _DEFAULT_IMAGE_PATTERN,
+        geojson_pattern: str = "{id}.geojson",
+        mask_pattern: str = _DEFAULT_IMAGE_PATTERN,
+        geojson_crs: str | None = None,
+        all_touched: bool = False,
+        validate: str = "full",
+        label_check: str = "auto",
+        fill_value: str | float | None = "mean",
+    ) -> None:
+        self.geojson_dir = Path(root) / geojson_dir
+        self.geojson_pattern = geojson_pattern
+        _pattern_regex(geojson_pattern)
+        self.geojson_crs = geojson_crs
+        self.all_touched = all_touched
+        super().__init__(
+            root, split, image_dir=image_dir, mask_dir=mask_dir, bands=bands, sensor=sensor,
+            num_classes=len(SPACENET6_CLASSES), transform=transform, labelled=labelled,
+            return_georef=return_georef, image_pattern=image_pattern, mask_pattern=mask_pattern, validate=validate,
+            label_check=label_check, fill_value=fill_value, class_names=SPACENET6_CLASSES,
+        )  # fmt: skip
+
+    def geojson_path(self, sample_id: str) -> Path:
+        """GeoJSON file of an id."""
+        return self.geojson_dir / self.geojson_pattern.format(id=sample_id)
+
+    def _label_sources_missing(self, sample_id: str) -> str | None:
+        if self.geojson_path(sample_id).is_file() or self.mask_path(sample_id).is_file():
+            return None
+        return f"{self.geojson_path(sample_id)}: no building footprints (and no mask {self.mask_path(sample_id)})"
+
+    def _validate_label_header(self, sample_id: str, image: RasterInfo, check_data: bool) -> int:
+        gp = self.geojson_path(sample_id)
+        if gp.is_file():
+            self._read_geojson(gp)  # parse errors surface at construction
+            return 0
+        return super()._validate_label_header(sample_id, image, check_data)
+
+    @staticmethod
+    def _read_geojson(path: Path) -> dict[str, Any]:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not valid GeoJSON ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("type") not in ("FeatureCollection", "Feature"):
+            raise ValueError(f"{path}: expected a GeoJSON FeatureCollection or Feature")
+        feats = doc.get("features", []) if doc["type"] == "FeatureCollection" else [doc]
+        for k, f in enumerate(feats):
+            geom = (f or {}).get("geometry")
+            if geom is not None and geom.get("type") not in ("Polygon", "MultiPolygon"):
+                raise ValueError(f"{path}: feature {k} has geometry type {geom.get('type')}, expected (Multi)Polygon")
+        return doc
+
+    def _geojson_crs(
+        self, doc: Mapping[str, Any], geoms: list[dict[str, Any]], georef: Mapping[str, Any], shape: tuple[int, int]
+    ) -> Any:
+        """CRS of the footprints: ``crs`` member, else ``geojson_crs``, else guessed (see the class docstring)."""
+        member = doc.get("crs")
+        if isinstance(member, dict):
+            name = (member.get("properties") or {}).get("name")
+            if name:
+                return to_crs(name)
+        if self.geojson_crs is not None:
+            return to_crs(self.geojson_crs)
+        img = to_crs(georef["crs"])
+        if img is None or not img.is_projected or not geoms:
+            return img
+        coords = np.concatenate(
+            [np.asarray(_flatten_coords(g["coordinates"]), dtype=float).reshape(-1, 2) for g in geoms]
+        )
+        a, b, c, d, e, f = georef["transform"]
+        h, w = shape
+        xs = [c, c + a * w + b * h, c + a * w, c + b * h]
+        ys = [f, f + d * w + e * h, f + d * w, f + e * h]
+        overlaps_tile = (
+            coords[:, 0].max() >= min(xs) and coords[:, 0].min() <= max(xs)
+            and coords[:, 1].max() >= min(ys) and coords[:, 1].min() <= max(ys)
+        )  # fmt: skip
+        lonlat = np.all(np.abs(coords[:, 0]) <= 180) and np.all(np.abs(coords[:, 1]) <= 90)
+        return to_crs("EPSG:4326") if lonlat and not overlaps_tile else img
+
+    def _load_mask(
+        self,
+        sample_id: str,
+        check_values: bool,
+        image_shape: tuple[int, int] | None = None,
+        georef: Mapping[str, Any] | None = None,
+    ) -> np.ndarray:
+        gp = self.geojson_path(sample_id)
+        if not gp.is_file():
+            return super()._load_mask(sample_id, check_values, image_shape, georef)
+        if image_shape is None or georef is None:  # construction-time check: footprints give only 0/1
+            return np.zeros((0, 0), dtype=np.int64)
+        from rasterio.features import rasterize
+        from rasterio.warp import transform_geom
+
+        doc = self._read_geojson(gp)
+        feats = doc.get("features", []) if doc["type"] == "FeatureCollection" else [doc]
+        geoms = [f["geometry"] for f in feats if f and f.get("geometry")]
+        mask = np.zeros(tuple(image_shape), dtype=np.uint8)
+        if geoms:
+            src_crs = self._geojson_crs(doc, geoms, georef, tuple(image_shape))
+            dst_crs = to_crs(georef["crs"])
+            if src_crs is not None and dst_crs is not None and src_crs != dst_crs:
+                geoms = [transform_geom(src_crs, dst_crs, g) for g in geoms]
+            mask = rasterize(
+                [(g, 1) for g in geoms], out_shape=tuple(image_shape), transform=to_affine(georef["transform"]),
+                fill=0, all_touched=self.all_touched, dtype="uint8",
+            )  # fmt: skip
+        return mask.astype(np.int64)
+
+
+def _flatten_coords(coords: Any) -> list[tuple[float, float]]:
+    if isinstance(coords, (list, tuple)) and coords and isinstance(coords[0], (int, float)):
+        return [(float(coords[0]), float(coords[1]))]
+    out: list[tuple[float, float]] = []
+    for c in coords:
+        out.extend(_flatten_coords(c))
+    return out
+
+
+# ---------------------------------------------------------------------- BigEarthNet
+class BigEarthNetPatches(_RasterDataset):
+    """BigEarthNet-S2 (L2A, 12 bands, one GeoTIFF per band at 10/20/60 m) or BigEarthNet-S1 (VV, VH in dB) patches.
+
+    Datasheet:
+        Layout: ``root/<patch>/<patch>_<BAND>.tif`` and ``root/<patch>/<patch>_labels_metadata.json``
+            (``labels``: CORINE class names; ``coordinates``; ``projection``; acquisition date).
+        Resampling: all bands are resampled (``resampling``, default bilinear) onto the 10 m grid (120x120) and
+            carry its georeferencing.
+        Samples: ``image``, ``valid``, ``index``, ``id`` (patch name), ``labels`` (float32 multi-hot over
+            ``classes``, by default the 43 :data:`BIGEARTHNET_CLASSES`), ``label_names`` (the patch's class names
+            joined with ``"|"``: a string, so batches collate), plus ``crs``/``transform`` when ``return_georef``.
+        Units: S2 reflectance (DN / 10000; BigEarthNet predates the baseline-04.00 offset), S1 dB; the optional
+            ``"VV/VH"`` band is derived.
+        Licence: BigEarthNet data is CDLA-Permissive-1.0.
+
+    Args:
+        root: Folder holding the patch folders.
+        sensor: ``"S2L2A"`` or ``"S1"``.
+        bands: Band names in channel order (default: all bands of the sensor).
+        transform: Sample transform (numpy in, dict out).
+        patches: Optional patch names (list, or a split file with one name per line).
+        classes: Class list of the multi-hot vector.
+        return_georef: Add ``crs`` and ``transform``.
+        resampling: ``"bilinear"`` or ``"nearest"`` for the 20/60 m bands.
+        validate: ``"full"``, ``"header"`` or ``"none"``.
+        fill_value: Fill of invalid pixels.
+    """
+
+    SENSORS = ("S2L2A", "S1")
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        sensor: str = "S2L2A",
+        bands: Sequence[str] | None = None,
+        transform: Transform | None = None,
+        *,
+        patches: Sequence[str] | str | os.PathLike | None = None,
+        classes: Sequence[str] = BIGEARTHNET_CLASSES,
+        return_georef: bool = False,
+        resampling: str = "bilinear",
+        validate: str = "full",
+        fill_value: str | float | None = "mean",
+    ) -> None:
+        if str(sensor).upper() not in self.SENSORS:
+            raise ValueError(f"BigEarthNetPatches sensor must be one of {self.SENSORS}, got {sensor!r}")
+        super().__init__(sensor, bands, transform, return_georef, fill_value, 0, validate)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root}: BigEarthNet root does not exist")
+        self.resampling = resampling
+        self.classes = tuple(classes)
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+        found = sorted(
+            p for p in self.root.iterdir() if p.is_dir() and (p / f"{p.name}{BIGEARTHNET_METADATA_SUFFIX}").is_file()
+        )
+        if patches is None:
+            if not found:
+                raise ValueError(f"{self.root}: no BigEarthNet patch folders (with *{BIGEARTHNET_METADATA_SUFFIX})")
+            self.patches = found
+        else:
+            names = read_ids(patches) if isinstance(patches, (str, os.PathLike)) else list(patches)
+            missing = [n for n in names if not (self.root / n / f"{n}{BIGEARTHNET_METADATA_SUFFIX}").is_file()]
+            if missing:
+                raise ValueError(
+                    f"{self.root}: {len(missing)} patch(es) not found (no labels metadata), e.g. {missing[:5]}"
+                )
+            self.patches = [self.root / n for n in names]
+        self.label_lists: list[tuple[str, ...]] = [self._read_labels(p) for p in self.patches]
+        if validate != "none":
+            raw = list(self.spec.raw_bands)
+            for p in self.patches:
+                files = find_band_files(p, raw)
+                for b, f in files.items():
+                    info = raster_info(f, check_data=validate == "full")
+                    if info.count != 1:
+                        raise RasterError(f"{f}: band file for {b} has {info.count} bands, expected 1")
+
+    def _read_labels(self, patch: Path) -> tuple[str, ...]:
+        path = patch / f"{patch.name}{BIGEARTHNET_METADATA_SUFFIX}"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read labels metadata ({exc})") from exc
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"{path}: 'labels' must be a list of class names")
+        unknown = [x for x in labels if x not in self._class_index]
+        if unknown:
+            raise ValueError(f"{path}: label(s) {unknown} not in the class list ({len(self.classes)} classes)")
+        return tuple(labels)
+
+    def label_names(self, index: int) -> tuple[str, ...]:
+        """Class names of a patch."""
+        return self.label_lists[self._index(index)]
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._index(index)
+        patch = self.patches[index]
+        raw = list(self.spec.raw_bands)
+        r = read_band_files(patch, raw, resampling=self.resampling, fallback_nodata=self.spec.nodata)
+        image, valid = self._model_image(r.array, raw, r.valid)
+        labels = np.zeros(len(self.classes), dtype=np.float32)
+        labels[[self._class_index[c] for c in self.label_lists[index]]] = 1.0
+        sample: dict[str, Any] = {
+            "image": image, "valid": valid, "index": index, "id": patch.name,
+            "labels": labels, "label_names": LABEL_SEPARATOR.join(self.label_lists[index]),
+        }  # fmt: skip
+        return self._finish(sample, r.georef())

@@ -1,0 +1,180 @@
+"""Per-band mean/std in model units, streamed over a dataset, written as the stats file configs refer to.
+
+``python -m common.stats --root DIR [--glob '**/*.tif'] --sensor S2L2A [--bands B02 B03 ...] --out stats.json``
+
+Pixels are converted to model units exactly as the datasets do (S2 reflectance, SAR dB, derived bands computed),
+invalid pixels (no-data, NaN, inf) are skipped, and every sample's per-band count/mean/sum of squared deviations are
+merged with Chan et al.'s parallel update in float64, so memory stays constant and the result does not suffer from
+the cancellation of naive ``sum(x^2) - n*mean^2``. The standard deviation is the population one (ddof=0).
+
+The output (see :class:`common.bands.BandStats`) is what ``data.stats_file`` in configs points to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from common.bands import BandStats, SensorSpec, get_sensor
+from common.raster import RasterError
+
+__all__ = ["RunningBandStats", "compute_band_stats", "main"]
+
+
+class RunningBandStats:
+    """Streaming per-band count, mean, M2 (sum of squared deviations), min and max (Chan et al. merge).
+
+    Args:
+        bands: Band names, in channel order of the arrays passed to :meth:`update`.
+    """
+
+    def __init__(self, bands: Sequence[str]) -> None:
+        self.bands = tuple(bands)
+        c = len(self.bands)
+        self.count = np.zeros(c, dtype=np.int64)
+        self.mean = np.zeros(c, dtype=np.float64)
+        self.m2 = np.zeros(c, dtype=np.float64)
+        self.minimum = np.full(c, np.inf)
+        self.maximum = np.full(c, -np.inf)
+
+    def update(self, image: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add one ``(C, H, W)`` image; pixels where ``valid`` is False or a band is non-finite are skipped."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[0] != len(self.bands):
+            raise ValueError(f"expected image (C={len(self.bands)}, H, W), got {image.shape}")
+        valid = np.ones(image.shape[1:], dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        for c in range(image.shape[0]):
+            x = image[c][valid].astype(np.float64)
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                continue
+            self._merge(c, x.size, float(x.mean()), float(((x - x.mean()) ** 2).sum()))
+            self.minimum[c] = min(self.minimum[c], float(x.min()))
+            self.maximum[c] = max(self.maximum[c], float(x.max()))
+
+    def _merge(self, c: int, n_b: int, mean_b: float, m2_b: float) -> None:
+        n_a = int(self.count[c])
+        n = n_a + n_b
+        delta = mean_b - self.mean[c]
+        self.mean[c] += delta * n_b / n
+        self.m2[c] += m2_b + delta * delta * n_a * n_b / n
+        self.count[c] = n
+
+    def result(self, sensor: str | None = None, source: dict[str, Any] | None = None) -> BandStats:
+        """The statistics as :class:`~common.bands.BandStats`.
+
+        Raises:
+            ValueError: A band saw no valid pixel.
+        """
+        empty = [b for b, n in zip(self.bands, self.count) if n == 0]
+        if empty:
+            raise ValueError(f"no valid pixels for band(s) {empty}")
+        std = np.sqrt(self.m2 / self.count)
+        return BandStats(
+            mean=dict(zip(self.bands, map(float, self.mean))),
+            std=dict(zip(self.bands, map(float, std))),
+            sensor=sensor,
+            count=dict(zip(self.bands, map(int, self.count))),
+            minimum=dict(zip(self.bands, map(float, self.minimum))),
+            maximum=dict(zip(self.bands, map(float, self.maximum))),
+            source=source or {},
+        )
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+def compute_band_stats(
+    source: Any,
+    sensor: str | SensorSpec = "S2L2A",
+    bands: Sequence[str] | None = None,
+    *,
+    glob: str = "**/*.tif",
+    layout: str = "auto",
+    max_samples: int | None = None,
+    offset: float = 0,
+) -> BandStats:
+    """Per-band statistics in model units over a dataset, a directory or a list of files.
+
+    Args:
+        source: A dataset whose samples are dicts with ``image`` ``(C,H,W)`` in model units and ``valid``
+            (e.g. any dataset of :mod:`common.datasets`, without a normalising transform), a directory (searched
+            with ``glob``) or a list of GeoTIFFs / BigEarthNet patch folders.
+        sensor: Sensor name or spec (files / directory sources; also names the result).
+        bands: Band names (default: the sensor's bands, or the dataset's ``bands`` attribute).
+        glob: File pattern for directory sources.
+        layout: ``"auto"``, ``"multiband"`` or ``"band_files"`` (see :class:`common.datasets.UnlabelledTiles`).
+        max_samples: Use only the first ``max_samples`` samples (evenly spaced subsample when smaller than the
+            dataset).
+        offset: Sentinel-2 radiometric offset in DN (file sources).
+
+    Returns:
+        :class:`~common.bands.BandStats`.
+    """
+    from common.datasets import UnlabelledTiles
+
+    info: dict[str, Any] = {}
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, (str, list, tuple)):
+        dataset = source
+        names = tuple(bands) if bands is not None else tuple(getattr(dataset, "bands", ()))
+        if not names:
+            raise ValueError("pass bands=... for a dataset without a 'bands' attribute")
+        spec_name = getattr(getattr(dataset, "spec", None), "name", None) or get_sensor(sensor).name
+        info["dataset"] = type(dataset).__name__
+    else:
+        dataset = UnlabelledTiles(
+            source, sensor, bands, glob=glob, layout=layout, validate="header", fill_value=None, offset=offset
+        )
+        names = dataset.bands
+        spec_name = dataset.spec.name
+        root = str(source) if isinstance(source, (str, Path)) else "file list"
+        info.update(root=root, glob=glob, layout=dataset.layout)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("no samples to compute statistics on")
+    if max_samples is None or max_samples >= n:
+        indices = np.arange(n)
+    else:
+        indices = np.linspace(0, n - 1, max_samples).round().astype(int)
+    running = RunningBandStats(names)
+    for i in indices:
+        s = dataset[int(i)]
+        running.update(_numpy(s["image"]), _numpy(s["valid"]) if "valid" in s else None)
+    info["samples"] = int(len(indices))
+    return running.result(sensor=spec_name, source=info)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; see the module docstring."""
+    ap = argparse.ArgumentParser(prog="python -m common.stats", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", required=True, help="directory with GeoTIFFs or BigEarthNet patch folders")
+    ap.add_argument("--glob", default="**/*.tif", help="file pattern inside --root (default: **/*.tif)")
+    ap.add_argument("--sensor", default="S2L2A")
+    ap.add_argument("--bands", nargs="+", default=None, help="band names (default: all bands of the sensor)")
+    ap.add_argument("--out", required=True, help="output JSON (the data.stats_file of configs)")
+    ap.add_argument("--layout", default="auto", choices=("auto", "multiband", "band_files"))
+    ap.add_argument("--max-files", type=int, default=None, help="subsample this many files/patches")
+    ap.add_argument("--offset", type=float, default=0, help="Sentinel-2 DN offset (-1000 for baseline >= 04.00)")
+    args = ap.parse_args(argv)
+    try:
+        stats = compute_band_stats(
+            args.root, args.sensor, args.bands, glob=args.glob, layout=args.layout, max_samples=args.max_files,
+            offset=args.offset,
+        )  # fmt: skip
+        stats.to_json(args.out)
+    except (ValueError, KeyError, RasterError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({stats.source.get('samples')} samples, sensor {stats.sensor})")
+    for b in stats.bands:
+        print(f"  {b:<7} mean={stats.mean[b]:.6g} std={stats.std[b]:.6g} n={stats.count[b]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The backbone export format shared by pretraining (writer) and fine-tuning (reader).
+
+An export is two files side by side::
+
+    backbone.safetensors   # state_dict of ``timm.create_model(arch, num_classes=0, in_chans=C)``
+    backbone.json          # this module's metadata: architecture, bands, normalisation, DINO settings, checksum
+
+A user loads it with timm in one call, with strict key matching::
+
+    timm.create_model(arch, in_chans=C, num_classes=0, checkpoint_path="backbone.safetensors")
+
+or through timm's pretrained machinery::
+
+    timm.create_model(arch, in_chans=C, num_classes=0, pretrained=True,
+                      pretrained_cfg_overlay=dict(file="backbone.safetensors", first_conv=None))
+
+Our own fine-tuning configs name the ``.safetensors`` (or the ``.json``) file; :func:`check_compatible` then refuses
+a dataset whose bands or normalisation differ, with a message that says what differs and how to fix it.
+Files are read with safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "Normalisation",
+    "ExportMeta",
+    "write_export",
+    "read_export",
+    "sha256_file",
+    "check_compatible",
+    "ExportMismatchError",
+]
+
+EXPORT_FORMAT = "eoseg-backbone/1"
+
+
+class ExportMismatchError(ValueError):
+    """An export's bands or normalisation do not match the dataset it is used with."""
+
+
+@dataclass
+class Normalisation:
+    """How raw file values become model input: ``x = (convert(raw) - mean) / std`` per band.
+
+    ``conversion`` names the rule of :mod:`common.bands` (``dn_to_reflectance``: DN / 10000 (+ offset); ``db``:
+    values already in dB; ``linear_to_db``: 10 log10 of linear power; ``none``).
+    """
+
+    conversion: str
+    mean: list[float]
+    std: list[float]
+    offset: float = 0.0  # DN offset added before the /10000 scaling (-1000 for S2 processing baseline >= 04.00)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+
+
+@dataclass
+class ExportMeta:
+    """The JSON sidecar of an export."""
+
+    architecture: str
+    in_chans: int
+    bands: list[str]
+    sensor: str
+    normalisation: Normalisation
+    num_features: int
+    source: dict[str, Any] = field(default_factory=dict)  # DINO settings, epoch, step, run directory
+    format: str = EXPORT_FORMAT
+    sha256: str = ""
+    timm_version: str = ""
+
+    def load_snippet(self, weights_file: str) -> str:
+        return (f"timm.create_model({self.architecture!r}, in_chans={self.in_chans}, num_classes=0, "
+                f"checkpoint_path={weights_file!r})")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_export(state_dict: dict[str, torch.Tensor], meta: ExportMeta, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``out`` (``.safetensors``) and its ``.json`` sidecar atomically. Returns both paths."""
+    import timm
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    atomic_save_safetensors(state_dict, out, metadata={"format": EXPORT_FORMAT, "architecture": meta.architecture,
+                                                       "in_chans": meta.in_chans, "bands": ",".join(meta.bands)})
+    meta.sha256 = sha256_file(out)
+    meta.timm_version = timm.__version__
+    sidecar = out.with_suffix(".json")
+    payload = asdict(meta)
+    payload["load_with"] = meta.load_snippet(out.name)
+    atomic_write_json(sidecar, payload)
+    return out, sidecar
+
+
+def read_export(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], ExportMeta]:
+    """Read an export given its ``.safetensors`` or ``.json`` path; verify the checksum.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names it).
+        ValueError: the sidecar is not an export of this format or the checksum does not match.
+    """
+    path = Path(path)
+    weights = path.with_suffix(".safetensors")
+    sidecar = path.with_suffix(".json")
+    for p in (weights, sidecar):
+        if not p.is_file():
+            raise FileNotFoundError(f"backbone export incomplete: {p} not found (an export is a .safetensors file "
+                                    f"with a .json sidecar of the same name, written by ssl/export.py)")
+    try:
+        raw = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{sidecar}: not valid JSON: {exc}") from exc
+    if raw.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{sidecar}: format {raw.get('format')!r} is not {EXPORT_FORMAT!r}")
+    raw.pop("load_with", None)
+    raw["normalisation"] = Normalisation(**raw["normalisation"])
+    meta = ExportMeta(**raw)
+    if verify and meta.sha256 and sha256_file(weights) != meta.sha256:
+        raise ValueError(f"{weights}: checksum does not match {sidecar} (file modified or truncated)")
+    return load_safetensors(weights), meta
+
+
+def check_compatible(meta: ExportMeta, bands: list[str] | tuple[str, ...], conversion: str, mean, std,
+                     source: str = "the dataset", rtol: float = 1e-3) -> None:
+    """Refuse an export whose bands (names and order) or normalisation differ from the dataset's.
+
+    Args:
+        meta: the export's metadata.
+        bands: the dataset's band names in model order.
+        conversion: the dataset's raw-to-model-units rule.
+        mean: the dataset's per-band mean in model units.
+        std: the dataset's per-band std.
+        source: what to call the dataset in messages (e.g. the config file).
+
+    Raises:
+        ExportMismatchError: naming what differs and the config keys that fix it.
+    """
+    bands = list(bands)
+    if list(meta.bands) != bands:
+        missing = [b for b in meta.bands if b not in bands]
+        extra = [b for b in bands if b not in meta.bands]
+        detail = []
+        if missing:
+            detail.append(f"missing in {source}: {missing}")
+        if extra:
+            detail.append(f"not in the export: {extra}")
+        if not missing and not extra:
+            detail.append("same bands in a different order")
+        raise ExportMismatchError(
+            f"backbone export was trained on bands {meta.bands} but {source} gives {bands} ({'; '.join(detail)}). "
+            f"Set data.bands to the export's bands, or set model.band_mapping=true to map the first convolution by "
+            f"band name."
+        )
+    if meta.normalisation.conversion != conversion:
+        raise ExportMismatchError(
+            f"backbone export expects raw values converted with {meta.normalisation.conversion!r} but {source} uses "
+            f"{conversion!r}"
+        )
+    m_e, s_e = meta.normalisation.arrays()
+    m_d, s_d = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if m_e.shape != m_d.shape or not (np.allclose(m_e, m_d, rtol=rtol, atol=1e-6) and np.allclose(s_e, s_d, rtol=rtol, atol=1e-6)):
+        worst = int(np.argmax(np.abs(m_e - m_d) / np.maximum(s_e, 1e-6))) if m_e.shape == m_d.shape else 0
+        raise ExportMismatchError(
+            f"normalisation of {source} differs from the export's (band {bands[worst]}: export mean/std "
+            f"{m_e[worst]:.5g}/{s_e[worst]:.5g}, dataset {m_d[worst]:.5g}/{s_d[worst]:.5g}). Use the export's "
+            f"statistics (data.stats_file: null with model.weights set takes them from the export)."
+        )

@@ -1,0 +1,184 @@
+"""Joint image/mask augmentation for segmentation of multispectral and SAR tiles (numpy, any band count).
+
+Every transform takes a sample dict (``image`` float32 ``(C, H, W)`` in model units, ``mask`` int64 ``(H, W)`` with
+255 = ignore, ``valid`` bool ``(H, W)``) and an explicit ``np.random.Generator`` (see :mod:`common.sampling`), so
+augmentation is deterministic per ``(seed, epoch, index)``.
+
+Geometric transforms move image, mask and validity together; pixels created by padding are marked invalid and
+ignored. Photometric transforms never clip: reflectance and dB have no [0, 1] range (Albumentations 2.x clips float
+images and limits colour transforms to 1 or 3 channels, which is why these are written here). For SAR the
+"strong" view uses multiplicative speckle (in the linear domain, applied as an additive term in dB) and per-band
+calibration offsets instead of colour jitter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+from common.bands import IGNORE_INDEX
+
+__all__ = ["SegAugConfig", "SegmentationTransform", "normalise", "to_tensors"]
+
+
+@dataclass(frozen=True)
+class SegAugConfig:
+    """Augmentation settings of the segmentation stage (section ``augment``)."""
+
+    crop_size: int | None = None  # random crop size in pixels (None: whole tile)
+    scale_range: tuple[float, float] = (1.0, 1.0)  # random rescale before the crop (e.g. [0.75, 1.5])
+    hflip: bool = True  # random horizontal flip
+    vflip: bool = True  # random vertical flip (no canonical "up" in nadir imagery)
+    rot90: bool = True  # random multiple-of-90-degree rotation
+    brightness: float = 0.0  # per-band additive jitter, in units of the band's std (normalised space)
+    contrast: float = 0.0  # per-band multiplicative jitter around 1
+    noise_std: float = 0.0  # additive Gaussian noise in normalised units
+    sar_speckle_looks: float | None = None  # strong SAR view: gamma speckle with this many looks (dB bands)
+
+    def validate(self) -> None:
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"augment.scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        if self.crop_size is not None and self.crop_size < 8:
+            raise ValueError(f"augment.crop_size must be >= 8 or null, got {self.crop_size}")
+        for key in ("brightness", "contrast", "noise_std"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"augment.{key} must be >= 0")
+        if self.sar_speckle_looks is not None and self.sar_speckle_looks <= 0:
+            raise ValueError("augment.sar_speckle_looks must be > 0 or null")
+
+
+def normalise(image: np.ndarray, mean: np.ndarray, std: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """``(x - mean) / std`` per band; invalid pixels are set to 0 (the band mean) so nodata carries no signal."""
+    out = (image - mean[:, None, None]) / std[:, None, None]
+    out = out.astype(np.float32, copy=False)
+    if valid is not None:
+        out[:, ~valid] = 0.0
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _resize_chw(image: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
+    h, w = size
+    hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
+    # cv2 handles at most 512 channels in one call; split to stay safe for any band count.
+    chunks = [cv2.resize(hwc[:, :, i:i + 4], (w, h), interpolation=interp) for i in range(0, hwc.shape[2], 4)]
+    chunks = [c[:, :, None] if c.ndim == 2 else c for c in chunks]
+    return np.concatenate(chunks, axis=2).transpose(2, 0, 1)
+
+
+def to_tensors(sample: dict) -> dict:
+    """numpy arrays -> torch tensors (image float32, mask int64, valid bool); other keys kept."""
+    out = dict(sample)
+    out["image"] = torch.from_numpy(np.ascontiguousarray(sample["image"], dtype=np.float32))
+    if "mask" in sample:
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(sample["mask"]).astype(np.int64, copy=False))
+    if "valid" in sample:
+        out["valid"] = torch.from_numpy(np.ascontiguousarray(sample["valid"], dtype=bool))
+    return out
+
+
+class SegmentationTransform:
+    """Normalise, then jointly augment image / mask / valid; returns tensors.
+
+    Args:
+        mean: per-band mean in model units, in the image's band order.
+        std: per-band std in model units.
+        cfg: augmentation settings; ``None`` (or ``train=False``) means normalisation only (validation).
+        train: apply the random augmentations.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, cfg: SegAugConfig | None = None, train: bool = True):
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        if np.any(self.std <= 0):
+            raise ValueError(f"band std must be > 0, got {self.std.tolist()}")
+        self.cfg = cfg or SegAugConfig()
+        self.train = train and cfg is not None
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        image = np.asarray(sample["image"], dtype=np.float32)
+        if image.shape[0] != len(self.mean):
+            raise ValueError(f"image has {image.shape[0]} bands but the normalisation has {len(self.mean)}")
+        valid = np.asarray(sample.get("valid", np.ones(image.shape[1:], bool)), dtype=bool)
+        mask = sample.get("mask")
+        out = dict(sample)
+        if self.train and self.cfg.sar_speckle_looks is not None:
+            image = self._speckle_db(image, rng)
+        x = normalise(image, self.mean, self.std, valid)
+        if mask is not None:
+            mask = np.where(valid, mask, IGNORE_INDEX).astype(np.int64)
+        if self.train:
+            x, mask, valid = self._geometric(x, mask, valid, rng)
+            x = self._photometric(x, valid, rng)
+        out.update(image=x, valid=valid)
+        if mask is not None:
+            out["mask"] = mask
+        return to_tensors(out)
+
+    # -- geometric ---------------------------------------------------------------------------------------------
+    def _geometric(self, x, mask, valid, rng):
+        c = self.cfg
+        lo, hi = c.scale_range
+        if hi > lo or lo != 1.0:
+            s = float(rng.uniform(lo, hi))
+            h, w = x.shape[1:]
+            size = (max(int(round(h * s)), 1), max(int(round(w * s)), 1))
+            if size != (h, w):
+                x = _resize_chw(x, size, cv2.INTER_LINEAR)
+                valid = cv2.resize(valid.astype(np.uint8), size[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+                if mask is not None:
+                    mask = cv2.resize(mask.astype(np.uint8), size[::-1], interpolation=cv2.INTER_NEAREST).astype(np.int64)
+        if c.crop_size is not None:
+            x, mask, valid = self._crop(x, mask, valid, c.crop_size, rng)
+        if c.hflip and rng.random() < 0.5:
+            x, valid = x[:, :, ::-1], valid[:, ::-1]
+            mask = mask[:, ::-1] if mask is not None else None
+        if c.vflip and rng.random() < 0.5:
+            x, valid = x[:, ::-1, :], valid[::-1, :]
+            mask = mask[::-1, :] if mask is not None else None
+        if c.rot90:
+            k = int(rng.integers(4))
+            if k:
+                x, valid = np.rot90(x, k, axes=(1, 2)), np.rot90(valid, k)
+                mask = np.rot90(mask, k) if mask is not None else None
+        x = np.ascontiguousarray(x)
+        return x, (np.ascontiguousarray(mask) if mask is not None else None), np.ascontiguousarray(valid)
+
+    @staticmethod
+    def _crop(x, mask, valid, size, rng):
+        c, h, w = x.shape
+        ph, pw = max(size - h, 0), max(size - w, 0)
+        if ph or pw:  # pad with invalid / ignored pixels
+            x = np.pad(x, ((0, 0), (0, ph), (0, pw)))
+            valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
+            if mask is not None:
+                mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+            h, w = h + ph, w + pw
+        top = int(rng.integers(h - size + 1))
+        left = int(rng.integers(w - size + 1))
+        sl = (slice(top, top + size), slice(left, left + size))
+        return x[:, sl[0], sl[1]], (mask[sl] if mask is not None else None), valid[sl]
+
+    # -- photometric -------------------------------------------------------------------------------------------
+    def _photometric(self, x, valid, rng):
+        c = self.cfg
+        nb = x.shape[0]
+        if c.contrast > 0 or c.brightness > 0:
+            gain = 1.0 + rng.uniform(-c.contrast, c.contrast, size=(nb, 1, 1)).astype(np.float32)
+            bias = rng.uniform(-c.brightness, c.brightness, size=(nb, 1, 1)).astype(np.float32)
+            x = x * gain + bias
+        if c.noise_std > 0:
+            x = x + rng.normal(0.0, c.noise_std, size=x.shape).astype(np.float32)
+        x = x.astype(np.float32, copy=False)
+        x[:, ~valid] = 0.0
+        return x
+
+    def _speckle_db(self, image, rng):
+        # Multiplicative gamma speckle with L looks in linear power = additive 10*log10(G) in dB.
+        looks = float(self.cfg.sar_speckle_looks)
+        g = rng.gamma(looks, 1.0 / looks, size=image.shape).astype(np.float32)
+        return image + 10.0 * np.log10(np.maximum(g, 1e-6))

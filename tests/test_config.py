@@ -1,0 +1,105 @@
+"""Strict config loading: unknown/duplicate keys, wrong types, impossible values, overrides, every shipped file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from common.config import ConfigError, load_config, parse_overrides, save_config
+from common.engine import TrainerConfig
+from common.optim import OptimConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Data:
+    root: str = "data/demo"
+    batch_size: int = 8
+    bands: tuple[str, ...] = ("B02", "B03")
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class Top:
+    data: Data = field(default_factory=Data)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=10))
+    note: str | None = None
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_load_and_override(tmp_path):
+    p = _write(tmp_path, "data:\n  batch_size: 4\n  bands: [B04, B08]\noptim:\n  lr: 1\n")
+    cfg = load_config(Top, p, ["data.batch_size=16", "optim.name=sgd", "note=hello"])
+    assert cfg.data.batch_size == 16 and cfg.data.bands == ("B04", "B08")
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.optim.name == "sgd"
+    assert cfg.note == "hello"
+    save_config(cfg, tmp_path / "out.yaml")
+    again = load_config(Top, tmp_path / "out.yaml")
+    assert again == cfg
+
+
+def test_unknown_key_names_path_file_and_choices(tmp_path):
+    p = _write(tmp_path, "data:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Top, p)
+    msg = str(e.value)
+    assert "data.batch_sise" in msg and str(p) in msg and "batch_size" in msg and "did you mean" in msg
+
+
+def test_unknown_override_names_command_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*command-line"):
+        load_config(Top, None, ["optim.lrr=3"])
+
+
+def test_duplicate_key_rejected(tmp_path):
+    p = _write(tmp_path, "data:\n  batch_size: 4\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match="duplicate key 'batch_size'.*line 3"):
+        load_config(Top, p)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("data:\n  batch_size: 4.5\n", r"data\.batch_size.*integer"),
+        ("data:\n  batch_size: true\n", r"data\.batch_size.*integer"),
+        ("data:\n  mode: c\n", r"data\.mode.*'a', 'b'"),
+        ("optim:\n  lr: fast\n", r"optim\.lr.*number"),
+        ("data: 3\n", r"data.*mapping"),
+        ("data:\n  bands: B02\n", r"data\.bands.*list"),
+    ],
+)
+def test_wrong_types(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Top, _write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.lr=-1", r"optim\.lr must be > 0"),
+        ("trainer.epochs=3", "exactly one of trainer.epochs and trainer.max_steps"),
+        ("trainer.max_steps=null", "exactly one of trainer.epochs and trainer.max_steps"),
+        ("trainer.clip_grad=0", "trainer.clip_grad must be > 0"),
+    ],
+)
+def test_impossible_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Top, None, [override])
+
+
+def test_parse_overrides_yaml_values():
+    assert parse_overrides(["a.b=1", "a.c=[x, y]", "d=null", "e=1e-3"]) == {
+        "a": {"b": 1, "c": ["x", "y"]}, "d": None, "e": 1e-3
+    }
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["nonsense"])

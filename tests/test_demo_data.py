@@ -1,0 +1,215 @@
+"""Built-in demo data (common.demo_data): layout contract, GeoTIFF metadata, determinism, SAR footprints, splits,
+and cheap proxies of the calibration (texture needed for crops vs grass, a real domain shift)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.features import rasterize
+
+from common.bands import IGNORE_INDEX, get_sensor
+from common.demo_data import (
+    CLASS_NAMES,
+    CROPLAND,
+    DOMAINS,
+    FOREST,
+    GRASSLAND,
+    generate,
+    main,
+)
+
+TINY = dict(tiles=8, val_tiles=4, size=32, sar_scenes=2, sar_grid=2, sar_size=32, sar_overlap=8)
+S2_SPLITS = ("train_all", "labelled_1_8", "unlabelled_1_8", "val")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "data"
+    return out, generate(out, seed=3, **TINY)
+
+
+def _ids(path: Path) -> list[str]:
+    return path.read_text().split()
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_layout_follows_contract(demo):
+    root, meta = demo
+    assert json.loads((root / "dataset.json").read_text()) == meta
+    assert meta["classes"] == list(CLASS_NAMES) and len(meta["palette"]) == len(CLASS_NAMES)
+    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in meta["palette"])
+    assert set(meta["domains"]) == set(DOMAINS) == {"source", "target"}
+    assert meta["seed"] == 3 and meta["settings"]["tiles"] == 8 and meta["ignore_index"] == IGNORE_INDEX
+    for dom in DOMAINS:
+        for split in S2_SPLITS:
+            assert (root / "s2" / dom / "splits" / f"{split}.txt").is_file()
+        ids = _ids(root / "s2" / dom / "splits" / "train_all.txt") + _ids(root / "s2" / dom / "splits" / "val.txt")
+        assert len(ids) == 12
+        for i in ids:
+            for sub in ("s2/{d}/images", "s2/{d}/masks", "s1/{d}/images"):
+                assert (root / sub.format(d=dom) / f"{i}.tif").is_file()
+    sar_ids = _ids(root / "sar" / "splits" / "train_all.txt") + _ids(root / "sar" / "splits" / "val.txt")
+    assert len(sar_ids) == 2 * 2 * 2
+    for i in sar_ids:
+        assert (root / "sar" / "images" / f"{i}.tif").is_file()
+        assert (root / "sar" / "masks" / f"{i}.tif").is_file()
+        assert (root / "sar" / "geojson" / f"{i}.geojson").is_file()
+
+
+def test_geotiff_metadata(demo):
+    root, _ = demo
+    s2_bands, s1_bands, sar_bands = (get_sensor(n).bands for n in ("S2L2A", "S1", "SAR4"))
+    for dom, epsg in (("source", 32633), ("target", 32630)):
+        tid = _ids(root / "s2" / dom / "splits" / "train_all.txt")[0]
+        with rasterio.open(root / "s2" / dom / "images" / f"{tid}.tif") as src:
+            assert src.crs.to_epsg() == epsg and src.count == 12 and src.dtypes[0] == "uint16"
+            assert src.nodata == 0 and src.descriptions == s2_bands
+            assert src.transform.a == 10 and src.transform.e == -10 and src.transform.c > 1e5
+            assert (src.width, src.height) == (32, 32)
+            s2_transform = src.transform
+        with rasterio.open(root / "s2" / dom / "masks" / f"{tid}.tif") as src:
+            assert src.dtypes[0] == "uint8" and src.nodata == IGNORE_INDEX and src.transform == s2_transform
+        with rasterio.open(root / "s1" / dom / "images" / f"{tid}.tif") as src:
+            assert src.crs.to_epsg() == epsg and src.transform == s2_transform  # co-registered
+            assert src.descriptions == s1_bands and src.dtypes == ("float32", "float32")
+            s1 = src.read()
+            assert np.isnan(src.nodata) and np.isfinite(s1).all() and -45 < s1.mean() < 5  # dB
+    sid = _ids(root / "sar" / "splits" / "train_all.txt")[0]
+    with rasterio.open(root / "sar" / "images" / f"{sid}.tif") as src:
+        assert src.crs.to_epsg() == 32631 and src.descriptions == sar_bands and src.dtypes[0] == "float32"
+        assert src.nodata == 0 and src.transform.a == 0.5 and src.transform.e == -0.5
+        assert (src.read() >= 0).all()
+    with rasterio.open(root / "sar" / "masks" / f"{sid}.tif") as src:
+        assert src.dtypes[0] == "uint8" and src.crs.to_epsg() == 32631
+
+
+def test_masks_and_nodata(demo):
+    root, _ = demo
+    for dom in DOMAINS:
+        for p in sorted((root / "s2" / dom / "masks").glob("*.tif")):
+            mask = _read(p)[0]
+            assert set(np.unique(mask)) <= set(range(len(CLASS_NAMES))) | {IGNORE_INDEX}
+            dn = _read(root / "s2" / dom / "images" / p.name)
+            np.testing.assert_array_equal((dn == 0).all(0), mask == IGNORE_INDEX)
+            assert ((dn == 0).any(0) == (dn == 0).all(0)).all()  # nodata in all bands or none
+    for p in (root / "sar" / "masks").glob("*.tif"):
+        assert set(np.unique(_read(p))) <= {0, 1}
+
+
+def test_same_seed_identical_other_seed_different(demo, tmp_path):
+    root, _ = demo
+    generate(tmp_path / "again", seed=3, **TINY)
+    assert _digests(root) == _digests(tmp_path / "again")
+    generate(tmp_path / "other", seed=4, **TINY)
+    a = _read(root / "s2" / "source" / "images" / "source_00000.tif")
+    b = _read(tmp_path / "other" / "s2" / "source" / "images" / "source_00000.tif")
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert _digests(root).keys() == _digests(tmp_path / "other").keys()
+
+
+def test_sar_masks_match_geojson_footprints(demo):
+    root, meta = demo
+    inter = union = 0
+    n_buildings = 0
+    for tid in meta["sar"]["tiles"]:
+        gj = json.loads((root / "sar" / "geojson" / f"{tid}.geojson").read_text())
+        assert gj["type"] == "FeatureCollection" and gj["crs"]["properties"]["name"].endswith("32631")
+        with rasterio.open(root / "sar" / "masks" / f"{tid}.tif") as src:
+            mask, transform, shape = src.read(1), src.transform, src.shape
+        geoms = [f["geometry"] for f in gj["features"]]
+        assert all(g["type"] == "Polygon" for g in geoms)
+        n_buildings += len(geoms)
+        burnt = rasterize([(g, 1) for g in geoms], out_shape=shape, transform=transform, dtype="uint8") if geoms \
+            else np.zeros(shape, np.uint8)  # fmt: skip
+        inter += int((burnt & mask).sum())
+        union += int((burnt | mask).sum())
+    assert n_buildings > 0 and inter / union > 0.97
+
+
+def test_sar_tiles_overlap_within_scenes(demo):
+    root, meta = demo
+    tiles = meta["sar"]["tiles"]
+    a, b = "sar_s00_r0000_c0000", "sar_s00_r0000_c0024"
+    assert tiles[b]["scene"] == tiles[a]["scene"] and tiles[b]["col_off"] - tiles[a]["col_off"] == 24
+    ia, ib = _read(root / "sar" / "images" / f"{a}.tif"), _read(root / "sar" / "images" / f"{b}.tif")
+    np.testing.assert_array_equal(ia[:, :, 24:], ib[:, :, :8])  # the 8 px overlap holds the same pixels
+
+
+def test_splits_disjoint_and_covering(demo):
+    root, meta = demo
+    for dom in DOMAINS:
+        s = {k: _ids(root / "s2" / dom / "splits" / f"{k}.txt") for k in S2_SPLITS}
+        assert len(s["labelled_1_8"]) == 1 and len(s["train_all"]) == 8
+        assert not set(s["labelled_1_8"]) & set(s["unlabelled_1_8"])
+        assert sorted(s["labelled_1_8"] + s["unlabelled_1_8"]) == sorted(s["train_all"])
+        assert not set(s["train_all"]) & set(s["val"])
+    train = _ids(root / "sar" / "splits" / "train_all.txt")
+    val = _ids(root / "sar" / "splits" / "val.txt")
+    scenes = lambda ids: {meta["sar"]["tiles"][i]["scene"] for i in ids}  # noqa: E731
+    assert train and val and not scenes(train) & scenes(val)  # overlapping tiles never straddle splits
+
+
+def test_calibration_proxies(tmp_path):
+    """Per-pixel spectra cannot tell crops from grass; source and target spectra differ."""
+    root = tmp_path / "calib"
+    generate(root, seed=0, tiles=24, val_tiles=8, size=48, sar_scenes=2, sar_grid=1, sar_size=16, sar_overlap=0)
+
+    def pixels(dom: str) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for p in sorted((root / "s2" / dom / "masks").glob("*.tif")):
+            ys.append(_read(p)[0].ravel())
+            xs.append(_read(root / "s2" / dom / "images" / p.name).reshape(12, -1).T / 1e4)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    x, y = pixels("source")
+    # Nearest class mean (standardised spectra), crops vs grass only, half the pixels to fit, half to test.
+    keep = (y == CROPLAND) | (y == GRASSLAND)
+    x, y = (x[keep] - x[keep].mean(0)) / x[keep].std(0), y[keep]
+    fit = np.arange(len(y)) % 2 == 0
+    means = np.stack([x[fit & (y == c)].mean(0) for c in (CROPLAND, GRASSLAND)])
+    pred = np.where(((x[~fit] - means[0]) ** 2).sum(1) < ((x[~fit] - means[1]) ** 2).sum(1), CROPLAND, GRASSLAND)
+    acc = (pred == y[~fit]).mean()
+    assert acc < 0.70, f"crops vs grass separable per pixel ({acc:.2f}): texture would not be needed"
+
+    # Domain shift: the target's vegetation is drier (lower NDVI = (B08 - B04) / (B08 + B04)) than the source's.
+    xs, ys = pixels("source")
+    xt, yt = pixels("target")
+
+    def ndvi(x: np.ndarray) -> float:
+        return float(((x[:, 7] - x[:, 3]) / (x[:, 7] + x[:, 3])).mean())
+
+    drops = [ndvi(xs[ys == c]) - ndvi(xt[yt == c]) for c in (FOREST, CROPLAND, GRASSLAND)]
+    assert np.mean(drops) > 0.035, f"NDVI drop source -> target per class (forest, crop, grass): {drops}"
+
+
+def test_cli_idempotent_and_guarded(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "d"), "--seed", "1", "--tiles", "2", "--val-tiles", "1", "--size", "16",
+            "--sar-scenes", "2", "--sar-grid", "1", "--sar-size", "16", "--sar-overlap", "0"]  # fmt: skip
+    assert main(args) == 0
+    stamp = (tmp_path / "d" / "dataset.json").stat().st_mtime_ns
+    assert main(args) == 0  # same settings: kept as is
+    assert (tmp_path / "d" / "dataset.json").stat().st_mtime_ns == stamp
+    assert main(args[:-1] + ["2"]) == 2 and "overwrite" in capsys.readouterr().err
+    assert main(args[:-1] + ["2", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["settings"]["sar_overlap"] == 2
+
+
+@pytest.mark.parametrize("bad", [dict(tiles=0), dict(size=8), dict(sar_scenes=1), dict(sar_overlap=64),
+                                 dict(shift=1.5), dict(bogus=1)])  # fmt: skip
+def test_invalid_settings(tmp_path, bad):
+    with pytest.raises(ValueError):
+        generate(tmp_path, seed=0, **bad)
