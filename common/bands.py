@@ -635,3 +635,17 @@ class BandStats:
             source=dict(d.get("source", {})),
             path=str(path),
         )
+
+
+def resolve_sensor(sensor: str | SensorSpec, bands: Iterable[str] | None = None,
+                   stats_file: str | os.PathLike | None = None) -> SensorSpec:
+    """The spec a run uses: ``sensor`` restricted to ``bands`` (in that order) with the statistics of
+    ``stats_file`` (written by ``python -m common.stats``) when given, else the registry's reference statistics.
+
+    Raises:
+        KeyError / ValueError: unknown sensor, unknown band, or a stats file lacking a band (messages name them).
+    """
+    spec = get_sensor(sensor, bands)
+    if stats_file is not None:
+        spec = spec.with_stats(BandStats.from_json(stats_file))
+    return spec

@@ -199,6 +199,7 @@ class Engine:
         set_seed(cfg.seed, device_specific=False)
         self.accelerator.init_trackers("tb", config=_flat_hparams(config) if config is not None else None)
         self._jsonl = None
+        self.current_step = 0
         self.final_metrics: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -481,6 +482,7 @@ class Engine:
             )
 
     def _evaluate(self, model: nn.Module, evaluate: Callable, step: int, best: dict) -> dict:
+        self.current_step = step  # for evaluation functions that log images
         unwrapped = self.accelerator.unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()

@@ -45,17 +45,33 @@ class Supervised(nn.Module):
         backbone_lr_mult: lr multiplier of the backbone's parameter groups.
     """
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, cfg: SupervisedConfig, backbone_lr_mult: float = 1.0):
+    eval_prefix = "model."  # state_dict prefix of the network used for evaluation and prediction
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, cfg: SupervisedConfig, backbone_lr_mult: float = 1.0,
+                 freeze_backbone: bool = False):
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.cfg = cfg
         self.backbone_lr_mult = backbone_lr_mult
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:  # linear probing: only the head learns; the backbone's BatchNorm statistics stay fixed
+            self.model.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Supervised":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.model.backbone.eval()
+        return self
 
     def param_groups(self) -> list[dict]:
-        return param_groups_no_wd_for_norm_and_bias(
-            self.model.named_parameters(), prefix_scales={"backbone.": self.backbone_lr_mult}
-        )
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return param_groups_no_wd_for_norm_and_bias(params, prefix_scales={"backbone.": self.backbone_lr_mult})
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network evaluated and exported for prediction."""
+        return self.model
 
     def forward(self, batch: dict, step: int, epoch: int) -> dict[str, torch.Tensor]:
         # 1. labelled batch
@@ -74,4 +90,4 @@ class Supervised(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K, H, W) of the model used for evaluation."""
-        return self.model(x).logits
+        return self.eval_model(x).logits

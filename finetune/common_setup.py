@@ -1,0 +1,363 @@
+"""What every fine-tuning entry point shares: the config sections, resolving bands / normalisation / weights,
+building the segmenter, the datasets and the evaluation loop.
+
+The model description written to ``<run>/model.json`` (architecture, classes, bands, normalisation, which
+``state_dict`` prefix holds the evaluated network) is what :mod:`finetune.predict` rebuilds the model from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.bands import IGNORE_INDEX, SensorSpec, resolve_sensor
+from common.checkpoint import atomic_write_json
+from common.datasets import SegmentationDataset
+from common.engine import TrainerConfig
+from common.optim import OptimConfig
+from common.sampling import AugmentedDataset
+from common.weights import EXPORT_FORMAT, ExportMeta, check_compatible, read_export
+from finetune.deeplab import create_segmenter
+from finetune.losses import build_segmentation_loss
+from finetune.metrics import BuildingF1, ConfusionMatrix
+from finetune.inference import sliding_window_inference
+from finetune.transforms import SegAugConfig, SegmentationTransform
+
+__all__ = [
+    "SegDataConfig",
+    "SegModelConfig",
+    "LossConfig",
+    "EvalConfig",
+    "ResolvedInputs",
+    "resolve_inputs",
+    "build_model",
+    "segmentation_datasets",
+    "make_evaluate",
+    "write_model_card",
+    "PALETTE",
+]
+
+# Colours for class maps in TensorBoard (demo classes: water, forest, cropland, grassland, built-up, bare soil).
+PALETTE = np.array([
+    [31, 120, 180], [27, 94, 32], [240, 200, 40], [150, 220, 90], [200, 30, 30], [150, 110, 70],
+    [128, 0, 128], [0, 200, 200], [255, 127, 0], [90, 90, 90], [255, 255, 255], [0, 0, 0],
+], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class SegDataConfig:
+    """Image + mask tiles (section ``data``)."""
+
+    root: str = "data/demo/s2/source"  # holds <image_dir>/, <mask_dir>/ and splits/
+    num_classes: int = 6
+    class_names: tuple[str, ...] | None = None  # names in metrics and TensorBoard (default "0", "1", ...)
+    sensor: str = "S2L2A"  # S2L1C, S2L2A, S1, SAR4
+    bands: tuple[str, ...] | None = None  # default: the export's bands with model.weights, else the sensor's
+    stats_file: str | None = None  # default: the export's normalisation with model.weights, else reference stats
+    offset: float = 0.0  # S2 DN offset (-1000 for processing baseline >= 04.00)
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    labelled_split: str = "labelled_1_8"  # split file (root/splits/<name>.txt) of the labelled training tiles
+    unlabelled_split: str | None = None  # split of the unlabelled tiles (semi-supervised methods)
+    val_split: str = "val"
+    batch_size: int = 8  # per process
+    checks: Literal["full", "header", "none"] = "full"  # input checks at start-up (full: reads every mask)
+
+    def validate(self) -> None:
+        if not 1 <= self.num_classes < IGNORE_INDEX:
+            raise ValueError(f"data.num_classes must be in [1, {IGNORE_INDEX}), got {self.num_classes}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"data.class_names has {len(self.class_names)} names for data.num_classes="
+                             f"{self.num_classes}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class SegModelConfig:
+    """Segmenter (section ``model``)."""
+
+    arch: str = "resnet18"  # timm backbone
+    version: Literal["v2", "v3", "v3+"] = "v3+"
+    output_stride: int | None = 16  # 8 or 16 for dilated CNNs; null for backbones that cannot dilate
+    aux: bool = False  # auxiliary head on the stage before the deepest
+    weights: str | None = None  # backbone weights: an export of ssl/export.py (.safetensors with .json) or a
+    #                             timm state_dict file; null: random init
+    band_mapping: bool = False  # map the first conv by band name when the weights were trained on other bands
+    freeze_backbone: bool = False  # linear probing: train the head only
+    drop_path_rate: float = 0.0
+    backbone_lr_mult: float = 1.0  # lr multiplier of the backbone (e.g. 0.1 for a pretrained one)
+
+    def validate(self) -> None:
+        if self.output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"model.output_stride must be 8, 16, 32 or null, got {self.output_stride}")
+        if self.backbone_lr_mult < 0:
+            raise ValueError("model.backbone_lr_mult must be >= 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Segmentation loss (section ``loss``)."""
+
+    name: Literal["ce", "ohem", "dice", "ce_dice"] = "ce"  # ignore index 255 everywhere
+    class_weights: tuple[float, ...] | None = None  # per-class weights (imbalanced classes)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (section ``eval``)."""
+
+    batch_size: int = 8
+    window: int | None = None  # sliding-window size for tiles larger than the training crop (null: whole tile)
+    overlap: float = 0.5  # window overlap fraction
+    building_f1: bool = False  # SpaceNet instance F1 of the foreground class (polygons at IoU >= 0.5)
+    foreground_class: int = 1  # class scored by building_f1
+    num_images: int = 4  # validation tiles shown in TensorBoard (input / ground truth / prediction)
+
+    def validate(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"eval.overlap must be in [0, 1), got {self.overlap}")
+        if self.window is not None and self.window < 8:
+            raise ValueError(f"eval.window must be >= 8 or null, got {self.window}")
+
+
+def default_optim() -> OptimConfig:
+    return OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9)
+
+
+def default_trainer() -> TrainerConfig:
+    return TrainerConfig(epochs=None, best_metric="mIoU")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bands, normalisation and weights
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolvedInputs:
+    spec: SensorSpec  # bands in model order with the statistics used for normalisation
+    weights: str | None  # backbone weights file
+    band_map: tuple[list[str], list[str]] | None  # (weights' bands, dataset bands) for the first conv
+    export: ExportMeta | None  # metadata of an export, when the weights are one
+    notes: list[str] = field(default_factory=list)
+
+
+def _export_meta(path: Path) -> ExportMeta | None:
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        raw = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:
+        return None
+    if raw.get("format") != EXPORT_FORMAT:
+        return None
+    return read_export(path)[1]
+
+
+def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "the config") -> ResolvedInputs:
+    """Decide the bands, normalisation and weights of a run, refusing an export that does not fit the data.
+
+    * ``model.weights`` an export and ``data.bands`` unset: the export's bands. ``data.stats_file`` unset: the
+      export's normalisation (the statistics the backbone was pretrained with). A stats file or bands that differ
+      from the export's are checked (:func:`common.weights.check_compatible`) and refused with a clear message,
+      unless ``model.band_mapping`` maps the first convolution by band name (then the dataset's statistics apply).
+    * otherwise: ``data.bands`` (or all the sensor's bands) with ``data.stats_file`` or the reference statistics.
+
+    Raises:
+        FileNotFoundError: the weights file does not exist. ExportMismatchError: bands / normalisation differ.
+    """
+    notes: list[str] = []
+    if model.weights is None:
+        return ResolvedInputs(resolve_sensor(data.sensor, data.bands, data.stats_file), None, None, None, notes)
+    path = Path(model.weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights: {path} does not exist")
+    meta = _export_meta(path)
+    if meta is None:  # a plain timm state_dict: nothing to check against
+        spec = resolve_sensor(data.sensor, data.bands, data.stats_file)
+        notes.append(f"model.weights {path} has no export sidecar: bands and normalisation cannot be checked")
+        return ResolvedInputs(spec, str(path), None, None, notes)
+
+    bands = list(data.bands) if data.bands is not None else list(meta.bands)
+    same_bands = bands == list(meta.bands)
+    if not same_bands and not model.band_mapping:
+        # names the differing bands and the keys that fix it
+        check_compatible(meta, bands, meta.normalisation.conversion, [0.0] * len(bands), [1.0] * len(bands), source)
+    spec = resolve_sensor(data.sensor, bands, data.stats_file)
+    if spec.conversion != meta.normalisation.conversion:
+        check_compatible(meta, bands, spec.conversion, spec.mean_array(), spec.std_array(), source)
+    if same_bands:
+        if data.stats_file is None:
+            mean = dict(zip(bands, meta.normalisation.mean))
+            std = dict(zip(bands, meta.normalisation.std))
+            from dataclasses import replace
+
+            spec = replace(spec, mean={**spec.mean, **mean}, std={**spec.std, **std})
+            notes.append("normalisation taken from the export")
+        else:
+            check_compatible(meta, bands, spec.conversion, spec.mean_array(), spec.std_array(), source)
+        if float(data.offset) != float(meta.normalisation.offset):
+            from common.weights import ExportMismatchError
+
+            raise ExportMismatchError(f"backbone export expects the S2 DN offset {meta.normalisation.offset} but "
+                                      f"{source} sets data.offset={data.offset}")
+        return ResolvedInputs(spec, str(path), None, meta, notes)
+    notes.append(f"first convolution mapped by band name from {meta.bands} to {bands}")
+    return ResolvedInputs(spec, str(path), (list(meta.bands), bands), meta, notes)
+
+
+def build_model(model: SegModelConfig, num_classes: int, inputs: ResolvedInputs | None, in_chans: int,
+                load_weights: bool = True) -> nn.Module:
+    weights = inputs.weights if (inputs is not None and load_weights) else None
+    band_map = inputs.band_map if (inputs is not None and load_weights) else None
+    return create_segmenter(model.arch, model.version, num_classes, in_chans, output_stride=model.output_stride,
+                            aux=model.aux, pretrained_file=weights, band_map=band_map,
+                            drop_path_rate=model.drop_path_rate)
+
+
+def build_loss(loss: LossConfig, num_classes: int) -> nn.Module:
+    return build_segmentation_loss(loss.name, num_classes, class_weights=loss.class_weights)
+
+
+class _EvalTransform:
+    """Normalisation only (validation / prediction)."""
+
+    def __init__(self, spec: SensorSpec):
+        self.tf = SegmentationTransform(spec.mean_array(), spec.std_array(), None, train=False)
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.tf(sample, None)
+        return {k: out[k] for k in ("image", "mask", "valid", "index") if k in out}
+
+
+def segmentation_datasets(data: SegDataConfig, spec: SensorSpec, augment: SegAugConfig, seed: int,
+                          labelled_split: str | None = None, with_unlabelled: bool = False) -> dict[str, Any]:
+    """``{"labelled": train set, "val": val set[, "unlabelled": ...]}``; every file is checked here, at start-up."""
+    kw = dict(image_dir=data.image_dir, mask_dir=data.mask_dir, bands=spec.bands, sensor=spec,
+              num_classes=data.num_classes, validate=data.checks, offset=data.offset, class_names=data.class_names)
+    train_tf = SegmentationTransform(spec.mean_array(), spec.std_array(), augment, train=True)
+    out: dict[str, Any] = {
+        "labelled": AugmentedDataset(_Strip(SegmentationDataset(data.root, labelled_split or data.labelled_split,
+                                                                **kw)), train_tf, seed=seed),
+        "val": SegmentationDataset(data.root, data.val_split, transform=_EvalTransform(spec), **kw),
+    }
+    if with_unlabelled:
+        if data.unlabelled_split is None:
+            raise ValueError("this method needs data.unlabelled_split")
+        out["unlabelled"] = AugmentedDataset(
+            _Strip(SegmentationDataset(data.root, data.unlabelled_split, labelled=False, **kw)), train_tf,
+            seed=seed + 1)
+    return out
+
+
+class _Strip(torch.utils.data.Dataset):
+    """Keeps the keys training batches need (drops ids/georeferencing that do not collate)."""
+
+    KEYS = ("image", "mask", "valid", "index")
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.base[i]
+        return {k: s[k] for k in self.KEYS if k in s}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    out = PALETTE[np.clip(mask, 0, len(PALETTE) - 1) % len(PALETTE)]
+    out[mask == IGNORE_INDEX] = 0
+    return out
+
+
+def false_colour(image: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
+    """(C, H, W) normalised -> (H, W, 3) uint8 with a 2-98 % stretch per channel."""
+    x = image[list(rgb)].astype(np.float32)
+    lo, hi = np.percentile(x.reshape(3, -1), (2, 98), axis=1)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return np.clip((x - lo[:, None, None]) / span[:, None, None] * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def predict_logits(net: nn.Module, x: torch.Tensor, ev: EvalConfig, num_classes: int) -> torch.Tensor:
+    if ev.window is not None and max(x.shape[-2:]) > ev.window:
+        return sliding_window_inference(lambda t: net(t).logits, x, ev.window, ev.overlap, num_classes,
+                                        batch_size=ev.batch_size)
+    return net(x).logits.float()
+
+
+def make_evaluate(val_ds, data: SegDataConfig, ev: EvalConfig, spec: SensorSpec):
+    """``evaluate(method, engine) -> metrics``: confusion matrix over this process's shard of the validation set,
+    summed over processes (every tile counted once), plus the instance F1 of buildings when configured."""
+    names = list(data.class_names) if data.class_names else None
+
+    def evaluate(method: nn.Module, engine) -> dict[str, float]:
+        net = method.eval_model
+        device = engine.device
+        cm = ConfusionMatrix(data.num_classes, class_names=names, device=device)
+        bf1 = BuildingF1() if ev.building_f1 else None
+        shown: list[np.ndarray] = []
+        for batch in engine.eval_loader(val_ds, ev.batch_size):
+            x = batch["image"].to(device)
+            y = batch["mask"].to(device)
+            with engine.accelerator.autocast():
+                logits = predict_logits(net, x, ev, data.num_classes)
+            pred = logits.argmax(1)
+            cm.update(pred, y, batch["valid"].to(device))
+            if bf1 is not None:
+                for p, t in zip(pred.cpu().numpy(), y.cpu().numpy()):
+                    bf1.update(p == ev.foreground_class, t == ev.foreground_class)
+            if engine.is_main and len(shown) < ev.num_images:
+                for i in range(min(x.shape[0], ev.num_images - len(shown))):
+                    row = [false_colour(x[i].cpu().numpy(), spec.rgb_indices()), colorize(y[i].cpu().numpy()),
+                           colorize(pred[i].cpu().numpy())]
+                    shown.append(np.concatenate(row, axis=1))
+        metrics = cm.reduce(engine.accelerator).compute()
+        metrics = {k: (100.0 * v if k.split("/")[0] in ("mIoU", "mF1", "OA", "IoU", "F1") else v)
+                   for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+        if bf1 is not None:
+            counts = bf1.reduce(engine.accelerator).as_dict()
+            metrics.update({f"building_{k}": 100.0 * v if k in ("precision", "recall", "f1") else float(v)
+                            for k, v in counts.items()})
+        if shown:
+            engine.log_images({"val/input_gt_pred": np.concatenate(shown, axis=0)},
+                              getattr(engine, "current_step", 0))
+        return metrics
+
+    return evaluate
+
+
+def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, inputs: ResolvedInputs,
+                     method: str, eval_prefix: str) -> None:
+    """``<run>/model.json``: everything :mod:`finetune.predict` needs to rebuild and feed the model."""
+    spec = inputs.spec
+    atomic_write_json(run_dir / "model.json", {
+        "method": method,
+        "arch": model.arch,
+        "version": model.version,
+        "output_stride": model.output_stride,
+        "aux": model.aux,
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names) if data.class_names else None,
+        "sensor": spec.name,
+        "bands": list(spec.bands),
+        "normalisation": {"conversion": spec.conversion, "mean": [float(v) for v in spec.mean_array()],
+                          "std": [float(v) for v in spec.std_array()], "offset": float(data.offset)},
+        "state_dict_prefix": eval_prefix,
+        "weights_init": inputs.weights,
+    })

@@ -1,0 +1,121 @@
+"""Export the DINO teacher backbone of a pretraining run as a timm-loadable checkpoint.
+
+    python ssl/export.py --run runs/pretrain [--out backbone.safetensors] [--checkpoint last|best|latest]
+
+Writes ``<out>.safetensors`` (the teacher backbone's ``state_dict``, without the DINO head: exactly the keys of
+``timm.create_model(arch, in_chans=C, num_classes=0)``) and ``<out>.json``: architecture, in_chans, band names in
+order, the normalisation from raw file values to model input, the DINO settings, epoch/step and a SHA-256 of the
+weights. Load it with one call::
+
+    timm.create_model(arch, in_chans=C, num_classes=0, checkpoint_path="backbone.safetensors")
+    timm.create_model(arch, in_chans=C, num_classes=0, pretrained=True,
+                      pretrained_cfg_overlay=dict(file="backbone.safetensors", first_conv=None))
+
+or set ``model.weights: backbone.safetensors`` in a fine-tuning config (bands and normalisation are checked).
+Nothing is unpickled: run checkpoints are read with safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from common.bands import resolve_sensor
+from common.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from common.weights import ExportMeta, Normalisation, write_export
+
+__all__ = ["export_run", "TEACHER_PREFIX"]
+
+TEACHER_PREFIX = "teacher.backbone."
+
+
+def _run_weights(run: Path, which: str) -> tuple[Path, int | None]:
+    ckpt_dir = run / CHECKPOINT_DIR
+    if which in ("last", "best"):
+        path = ckpt_dir / f"{which}.safetensors"
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                step = (f.metadata() or {}).get("step")
+            return path, int(step) if step is not None else None
+        if which == "best":
+            raise FileNotFoundError(f"{path} not found (a best checkpoint exists only for runs with a probe)")
+    latest = latest_checkpoint(run)
+    if latest is None:
+        raise FileNotFoundError(f"{run}: no checkpoint to export (looked for {ckpt_dir}/last.safetensors and "
+                                f"{ckpt_dir}/step_*)")
+    state = json.loads((latest / "engine_state.json").read_text())
+    return latest / "model.safetensors", int(state["step"])
+
+
+def export_run(run: str | Path, out: str | Path | None = None,
+               which: Literal["last", "best", "latest"] = "last") -> tuple[Path, Path]:
+    """Export the teacher backbone of pretraining run ``run``; returns (weights, sidecar) paths.
+
+    Args:
+        run: the run directory (holds ``config.yaml`` and ``checkpoints/``).
+        out: output path (default ``<run>/backbone.safetensors``).
+        which: ``last`` (end of training; falls back to the latest step checkpoint of an interrupted run),
+            ``best`` (best k-NN probe score) or ``latest`` (newest step checkpoint).
+    """
+    from safetensors.torch import load_file
+
+    run = Path(run)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run} is not a pretraining run directory ({cfg_path} not found)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    if "dino" not in cfg:
+        raise ValueError(f"{cfg_path} is not a DINO pretraining config (no 'dino' section)")
+    weights, step = _run_weights(run, which)
+    state = load_file(str(weights))
+    backbone = {k[len(TEACHER_PREFIX):]: v.contiguous() for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
+    if not backbone:
+        raise ValueError(f"{weights} holds no '{TEACHER_PREFIX}*' tensors: not a DINO run checkpoint")
+    data = cfg["data"]
+    spec = resolve_sensor(data["sensor"], data.get("bands"), data.get("stats_file"))
+    trainer = cfg["trainer"]
+    meta = ExportMeta(
+        architecture=cfg["model"]["arch"],
+        in_chans=len(spec.bands),
+        bands=list(spec.bands),
+        sensor=spec.name,
+        normalisation=Normalisation(conversion=spec.conversion, mean=[float(v) for v in spec.mean_array()],
+                                    std=[float(v) for v in spec.std_array()], offset=float(data.get("offset", 0.0))),
+        num_features=_num_features(cfg["model"]["arch"], backbone),
+        source={"method": "dino", "run": str(run.resolve()), "checkpoint": str(weights.name), "step": step,
+                "epochs": trainer.get("epochs"), "max_steps": trainer.get("max_steps"), "dino": cfg["dino"],
+                "augment": {k: cfg["augment"][k] for k in ("global_size", "local_size", "local_number")},
+                "data": {"root": data["root"], "stats_file": data.get("stats_file")}},
+    )
+    return write_export(backbone, meta, Path(out) if out is not None else run / "backbone.safetensors")
+
+
+def _num_features(arch: str, state: dict) -> int:
+    import timm
+    import torch
+
+    with torch.device("meta"):  # no memory, no init cost
+        model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=1)
+    return int(model.num_features)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ssl/export.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="pretraining run directory")
+    parser.add_argument("--out", default=None, help="output .safetensors (default: RUN/backbone.safetensors)")
+    parser.add_argument("--checkpoint", default="last", choices=("last", "best", "latest"),
+                        help="which weights: end of training, best probe score, newest step checkpoint")
+    args = parser.parse_args(argv)
+    weights, sidecar = export_run(args.run, args.out, args.checkpoint)
+    meta = json.loads(sidecar.read_text())
+    print(f"wrote {weights} and {sidecar}\nload with: {meta['load_with']}")
+
+
+if __name__ == "__main__":
+    main()

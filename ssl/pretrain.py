@@ -1,0 +1,340 @@
+"""DINO pretraining of a timm backbone on unlabelled multispectral / SAR tiles.
+
+    accelerate launch ssl/pretrain.py --config configs/pretrain/demo.yaml --output-dir runs/pretrain [key=value ...]
+
+One step (facebookresearch/dino ``train_one_epoch``, Caron et al. 2021), mapped onto the shared engine:
+
+1. ``forward``: the teacher (no gradient) embeds the 2 global views, the student all ``2 + N`` views
+   (:class:`~eo_ssl.dino.MultiCropWrapper`: one backbone pass per resolution group); the loss is Eq. (3) with the
+   centred, sharpened teacher distribution; then the center is updated (Eq. 4, all-reduced over processes).
+2. the engine back-propagates, ``on_after_backward`` drops the last layer's gradients during the first
+   ``dino.freeze_last_layer`` epochs, the engine clips (``trainer.clip_mode: per_parameter`` as the reference) and
+   steps with the lr (warm-up + cosine, scaled by global batch / 256) and weight-decay (cosine) schedules;
+3. ``after_optimizer_step``: ``teacher <- m teacher + (1 - m) student`` with the cosine momentum schedule.
+
+At the end (and with ``python ssl/export.py --run DIR``) the teacher backbone is exported as
+``DIR/backbone.safetensors`` + ``DIR/backbone.json`` (see :mod:`eo_ssl.export`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.backbones import create_embedding_backbone
+from common.bands import SensorSpec, resolve_sensor
+from common.cli import parse_training_args, training_parser
+from common.datasets import SegmentationDataset, UnlabelledTiles
+from common.ema import ema_update_
+from common.engine import Engine, LoaderSpec, TrainContext, TrainerConfig
+from common.optim import OptimConfig
+from common.sampling import AugmentedDataset
+from eo_ssl.dino import (
+    N_GLOBAL_CROPS,
+    DINOConfig,
+    DINOHead,
+    DINOLoss,
+    MultiCropWrapper,
+    cancel_last_layer_gradients,
+    get_param_groups,
+    teacher_momentum_schedule,
+    teacher_temperature_schedule,
+)
+from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform, band_units, collate_multicrop, render_multicrop_grid
+
+__all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe"]
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class PretrainDataConfig:
+    """Unlabelled tiles (section ``data``)."""
+
+    root: str = "data/demo"  # directory searched with `glob` (or BigEarthNet patch folders)
+    glob: str = "**/*.tif"  # file pattern under root
+    layout: Literal["auto", "multiband", "band_files"] = "auto"  # band_files: one GeoTIFF per band (BigEarthNet)
+    sensor: str = "S2L2A"  # S2L1C, S2L2A, S1, SAR4 (common/bands.py)
+    bands: tuple[str, ...] | None = None  # band names in channel order (default: all bands of the sensor)
+    stats_file: str | None = None  # per-band mean/std from `python -m common.stats` (default: reference stats)
+    offset: float = 0.0  # S2 DN offset (-1000 for processing baseline >= 04.00)
+    tile_size: int | None = None  # cut large scenes into tiles of this size
+    batch_size: int = 32  # per process
+    exclude_ids_from: tuple[str, ...] = ()  # split files (one id per line): tiles with these ids are left out
+    checks: Literal["full", "header", "none"] = "header"  # input checks at start-up (full: read every pixel)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PretrainModelConfig:
+    """The backbone (section ``model``)."""
+
+    arch: str = "resnet18"  # any timm architecture (resnet50, vit_small_patch16_224, convnext_tiny ...)
+    drop_path_rate: float = 0.0  # stochastic depth of the student (DINO ViT-S: 0.1)
+    init_file: str | None = None  # continue from local weights (a previous export or timm file), strict
+    sync_bn: bool = True  # SyncBatchNorm for multi-GPU runs (CUDA only; BN statistics over the global batch)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Optional k-NN probe of the teacher backbone on a labelled set (section ``probe``), run every
+    ``trainer.eval_every`` steps and at the end. Each tile's label is the majority class of its mask."""
+
+    root: str | None = None  # segmentation dataset root (images/, masks/, splits/); null: no probe
+    train_split: str = "train_all"  # the k-NN memory bank
+    val_split: str = "val"  # the evaluated tiles
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    num_classes: int = 6
+    k: int = 20  # neighbours (DINO: 20)
+    temperature: float = 0.07  # vote weights exp(cos / T) (DINO: 0.07)
+    max_train: int | None = None  # subsample the memory bank
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.k < 1 or self.temperature <= 0 or self.num_classes < 2:
+            raise ValueError("probe.k must be >= 1, probe.temperature > 0 and probe.num_classes >= 2")
+
+
+def _default_optim() -> OptimConfig:
+    # DINO's defaults: AdamW, lr 5e-4 x global batch / 256, 10 warm-up epochs, cosine to 1e-6, wd 0.04 -> 0.4.
+    return OptimConfig(name="adamw", lr=5e-4, scale_lr_with_batch=True, min_lr=1e-6, schedule="cosine",
+                       warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4)
+
+
+def _default_trainer() -> TrainerConfig:
+    return TrainerConfig(epochs=None, clip_grad=3.0, clip_mode="per_parameter", best_metric=None)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    augment: MultiCropConfig = field(default_factory=MultiCropConfig)
+    optim: OptimConfig = field(default_factory=_default_optim)
+    trainer: TrainerConfig = field(default_factory=_default_trainer)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def validate(self) -> None:
+        if self.probe.root is not None and self.trainer.best_metric not in (None, "knn_top1"):
+            raise ValueError("trainer.best_metric of a pretraining run can only be knn_top1 (with a probe) or null")
+        if self.probe.root is None and self.trainer.best_metric is not None:
+            raise ValueError("trainer.best_metric needs a probe (probe.root)")
+
+
+# ---------------------------------------------------------------------------------------------- method
+class DINOMethod(nn.Module):
+    """Student, EMA teacher and loss (with its center) in one module, so one ``state_dict`` checkpoints all."""
+
+    def __init__(self, cfg: PretrainConfig, in_chans: int, rgb: tuple[int, int, int] = (0, 1, 2)):
+        super().__init__()
+        d, m = cfg.dino, cfg.model
+        student = create_embedding_backbone(m.arch, in_chans, drop_path_rate=m.drop_path_rate,
+                                            pretrained_file=m.init_file)
+        teacher = create_embedding_backbone(m.arch, in_chans)
+        dim = student.embed_dim
+
+        def head(norm_last_layer: bool) -> DINOHead:
+            return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.use_bn_in_head,
+                            norm_last_layer)
+
+        self.student = MultiCropWrapper(student, head(d.norm_last_layer))
+        self.teacher = MultiCropWrapper(teacher, head(True))
+        self.teacher.load_state_dict(self.student.state_dict())  # teacher and student start equal
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.ncrops = cfg.augment.num_crops
+        # The temperature schedule needs the run length in epochs: replaced in on_train_start.
+        self.loss_fn = DINOLoss(d.out_dim, self.ncrops, d.warmup_teacher_temp, d.teacher_temp,
+                                0, 1, d.student_temp, d.center_momentum)
+        self.cfg = d
+        self.rgb = rgb
+        self.momentum = np.array([d.momentum_teacher])
+        self.compile_modules = ("student", "teacher")
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        d = self.cfg
+        if d.warmup_teacher_temp_epochs > ctx.epochs:
+            raise ValueError(f"dino.warmup_teacher_temp_epochs={d.warmup_teacher_temp_epochs} exceeds the run's "
+                             f"{ctx.epochs} epochs")
+        self.loss_fn.teacher_temp_schedule = teacher_temperature_schedule(
+            d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs, ctx.epochs)
+        self.momentum = teacher_momentum_schedule(d.momentum_teacher, ctx.total_steps)
+
+    def param_groups(self) -> list[dict]:
+        return get_param_groups(self.student)
+
+    def train(self, mode: bool = True) -> "DINOMethod":
+        super().train(mode)
+        self.teacher.train(mode)  # the teacher's BatchNorm uses batch statistics in training, as the reference
+        return self
+
+    def forward(self, batch: dict, step: int, epoch: int) -> dict[str, torch.Tensor]:
+        crops = batch["tiles"]
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:N_GLOBAL_CROPS])
+        student_out = self.student(crops)
+        loss = self.loss_fn(student_out, teacher_out, epoch)
+        stats = self.loss_fn.stats(student_out.detach(), teacher_out, epoch)
+        self.loss_fn.update_center(teacher_out)
+        return {"loss": loss, **stats}
+
+    def on_after_backward(self, step: int, epoch: int) -> None:
+        cancel_last_layer_gradients(epoch, self.student, self.cfg.freeze_last_layer)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, epoch: int) -> None:
+        ema_update_(self.teacher, self.student, float(self.momentum[min(step, len(self.momentum) - 1)]))
+
+    def log_values(self, step: int, epoch: int) -> dict[str, float]:
+        return {"momentum": float(self.momentum[min(step, len(self.momentum) - 1)]),
+                "teacher_temp": self.loss_fn.teacher_temp(min(epoch, len(self.loss_fn.teacher_temp_schedule) - 1))}
+
+    def log_images(self, batch: dict, step: int) -> dict[str, np.ndarray]:
+        return {"train/crops": render_multicrop_grid(batch["tiles"], rgb=self.rgb, max_samples=4)}
+
+
+# ---------------------------------------------------------------------------------------------- k-NN probe
+def majority_labels(masks: torch.Tensor, num_classes: int, ignore: int = 255) -> torch.Tensor:
+    """Per-tile majority class of ``(B, H, W)`` masks (ignored pixels excluded; -1 when all are ignored)."""
+    flat = masks.reshape(masks.shape[0], -1).long()
+    counts = torch.zeros(masks.shape[0], num_classes + 1, dtype=torch.long)
+    counts.scatter_add_(1, torch.where(flat == ignore, num_classes, flat.clamp(max=num_classes)),
+                        torch.ones_like(flat))
+    counts = counts[:, :num_classes]
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full_like(counts[:, 0], -1))
+
+
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
+                 temperature: float, num_classes: int) -> torch.Tensor:
+    """DINO's weighted k-NN (``eval_knn.knn_classifier``): cosine similarities of l2-normalised features, the
+    ``k`` nearest vote with weight ``exp(sim / T)``. Returns predicted labels ``(N_test,)``."""
+    train_feats = F.normalize(train_feats.float(), dim=1)
+    test_feats = F.normalize(test_feats.float(), dim=1)
+    k = min(k, train_feats.shape[0])
+    sim, idx = (test_feats @ train_feats.T).topk(k, dim=1)
+    votes = torch.zeros(test_feats.shape[0], num_classes)
+    votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+    return votes.argmax(1)
+
+
+class _ProbeTransform:
+    def __init__(self, mean: np.ndarray, std: np.ndarray):
+        self.mean, self.std = mean[:, None, None], std[:, None, None]
+
+    def __call__(self, sample: dict) -> dict:
+        image = (np.asarray(sample["image"], np.float32) - self.mean) / self.std
+        image[:, ~np.asarray(sample["valid"], bool)] = 0.0
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, np.float32)),
+                "mask": torch.as_tensor(np.asarray(sample["mask"]), dtype=torch.long)}
+
+
+def knn_probe(backbone: nn.Module, train_ds, val_ds, probe: ProbeConfig, device: torch.device) -> dict[str, float]:
+    """k-NN top-1 accuracy of tile majority classes from pooled backbone features.
+
+    Every process embeds the whole (small) probe set, so the result is identical on all processes.
+    """
+    def embed(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = torch.utils.data.DataLoader(ds, batch_size=probe.batch_size, shuffle=False)
+        feats, labels = [], []
+        for b in loader:
+            feats.append(backbone(b["image"].to(device)).float().cpu())
+            labels.append(majority_labels(b["mask"], probe.num_classes))
+        return torch.cat(feats), torch.cat(labels)
+
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        f_train, y_train = embed(train_ds)
+        f_val, y_val = embed(val_ds)
+    backbone.train(was_training)
+    keep = y_train >= 0
+    f_train, y_train = f_train[keep], y_train[keep]
+    pred = knn_classify(f_train, y_train, f_val, probe.k, probe.temperature, probe.num_classes)
+    valid = y_val >= 0
+    acc = (pred[valid] == y_val[valid]).float().mean().item() if valid.any() else float("nan")
+    return {"knn_top1": 100.0 * acc}
+
+
+def build_probe_sets(cfg: PretrainConfig, spec: SensorSpec):
+    p = cfg.probe
+    tf = _ProbeTransform(spec.mean_array(), spec.std_array())
+    kw = dict(image_dir=p.image_dir, mask_dir=p.mask_dir, bands=spec.bands, sensor=spec, num_classes=p.num_classes,
+              transform=tf, offset=cfg.data.offset)
+    train = SegmentationDataset(p.root, p.train_split, **kw)
+    val = SegmentationDataset(p.root, p.val_split, **kw)
+    if p.max_train is not None and len(train) > p.max_train:
+        idx = np.linspace(0, len(train) - 1, p.max_train).round().astype(int).tolist()
+        train = torch.utils.data.Subset(train, idx)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
+    d = cfg.data
+    source: Any = d.root
+    if d.exclude_ids_from:
+        excluded: set[str] = set()
+        for split in d.exclude_ids_from:
+            path = Path(split)
+            if not path.is_file():
+                raise FileNotFoundError(f"data.exclude_ids_from: split file {path} not found")
+            excluded |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        root = Path(d.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: {root} is not a directory")
+        source = sorted(p for p in root.glob(d.glob) if p.stem not in excluded)
+        if not source:
+            raise ValueError(f"data.exclude_ids_from leaves no file of {root}/{d.glob}")
+    tiles = UnlabelledTiles(source, sensor=spec, bands=spec.bands, glob=d.glob, layout=d.layout,
+                            tile_size=d.tile_size, validate=d.checks, offset=d.offset)
+    transform = MultiCropTransform(cfg.augment, spec.mean_array(), spec.std_array(), units=band_units(spec))
+    return AugmentedDataset(tiles, transform, seed=cfg.trainer.seed)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = training_parser(__doc__.split("\n\n")[0], prog="ssl/pretrain.py")
+    cfg, args = parse_training_args(PretrainConfig, parser, argv)
+    spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
+    # Build (and validate) the data before the engine starts anything: bad input fails here, naming the file.
+    dataset = build_dataset(cfg, spec)
+    probe_sets = build_probe_sets(cfg, spec) if cfg.probe.root is not None else None
+
+    engine = Engine(cfg.trainer, args.output_dir, config=cfg, resume=args.resume, cpu=args.cpu)
+    engine.print(f"DINO pretraining: {cfg.model.arch} on {len(dataset.base)} tiles of {spec.name} "
+                 f"({len(spec.bands)} bands: {', '.join(spec.bands)}), {cfg.augment.num_crops} crops per tile")
+    method = DINOMethod(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices())
+    if cfg.model.sync_bn and engine.accelerator.num_processes > 1 and engine.device.type == "cuda":
+        method.student = nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
+        method.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(method.teacher)
+
+    evaluate = None
+    if probe_sets is not None:
+        def evaluate(m: DINOMethod, eng: Engine) -> dict[str, float]:
+            return knn_probe(m.teacher.backbone, probe_sets[0], probe_sets[1], cfg.probe, eng.device)
+
+    engine.fit(method, {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)},
+               cfg.optim, evaluate=evaluate)
+    extra: dict[str, Any] = {}
+    if engine.is_main:
+        from eo_ssl.export import export_run
+
+        weights, sidecar = export_run(engine.run_dir)
+        extra["export"] = {"weights": str(weights), "metadata": str(sidecar)}
+        engine.print(f"exported teacher backbone to {weights}")
+    engine.accelerator.wait_for_everyone()
+    return engine.finish(extra)
+
+
+if __name__ == "__main__":
+    main()
