@@ -8,13 +8,17 @@ Parameter groups carry two extra keys that the engine's schedules read every ste
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["OptimConfig", "LARS", "param_groups_no_wd_for_norm_and_bias", "build_optimizer"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["OptimConfig", "LARS", "param_groups_no_wd_for_norm_and_bias", "build_optimizer", "optimizer_impl",
+           "FUSED_DEVICE_TYPES"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,10 @@ class OptimConfig:
 
 
 def _is_no_wd(name: str, param: torch.Tensor) -> bool:
-    # Biases and norm scales/shifts (1-D) and weight-norm magnitudes are not decayed.
+    # Biases and 1-D parameters (norm scales/shifts) are not decayed, as in DINO's get_params_groups. A weight-norm
+    # magnitude (DINO head: last_layer.parametrizations.weight.original0) has shape (out_dim, 1), so it is *not*
+    # caught here: with norm_last_layer=True (the default) it has requires_grad=False and the param groups skip it;
+    # with norm_last_layer=False it is trainable and decayed, like the reference's 2-D weight_g.
     return param.ndim <= 1 or name.endswith(".bias")
 
 
@@ -115,12 +122,54 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+FUSED_DEVICE_TYPES = ("cuda", "cpu")
+"""Devices where torch's fused AdamW / SGD kernels are used (one kernel over all parameters; on CPU the fused
+AdamW step over the DINO demo model, 12.3 M parameters, took 8 ms on one core against 61 ms for torch's default
+per-parameter loop and 53 ms for foreach; see bench/bench_dino_step.py)."""
+
+_FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _params_of(groups: list) -> list[torch.Tensor]:
+    return [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+
+
+def optimizer_impl(params: list[torch.Tensor], fused_devices: tuple[str, ...] | None = None) -> str:
+    """``"fused"`` when every parameter is a dense floating-point tensor on a device type in ``fused_devices``
+    (default :data:`FUSED_DEVICE_TYPES`), ``"foreach"`` otherwise (torch's multi-tensor path; it falls back per
+    tensor where a device lacks multi-tensor kernels)."""
+    fused_devices = FUSED_DEVICE_TYPES if fused_devices is None else fused_devices
+    ok = bool(params) and all(
+        type(p) in (torch.Tensor, nn.Parameter) and p.device.type in fused_devices and p.dtype in _FUSED_DTYPES
+        and not p.is_sparse
+        for p in params
+    )
+    return "fused" if ok else "foreach"
+
+
+def _fast(ctor, groups: list[dict], **kwargs) -> torch.optim.Optimizer:
+    """``ctor(groups, fused=True)`` where :func:`optimizer_impl` allows it, else ``foreach=True``; a torch build
+    that refuses ``fused`` at construction also gets ``foreach=True``."""
+    # Materialise generators (``model.parameters()``): the parameters are inspected before the optimiser sees them.
+    groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in groups]
+    if optimizer_impl(_params_of(groups)) == "fused":
+        try:
+            return ctor(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as exc:  # e.g. an older torch without CPU fused kernels
+            logger.info("fused %s unavailable (%s); using foreach", ctor.__name__, exc)
+    return ctor(groups, foreach=True, **kwargs)
+
+
 def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """Create the optimiser named by ``cfg.name``; lr and weight decay are set by the engine every step."""
+    """Create the optimiser named by ``cfg.name``; lr and weight decay are set by the engine every step.
+
+    AdamW and SGD use torch's fused kernels when every parameter is on CUDA or the CPU (build the optimiser after
+    moving the model to its device), otherwise the foreach implementation; LARS is the reference's loop.
+    """
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+        return _fast(torch.optim.AdamW, groups, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+        return _fast(torch.optim.SGD, groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
     if cfg.name == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adamw, sgd, lars")

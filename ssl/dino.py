@@ -194,14 +194,20 @@ def dino_cross_entropy(
     Returns:
         Scalar loss (float32).
     """
-    log_p_s = F.log_softmax(student_output.float() / student_temp, dim=-1).chunk(n_crops)  # n_crops x (B, K)
-    p_t = teacher_probs(teacher_output, center, teacher_temp).chunk(n_global)  # n_global x (B, K)
-    total, n_terms = student_output.new_zeros((), dtype=torch.float32), 0
+    log_p_s = F.log_softmax(student_output.float() / student_temp, dim=-1)  # (n_crops * B, K)
+    p_t = teacher_probs(teacher_output, center, teacher_temp)  # (n_global * B, K)
+    return _cross_entropy_pairs(log_p_s.chunk(n_crops), p_t.chunk(n_global))
+
+
+def _cross_entropy_pairs(log_p_s: Sequence[torch.Tensor], p_t: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Eq. (3) from the per-view student log-probabilities and teacher probabilities (see :func:`dino_cross_entropy`)."""
+    total, n_terms = log_p_s[0].new_zeros((), dtype=torch.float32), 0
     for iq, q in enumerate(p_t):
+        neg_q = -q  # once per teacher view (the negation is exact: same numbers as -q in every pair)
         for v, log_p in enumerate(log_p_s):
             if v == iq:
                 continue  # the student and the teacher see the same view
-            total = total + torch.sum(-q * log_p, dim=-1).mean()
+            total = total + torch.sum(neg_q * log_p, dim=-1).mean()
             n_terms += 1
     return total / n_terms
 
@@ -215,7 +221,8 @@ def batch_center(teacher_output: torch.Tensor) -> torch.Tensor:
     plain mean.
     """
     t = teacher_output.detach().float()
-    summed = torch.cat([t.sum(dim=0), t.new_tensor([t.shape[0]])])  # (K + 1,): sums and the sample count
+    # (K + 1,): sums and the sample count. torch.full, not new_tensor([n]): no host-to-device copy (a sync on CUDA).
+    summed = torch.cat([t.sum(dim=0), torch.full((1,), t.shape[0], dtype=t.dtype, device=t.device)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # Sync point: every process must reach it once per step (it is in DINOLoss.update_center).
         dist.all_reduce(summed)
@@ -227,7 +234,15 @@ def teacher_entropy(teacher_output: torch.Tensor, center: torch.Tensor, teacher_
     """Mean entropy (nats) of the centred, sharpened teacher distribution ``P_t``: ``ln K`` when uniform (uniform
     collapse), near 0 when every sample puts all mass on one dimension."""
     p = teacher_probs(teacher_output, center, teacher_temp)
-    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()
+    return _entropy(p, _safe_log(p))
+
+
+def _safe_log(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p.clamp_min(1e-30))
+
+
+def _entropy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    return -(p * log_p).sum(dim=-1).mean()
 
 
 @torch.no_grad()
@@ -243,11 +258,17 @@ def teacher_student_kl(
     """Mean ``KL(P_t(x) || P_s(x'))`` over the loss's view pairs: the loss minus the teacher entropy.
 
     Near 0 with a loss near ``ln K`` means both networks output the uniform distribution (collapse)."""
-    log_p_s = F.log_softmax(student_output.float() / student_temp, dim=-1).chunk(n_crops)
-    p_t = teacher_probs(teacher_output, center, teacher_temp).chunk(n_global)
-    total, n_terms = student_output.new_zeros((), dtype=torch.float32), 0
-    for iq, q in enumerate(p_t):
-        log_q = torch.log(q.clamp_min(1e-30))
+    log_p_s = F.log_softmax(student_output.float() / student_temp, dim=-1)
+    p_t = teacher_probs(teacher_output, center, teacher_temp)
+    return _kl_pairs(log_p_s.chunk(n_crops), p_t.chunk(n_global), _safe_log(p_t).chunk(n_global))
+
+
+@torch.no_grad()
+def _kl_pairs(log_p_s: Sequence[torch.Tensor], p_t: Sequence[torch.Tensor],
+              log_p_t: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean ``KL(P_t(x) || P_s(x'))`` over the loss's pairs from per-view (log-)probabilities."""
+    total, n_terms = log_p_s[0].new_zeros((), dtype=torch.float32), 0
+    for iq, (q, log_q) in enumerate(zip(p_t, log_p_t)):
         for v, log_p in enumerate(log_p_s):
             if v != iq:
                 total = total + torch.sum(q * (log_q - log_p), dim=-1).mean()
@@ -270,9 +291,10 @@ def clip_gradients_per_parameter(model: nn.Module | Iterable[torch.Tensor], clip
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
-    return torch.stack(norms)
+    norms = torch.stack(torch._foreach_norm(grads))
+    # The scales of all parameters at once (the same numbers as one clamp per parameter, bit for bit).
+    torch._foreach_mul_(grads, torch.clamp(clip / (norms + 1e-6), max=1.0).unbind(0))
+    return norms
 
 
 def cancel_last_layer_gradients(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
@@ -467,5 +489,30 @@ class DINOLoss(nn.Module):
             "teacher_entropy": teacher_entropy(teacher_output, self.center, temp),
             "teacher_student_kl": teacher_student_kl(student_output, teacher_output, self.center, self.student_temp,
                                                      temp, self.ncrops),
-            "log_k": self.center.new_tensor(math.log(self.center.shape[-1])),
+            "log_k": self._log_k(),
         }
+
+    def _log_k(self) -> torch.Tensor:
+        # torch.full, not new_tensor(value): no host-to-device copy (a sync on CUDA) every step.
+        return torch.full((), math.log(self.center.shape[-1]), dtype=self.center.dtype, device=self.center.device)
+
+    def loss_and_stats(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``forward`` and :meth:`stats` in one pass: the student log-softmax and the teacher probabilities are
+        computed once and shared (the same numbers as the two separate calls, bit for bit)."""
+        temp = self.teacher_temp(epoch)
+        log_p_s = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        p_t = teacher_probs(teacher_output, self.center, temp)
+        log_p_s_views = log_p_s.chunk(self.ncrops)
+        p_t_views = p_t.chunk(N_GLOBAL_CROPS)
+        loss = _cross_entropy_pairs(log_p_s_views, p_t_views)
+        with torch.no_grad():
+            log_p_t = _safe_log(p_t)
+            stats = {
+                "teacher_entropy": _entropy(p_t, log_p_t),
+                "teacher_student_kl": _kl_pairs([x.detach() for x in log_p_s_views], p_t_views,
+                                                log_p_t.chunk(N_GLOBAL_CROPS)),
+                "log_k": self._log_k(),
+            }
+        return loss, stats

@@ -184,8 +184,7 @@ class DINOMethod(nn.Module):
         with torch.no_grad():
             teacher_out = self.teacher(crops[:N_GLOBAL_CROPS])
         student_out = self.student(crops)
-        loss = self.loss_fn(student_out, teacher_out, epoch)
-        stats = self.loss_fn.stats(student_out.detach(), teacher_out, epoch)
+        loss, stats = self.loss_fn.loss_and_stats(student_out, teacher_out, epoch)  # loss and monitors, one pass
         self.loss_fn.update_center(teacher_out)
         return {"loss": loss, **stats}
 

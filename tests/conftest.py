@@ -117,3 +117,36 @@ def seg_root(tmp_path: Path) -> Path:
     (root / "splits" / "unlabelled.txt").write_text("t2\n")
     (root / "splits" / "val.txt").write_text("t3\n")
     return root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End-to-end helpers: a tiny demo dataset and `accelerate launch` of the entry points
+# ------------------------------------------------------------------------------------------------------------
+TINY_DEMO = dict(tiles=16, val_tiles=8, size=32, sar_scenes=2, sar_grid=2, sar_size=32, sar_overlap=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """The demo dataset at a tiny size (16 + 8 tiles of 32 px per domain, 8 SAR tiles)."""
+    from common.demo_data import generate
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    generate(out, seed=0, **TINY_DEMO)
+    return out
+
+
+def launch(script: str, args: Sequence[str], processes: int = 1, timeout: int = 300, check: bool = True):
+    """Run an entry point through ``accelerate launch`` on the CPU (two real gloo processes when processes=2)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no"]
+    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    cmd += [script, *args]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out

@@ -1,0 +1,665 @@
+"""Predict class maps for GeoTIFF scenes with a fine-tuned run.
+
+    python finetune/predict.py --run runs/finetune --input 'scenes/*.tif' --output preds/ \
+        [--checkpoint best|last] [--probabilities] [--window 512] [--overlap 0.5] [--batch-size 4] [--cpu]
+
+A run directory of ``finetune/semisup.py`` holds ``model.json`` (:func:`finetune.common_setup.write_model_card`:
+architecture, classes, sensor, bands in model order, normalisation, the ``state_dict`` prefix of the evaluated
+network) and ``checkpoints/{best,last}.safetensors`` (the whole training method's ``state_dict``). The network is
+rebuilt from ``model.json`` and loaded strictly from the prefixed weights (safetensors only, never a pickle).
+
+Per input file:
+    1. check its bands up front (:class:`common.datasets.UnlabelledTiles`, header only): bands are found by band
+       description; files without descriptions are taken to hold the sensor's bands in registry order and must
+       have that many bands. Every input is checked before the first is predicted.
+    2. read one row of windows at a time (:func:`common.raster.read_raster`), convert raw values to model units
+       (:func:`common.bands.to_model_units`: the sensor's conversion and the S2 DN offset), normalise with the
+       run's mean/std (:func:`finetune.transforms.normalise`); nodata / NaN / inf pixels are invalid and 0 after
+       normalisation, as in training.
+    3. logits: a scene no larger than the window is one forward pass. A larger one is covered by the window grid
+       of :func:`finetune.inference.sliding_window_inference` (windows clamped to the scene size, stride
+       ``floor(window * (1 - overlap))``, last window flush with the edge) and the overlaps blended with its
+       Gaussian weights, ``sum_i w_i * y_i / sum_i w_i``. The scene is streamed: one row of windows is read and
+       predicted at a time, and a row of pixels is finished (and its logits dropped) as soon as no later window
+       covers it. Scenes wider than ``block_width`` are cut into column blocks, each extended to the windows that
+       touch it; windows on a block border are computed twice. The result equals whole-scene sliding-window
+       inference (the same windows, weights and summation order), with memory bounded by
+       ``(C + K) * (window + stride) * min(width, block_width + window)`` floats instead of ``(C + K) * H * W``.
+    4. class map = argmax of the blended logits, :data:`~common.bands.IGNORE_INDEX` (255, the declared nodata)
+       where the input is invalid; probabilities (``--probabilities``) = softmax of the blended logits (so the
+       class map is their argmax), NaN (declared nodata) where the input is invalid.
+    5. write the outputs atomically (:func:`common.raster.write_geotiff`) on the input's grid (its CRS object as
+       read by rasterio, transform, width and height): class map uint8, band description ``class``, class names
+       as tags (``class_names`` JSON list and ``class_<i>``), a colour table from
+       :data:`finetune.common_setup.PALETTE` (cycled for more classes; 255 transparent); probabilities float32,
+       one band per class named after it.
+
+Outputs: one input and an ``--output`` ending in ``.tif`` writes that file (probabilities next to it as
+``<stem>_prob.tif``, ``_pred`` in the stem replaced); otherwise ``--output`` is a directory receiving
+``<input stem>_pred.tif`` (and ``<input stem>_prob.tif``).
+
+Memory: the class map (1 byte per pixel) and the validity mask (1 byte per pixel) of the whole scene are held,
+and with ``--probabilities`` the probability map (``4 K`` bytes per pixel): :func:`common.raster.write_geotiff`
+writes whole arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+from torch import nn
+
+from common.bands import IGNORE_INDEX, SensorSpec, get_sensor, to_model_units
+from common.checkpoint import CHECKPOINT_DIR, load_safetensors
+from common.datasets import UnlabelledTiles
+from common.raster import GEOTIFF_SUFFIXES, RasterError, raster_info, read_raster, transform_to_tuple, write_geotiff
+from finetune.common_setup import PALETTE, SegModelConfig, build_model
+from finetune.inference import blend_weights, window_starts
+from finetune.transforms import normalise
+
+__all__ = [
+    "MODEL_CARD",
+    "CHECKPOINTS",
+    "DEFAULT_WINDOW",
+    "DEFAULT_OVERLAP",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BLOCK_WIDTH",
+    "ModelCard",
+    "RunModel",
+    "Prediction",
+    "load_run_model",
+    "find_inputs",
+    "output_paths",
+    "probabilities_path",
+    "predict_raster",
+    "predict_file",
+    "main",
+]
+
+MODEL_CARD = "model.json"
+"""File of a run directory describing the network (written by :func:`finetune.common_setup.write_model_card`)."""
+
+CHECKPOINTS = ("best", "last")
+"""Checkpoint names of a run (``checkpoints/<name>.safetensors``)."""
+
+DEFAULT_WINDOW = 512
+"""Window side (px) for scenes larger than one window."""
+
+DEFAULT_OVERLAP = 0.5
+"""Fraction of the window shared by neighbouring windows."""
+
+DEFAULT_BATCH_SIZE = 4
+"""Windows per forward pass."""
+
+DEFAULT_BLOCK_WIDTH = 8192
+"""Widest column block (px) streamed at once; wider scenes are cut into blocks (border windows run twice)."""
+
+MIN_WINDOW = 8
+"""Smallest accepted window (as ``eval.window``)."""
+
+PRED_SUFFIX = "_pred"
+PROB_SUFFIX = "_prob"
+CLASS_BAND = "class"
+"""Band description of the class map."""
+
+TRANSPARENT = (0, 0, 0, 0)
+"""Colour-table entry of :data:`~common.bands.IGNORE_INDEX` (nodata)."""
+
+_CARD_KEYS = ("method", "arch", "version", "output_stride", "aux", "num_classes", "class_names", "sensor", "bands",
+              "normalisation", "state_dict_prefix")
+_NORMALISATION_KEYS = ("conversion", "mean", "std", "offset")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run: model card and network
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The contents of ``<run>/model.json``.
+
+    Attributes:
+        path: the file it was read from (for messages).
+        method / arch / version / output_stride / aux: how the network was trained and built.
+        num_classes: K.
+        class_names: one name per class (``"0"``, ``"1"``, ... when the run set none).
+        sensor: sensor registry name (:func:`common.bands.get_sensor`).
+        bands: band names in model channel order.
+        conversion: raw-to-model-unit conversion (must equal the sensor's).
+        mean / std: normalisation per band, in model units.
+        offset: Sentinel-2 DN offset added before scaling.
+        state_dict_prefix: prefix of the evaluated network's keys in the checkpoint (e.g. ``"model."``).
+        weights_init: backbone weights the run started from (informative).
+    """
+
+    path: str
+    method: str
+    arch: str
+    version: str
+    output_stride: int | None
+    aux: bool
+    num_classes: int
+    class_names: tuple[str, ...]
+    sensor: str
+    bands: tuple[str, ...]
+    conversion: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    offset: float
+    state_dict_prefix: str
+    weights_init: str | None = None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelCard":
+        """Read and check a model card.
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: not JSON, a key missing, or inconsistent values (the
+                message names the file).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: model description not found (a run directory of finetune/semisup.py "
+                                    f"holds {MODEL_CARD})")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        missing = [k for k in _CARD_KEYS if k not in raw]
+        norm = raw.get("normalisation")
+        if isinstance(norm, dict):
+            missing += [f"normalisation.{k}" for k in _NORMALISATION_KEYS if k not in norm]
+        elif "normalisation" not in missing:
+            raise ValueError(f"{path}: normalisation must be an object with keys {list(_NORMALISATION_KEYS)}")
+        if missing:
+            raise ValueError(f"{path}: missing key(s) {missing}")
+        bands = tuple(str(b) for b in raw["bands"])
+        num_classes = int(raw["num_classes"])
+        names = raw["class_names"]
+        class_names = tuple(str(n) for n in names) if names else tuple(str(i) for i in range(num_classes))
+        card = cls(
+            path=str(path), method=str(raw["method"]), arch=str(raw["arch"]), version=str(raw["version"]),
+            output_stride=None if raw["output_stride"] is None else int(raw["output_stride"]), aux=bool(raw["aux"]),
+            num_classes=num_classes, class_names=class_names, sensor=str(raw["sensor"]), bands=bands,
+            conversion=str(norm["conversion"]), mean=tuple(float(v) for v in norm["mean"]),
+            std=tuple(float(v) for v in norm["std"]), offset=float(norm["offset"]),
+            state_dict_prefix=str(raw["state_dict_prefix"]), weights_init=raw.get("weights_init"),
+        )  # fmt: skip
+        card.validate()
+        return card
+
+    def validate(self) -> None:
+        where = self.path
+        if not 1 <= self.num_classes < IGNORE_INDEX:
+            raise ValueError(f"{where}: num_classes must be in [1, {IGNORE_INDEX}), got {self.num_classes}")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{where}: {len(self.class_names)} class_names for num_classes={self.num_classes}")
+        if not self.bands:
+            raise ValueError(f"{where}: empty band list")
+        if not len(self.mean) == len(self.std) == len(self.bands):
+            raise ValueError(f"{where}: normalisation has {len(self.mean)} means and {len(self.std)} stds for "
+                             f"{len(self.bands)} bands")
+        if not all(math.isfinite(s) and s > 0 for s in self.std) or not all(math.isfinite(m) for m in self.mean):
+            raise ValueError(f"{where}: normalisation needs finite means and positive stds, got mean={self.mean} "
+                             f"std={self.std}")
+
+    def sensor_spec(self) -> SensorSpec:
+        """The sensor restricted to the model's bands; its conversion must be the card's.
+
+        Raises:
+            ValueError: unknown sensor / band, or a conversion that differs from the sensor registry's.
+        """
+        try:
+            spec = get_sensor(self.sensor, self.bands)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{self.path}: {exc}") from None
+        if spec.conversion != self.conversion:
+            raise ValueError(f"{self.path}: conversion {self.conversion!r} differs from sensor {spec.name}'s "
+                             f"{spec.conversion!r}")
+        return spec
+
+
+@dataclass
+class RunModel:
+    """A run's network ready for prediction.
+
+    Attributes:
+        net: the segmenter in eval mode (CPU until moved).
+        card: the model card.
+        spec: the sensor restricted to the model's bands (conversion, nodata, raw bands to read).
+        checkpoint: the weights file loaded.
+        run_dir: the run directory.
+    """
+
+    net: nn.Module
+    card: ModelCard
+    spec: SensorSpec
+    checkpoint: Path
+    run_dir: Path
+
+    @property
+    def num_classes(self) -> int:
+        return self.card.num_classes
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` float32 ``(C,)`` in model channel order."""
+        return np.asarray(self.card.mean, dtype=np.float32), np.asarray(self.card.std, dtype=np.float32)
+
+
+def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+    path = run_dir / CHECKPOINT_DIR / f"{checkpoint}.safetensors"
+    if path.is_file():
+        return path
+    if checkpoint == "best":
+        last = run_dir / CHECKPOINT_DIR / "last.safetensors"
+        if last.is_file():
+            print(f"predict: {path} does not exist (no evaluation picked a best step); using {last}",
+                  file=sys.stderr)
+            return last
+        raise FileNotFoundError(f"{path}: checkpoint not found, nor {last}")
+    raise FileNotFoundError(f"{path}: checkpoint not found")
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str = "best") -> RunModel:
+    """Rebuild a run's network from ``model.json`` and load its weights strictly.
+
+    Args:
+        run_dir: run directory (holds ``model.json`` and ``checkpoints/``).
+        checkpoint: ``"best"`` (falls back to ``"last"``, with a message on stderr, when the run has no best) or
+            ``"last"``.
+
+    Returns:
+        :class:`RunModel` with the network in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: ``model.json`` or the checkpoint is missing (the message names the path).
+        ValueError: the card is invalid, or the weights do not fit the network it describes.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run directory not found")
+    card = ModelCard.from_json(run_dir / MODEL_CARD)
+    spec = card.sensor_spec()
+    ckpt = _checkpoint_path(run_dir, checkpoint)
+    model_cfg = SegModelConfig(arch=card.arch, version=card.version, output_stride=card.output_stride,  # type: ignore[arg-type]
+                               aux=card.aux)
+    net = build_model(model_cfg, card.num_classes, None, len(card.bands), load_weights=False)
+    state = load_safetensors(ckpt)
+    prefix = card.state_dict_prefix
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not own:
+        heads = sorted({k.split(".")[0] + "." for k in state})
+        raise ValueError(f"{ckpt}: no tensor starts with the prefix {prefix!r} of {card.path} "
+                         f"(state_dict_prefix); prefixes present: {heads}")
+    try:
+        net.load_state_dict(own, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{ckpt}: the weights under {prefix!r} do not fit DeepLab {card.version} on {card.arch} "
+                         f"({len(card.bands)} bands, {card.num_classes} classes) described by {card.path}: "
+                         f"{exc}") from None
+    return RunModel(net=net.eval(), card=card, spec=spec, checkpoint=ckpt, run_dir=run_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# inputs and outputs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def find_inputs(pattern: str | Path) -> list[Path]:
+    """Input rasters: one file, every GeoTIFF directly in a directory, or the files a glob matches (sorted).
+
+    Raises:
+        FileNotFoundError: nothing matches (the message names the pattern).
+    """
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in GEOTIFF_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path}: no GeoTIFF ({', '.join(GEOTIFF_SUFFIXES)}) in this directory")
+        return files
+    files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"no input file matches {str(pattern)!r}")
+    return files
+
+
+def probabilities_path(mask_path: str | Path) -> Path:
+    """Where the probabilities of a class map go: ``<stem>_prob.tif`` (a ``_pred`` ending replaced)."""
+    mask_path = Path(mask_path)
+    stem = mask_path.stem
+    stem = stem[: -len(PRED_SUFFIX)] if stem.endswith(PRED_SUFFIX) else stem
+    return mask_path.with_name(f"{stem}{PROB_SUFFIX}{mask_path.suffix or '.tif'}")
+
+
+def output_paths(inputs: Sequence[Path], output: str | Path) -> list[Path]:
+    """Class-map path per input: ``output`` itself for one input and a ``.tif`` output, else
+    ``output/<stem>_pred.tif``.
+
+    Raises:
+        ValueError: a ``.tif`` output for several inputs, two inputs with the same stem, or an output that would
+            overwrite an input.
+    """
+    output = Path(output)
+    if output.suffix in GEOTIFF_SUFFIXES and not output.is_dir():
+        if len(inputs) != 1:
+            raise ValueError(f"--output {output} names one file but {len(inputs)} inputs match; give a directory")
+        outs = [output]
+    else:
+        outs = [output / f"{p.stem}{PRED_SUFFIX}.tif" for p in inputs]
+        seen: dict[Path, Path] = {}
+        for p, o in zip(inputs, outs):
+            if o in seen:
+                raise ValueError(f"{seen[o]} and {p} would both be written to {o}; predict them into different "
+                                 f"directories")
+            seen[o] = p
+    sources = {p.resolve() for p in inputs}
+    for o in outs:
+        if o.resolve() in sources or probabilities_path(o).resolve() in sources:
+            raise ValueError(f"{o}: an output would overwrite an input")
+    return outs
+
+
+def check_inputs(run: RunModel, inputs: Sequence[Path]) -> tuple[str, ...]:
+    """Check every input's bands against the model (header only) and return the band names assumed for files
+    without band descriptions.
+
+    Raises:
+        RasterError: unreadable file, band count that does not fit a file without descriptions, or a missing band
+            (the message names the file).
+    """
+    tiles = UnlabelledTiles([str(p) for p in inputs], sensor=run.spec, layout="multiband", validate="header",
+                            offset=run.card.offset)
+    return tiles.file_bands
+
+
+def _colormap(num_classes: int) -> dict[int, tuple[int, ...]]:
+    cmap = {k: tuple(int(c) for c in PALETTE[k % len(PALETTE)]) + (255,) for k in range(num_classes)}
+    cmap[IGNORE_INDEX] = TRANSPARENT
+    return cmap
+
+
+def _tags(run: RunModel) -> dict[str, str]:
+    names = run.card.class_names
+    tags = {"class_names": json.dumps(list(names)), "run": str(run.run_dir), "checkpoint": run.checkpoint.name,
+            "model": f"DeepLab {run.card.version} {run.card.arch}"}
+    tags.update({f"class_{k}": n for k, n in enumerate(names)})
+    return tags
+
+
+def _source_crs(path: Path) -> CRS | None:
+    """The input's CRS object as rasterio reads it (a string round trip could reduce it to a near EPSG code)."""
+    try:
+        with rasterio.open(path) as src:
+            return src.crs
+    except (RasterioError, OSError) as exc:
+        raise RasterError(f"{path}: cannot be opened as a raster ({exc})") from exc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# prediction
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Prediction(NamedTuple):
+    """What :func:`predict_raster` wrote.
+
+    Attributes:
+        input: the input file. mask: the class map. probabilities: the probability map, or None.
+        shape: ``(H, W)``. valid_fraction: share of valid input pixels. windows: forward passes of one window
+        (block-border windows counted twice). seconds: wall time.
+    """
+
+    input: Path
+    mask: Path
+    probabilities: Path | None
+    shape: tuple[int, int]
+    valid_fraction: float
+    windows: int
+    seconds: float
+
+
+def _column_blocks(width: int, ww: int, stride: int, block_width: int) -> list[tuple[int, int, list[int]]]:
+    """``(core_start, core_stop, window x starts touching the core)`` per column block."""
+    starts = window_starts(width, ww, stride)
+    block_width = max(block_width, ww)
+    out = []
+    for a in range(0, width, block_width):
+        b = min(a + block_width, width)
+        out.append((a, b, [s for s in starts if s < b and s + ww > a]))
+    return out
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def predict_raster(
+    run: RunModel,
+    input_path: str | Path,
+    output_path: str | Path,
+    window: int | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    probabilities: bool = False,
+    device: str | torch.device | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    block_width: int = DEFAULT_BLOCK_WIDTH,
+    file_bands: Sequence[str] | None = None,
+) -> Prediction:
+    """Predict one raster with a loaded run and write the class map (and probabilities).
+
+    Args:
+        run: from :func:`load_run_model`.
+        input_path: GeoTIFF holding the model's bands.
+        output_path: class-map GeoTIFF to write; probabilities go to :func:`probabilities_path` of it.
+        window: window side in px (default :data:`DEFAULT_WINDOW`); clamped to the scene size per axis.
+        overlap: fraction of the window shared by neighbours, ``[0, 1)``.
+        probabilities: also write the softmax probabilities.
+        device: torch device (default: CUDA when available, else CPU).
+        batch_size: windows per forward pass.
+        block_width: widest column block streamed at once (see the module docstring).
+        file_bands: band names of files without band descriptions (default: checked here, see
+            :func:`check_inputs`).
+
+    Returns:
+        :class:`Prediction`.
+
+    Raises:
+        RasterError: the input cannot be read or lacks a band (message names the file). ValueError: bad arguments.
+    """
+    t0 = time.perf_counter()
+    input_path, output_path = Path(input_path), Path(output_path)
+    window = DEFAULT_WINDOW if window is None else int(window)
+    if window < MIN_WINDOW:
+        raise ValueError(f"window must be >= {MIN_WINDOW}, got {window}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if file_bands is None:
+        file_bands = check_inputs(run, [input_path])
+    device = _resolve_device(device)
+    net = run.net.to(device).eval()
+    spec, k = run.spec, run.num_classes
+    raw_bands = list(spec.raw_bands)
+    mean, std = run.mean_std()
+    info = raster_info(input_path, default_band_names=file_bands, check_data=False)
+    h, w = info.height, info.width
+
+    # the window grid of sliding_window_inference with the window clamped to the scene (no padding)
+    wh, ww = min(window, h), min(window, w)
+    stride_h = max(1, int(math.floor(wh * (1 - overlap))))
+    stride_w = max(1, int(math.floor(ww * (1 - overlap))))
+    ys = window_starts(h, wh, stride_h)
+    blocks = _column_blocks(w, ww, stride_w, block_width)
+    single = len(ys) == 1 and len(blocks) == 1 and len(blocks[0][2]) == 1  # one forward, no blending
+    weight = blend_weights((wh, ww), "gaussian", device=device)  # (wh, ww)
+
+    classes = np.zeros((h, w), dtype=np.uint8)
+    valid = np.zeros((h, w), dtype=bool)
+    probs = np.zeros((k, h, w), dtype=np.float32) if probabilities else None
+    n_windows = 0
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (N, C, wh, ww) -> (N, K, wh, ww) float32
+        logits = net(x).logits
+        if logits.shape[1] != k or logits.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"the network returned {tuple(logits.shape)} for windows {tuple(x.shape)}; expected "
+                             f"(N, {k}, {wh}, {ww})")
+        return logits.float()
+
+    def finish(logits: torch.Tensor, rows: slice, cols: slice) -> None:  # logits (K, r, c) of finished pixels
+        classes[rows, cols] = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        if probs is not None:
+            probs[:, rows, cols] = logits.softmax(0).cpu().numpy()
+
+    for a, b, xs in blocks:
+        r0, r1 = xs[0], xs[-1] + ww  # columns of the windows touching the core [a, b)
+        acc = torch.zeros(k, 0, r1 - r0, device=device)  # (K, rows, cols): pending rows [top, top + rows)
+        norm = torch.zeros(0, r1 - r0, device=device)
+        top = 0
+        for j, y in enumerate(ys):
+            # 1. read and normalise the window row
+            sample = read_raster(input_path, bands=raw_bands, window=(y, r0, wh, r1 - r0),
+                                 default_band_names=file_bands, fallback_nodata=spec.nodata)
+            image = to_model_units(sample.array, spec, raw_bands=raw_bands, offset=run.card.offset)
+            ok = sample.valid & np.isfinite(image).all(axis=0)
+            x = torch.from_numpy(normalise(image, mean, std, ok)).to(device)  # (C, wh, cols)
+            valid[y:y + wh, a:b] = ok[:, a - r0:b - r0]
+            # 2. forward the windows of the row in batches
+            outs = []
+            for i in range(0, len(xs), batch_size):
+                crops = torch.stack([x[:, :, s - r0:s - r0 + ww] for s in xs[i:i + batch_size]])
+                outs.append(forward(crops))
+            out = torch.cat(outs)  # (len(xs), K, wh, ww)
+            n_windows += len(xs)
+            if single:
+                finish(out[0], slice(0, h), slice(0, w))
+                break
+            # 3. blend into the pending rows, in sliding_window_inference's order (row-major)
+            grow = y + wh - top - acc.shape[1]
+            if grow > 0:
+                acc = torch.cat([acc, torch.zeros(k, grow, r1 - r0, device=device)], dim=1)
+                norm = torch.cat([norm, torch.zeros(grow, r1 - r0, device=device)], dim=0)
+            for i, s in enumerate(xs):
+                acc[:, y - top:y - top + wh, s - r0:s - r0 + ww] += out[i] * weight
+                norm[y - top:y - top + wh, s - r0:s - r0 + ww] += weight
+            # 4. rows no later window covers are finished
+            done = (ys[j + 1] if j + 1 < len(ys) else h) - top
+            finish((acc[:, :done] / norm[:done])[:, :, a - r0:b - r0], slice(top, top + done), slice(a, b))
+            acc, norm, top = acc[:, done:], norm[done:], top + done
+
+    classes[~valid] = IGNORE_INDEX
+    crs, transform = _source_crs(input_path), transform_to_tuple(info.transform)
+    tags = _tags(run)
+    write_geotiff(output_path, classes, crs, transform, nodata=IGNORE_INDEX, band_names=[CLASS_BAND],
+                  dtype="uint8", colormap=_colormap(k), tags=tags)
+    prob_path = None
+    if probs is not None:
+        probs[:, ~valid] = np.nan
+        prob_path = probabilities_path(output_path)
+        write_geotiff(prob_path, probs, crs, transform, nodata=float("nan"), band_names=list(run.card.class_names),
+                      dtype="float32", tags=tags)
+    return Prediction(input_path, output_path, prob_path, (h, w), float(valid.mean()), n_windows,
+                      time.perf_counter() - t0)
+
+
+def predict_file(
+    run_dir: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    checkpoint: str = "best",
+    window: int | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    probabilities: bool = False,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> Prediction:
+    """Load a run (:func:`load_run_model`) and predict one raster (:func:`predict_raster`; ``kwargs`` are its
+    keyword-only options: ``batch_size``, ``block_width``)."""
+    run = load_run_model(run_dir, checkpoint)
+    return predict_raster(run, input_path, output_path, window=window, overlap=overlap,
+                          probabilities=probabilities, device=device, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune/predict.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Outputs: <stem>_pred.tif (uint8 classes, 255 = nodata) and with "
+                                       "--probabilities <stem>_prob.tif (float32, one band per class), on the "
+                                       "input's grid.")
+    p.add_argument("--run", required=True, help=f"run directory (holds {MODEL_CARD} and {CHECKPOINT_DIR}/)")
+    p.add_argument("--input", required=True, help="a GeoTIFF, a directory (all its *.tif) or a quoted glob")
+    p.add_argument("--output", required=True, help="output directory, or a .tif file for a single input")
+    p.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
+                   help="weights to use (best falls back to last when the run has no best; default best)")
+    p.add_argument("--probabilities", action="store_true", help="also write the per-class probabilities")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help=f"window side in px for scenes larger than one window (default {DEFAULT_WINDOW})")
+    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
+                   help=f"window overlap fraction in [0, 1) (default {DEFAULT_OVERLAP})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Prediction]:
+    """Command line; returns the predictions. Input, run and argument errors exit with status 2 and one message."""
+    args = _parser().parse_args(argv)
+    try:
+        run = load_run_model(args.run, args.checkpoint)
+        inputs = find_inputs(args.input)
+        outputs = output_paths(inputs, args.output)
+        file_bands = check_inputs(run, inputs)  # every input checked before the first is predicted
+    except (FileNotFoundError, ValueError) as exc:  # RasterError is a ValueError
+        print(f"predict: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    device = torch.device("cpu") if args.cpu else _resolve_device(None)
+    print(f"predict: {len(inputs)} file(s), DeepLab {run.card.version} on {run.card.arch} ({run.checkpoint}), "
+          f"bands {', '.join(run.card.bands)}, window {args.window}, overlap {args.overlap}, device {device}")
+    done = []
+    for src, dst in zip(inputs, outputs):
+        try:
+            r = predict_raster(run, src, dst, window=args.window, overlap=args.overlap,
+                               probabilities=args.probabilities, device=device, batch_size=args.batch_size,
+                               file_bands=file_bands)
+        except ValueError as exc:
+            print(f"predict: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        extra = f" + {r.probabilities}" if r.probabilities else ""
+        print(f"{src} -> {r.mask}{extra} ({r.shape[0]}x{r.shape[1]} px, {100 * r.valid_fraction:.1f}% valid, "
+              f"{r.windows} window(s), {r.seconds:.1f} s)")
+        done.append(r)
+    return done
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Optimiser construction (``common.optim.build_optimizer``): the fused / foreach choice and its numbers on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import common.optim as optim_mod
+from common.optim import OptimConfig, build_optimizer, optimizer_impl, param_groups_no_wd_for_norm_and_bias
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 4))
+    model[3].bias.requires_grad_(False)  # frozen: left out of the groups
+    return model
+
+
+def _set_schedule(opt: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for g in opt.param_groups:  # what the engine does every step
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["weight_decay"] = wd if g.get("apply_wd", True) else 0.0
+
+
+def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int = 3) -> None:
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    for i in range(n):
+        _set_schedule(opt, lr=1e-2 * (i + 1), wd=0.04 * (i + 1))
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        if i == 1:
+            model[0].weight.grad = None  # a dropped gradient (DINO's last-layer freeze): the step skips it
+        opt.step()
+
+
+def _reference(name: str, groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # torch's default single-tensor implementations
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, foreach=False, fused=False)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0, foreach=False, fused=False)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_build_optimizer_matches_the_reference_step_on_cpu(name, impl, monkeypatch):
+    if impl == "foreach":  # the fallback path: pretend the CPU has no fused kernels
+        monkeypatch.setattr(optim_mod, "FUSED_DEVICE_TYPES", ("cuda",))
+    cfg = OptimConfig(name=name, lr=1e-2, betas=(0.9, 0.99), momentum=0.9)
+    model, ref = _model(), _model()
+    opt = build_optimizer(cfg, param_groups_no_wd_for_norm_and_bias(model.named_parameters()))
+    ref_opt = _reference(name, param_groups_no_wd_for_norm_and_bias(ref.named_parameters()), cfg)
+    assert opt.defaults["fused"] is (True if impl == "fused" else None)
+    assert opt.defaults["foreach"] is (True if impl == "foreach" else None)
+    _steps(model, opt, n=1)
+    _steps(ref, ref_opt, n=1)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert not torch.equal(model[0].weight, _model()[0].weight)  # it did step
+    _steps(model, opt, n=3)  # a few more with changing lr / wd and a dropped gradient
+    _steps(ref, ref_opt, n=3)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_fused_refused_at_construction_falls_back_to_foreach(monkeypatch):
+    real = torch.optim.AdamW
+
+    class NoFused(real):
+        def __init__(self, *args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("fused kernels not built")
+            super().__init__(*args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    model = _model()
+    opt = build_optimizer(OptimConfig(name="adamw"), [{"params": model.parameters()}])  # a generator is fine too
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert len(opt.param_groups[0]["params"]) == 5
+    _steps(model, opt, n=1)
+
+
+def test_optimizer_impl_choice():
+    cpu = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]
+    assert optimizer_impl(cpu) == "fused"
+    assert optimizer_impl(cpu, fused_devices=("cuda",)) == "foreach"
+    assert optimizer_impl([nn.Parameter(torch.zeros(2, device="meta"))]) == "foreach"
+    assert optimizer_impl([]) == "foreach"
+
+
+def test_lars_is_unchanged():
+    model = _model()
+    opt = build_optimizer(OptimConfig(name="lars"), param_groups_no_wd_for_norm_and_bias(model.named_parameters()))
+    assert isinstance(opt, optim_mod.LARS)
+    _steps(model, opt, n=2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_weight_norm_magnitude_groups(norm_last_layer):
+    """DINO's last-layer magnitude (``original0``, shape ``(K, 1)``): frozen and left out with norm_last_layer,
+    else trainable and decayed (2-D, as the reference's ``weight_g``)."""
+    from eo_ssl.dino import DINOHead
+
+    head = DINOHead(8, 16, hidden_dim=8, bottleneck_dim=4, norm_last_layer=norm_last_layer)
+    magnitude = head.last_layer.parametrizations.weight.original0
+    groups = param_groups_no_wd_for_norm_and_bias(head.named_parameters())
+    decayed = [p for g in groups if g["apply_wd"] for p in g["params"]]
+    in_groups = any(p is magnitude for g in groups for p in g["params"])
+    assert in_groups is (not norm_last_layer)
+    assert any(p is magnitude for p in decayed) is (not norm_last_layer)
+    deepcopied = copy.deepcopy(head)  # the head stays copyable (teacher construction)
+    assert deepcopied.last_layer.parametrizations.weight.original0.requires_grad is (not norm_last_layer)

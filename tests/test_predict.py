@@ -1,0 +1,323 @@
+"""Prediction over GeoTIFF scenes (finetune/predict.py): georeferencing and metadata of the outputs, nodata,
+equality with the direct forward pass and with whole-scene sliding-window inference, probabilities, inputs and
+outputs of the command line, and the errors that name the offending file.
+
+The run directory is built as finetune/semisup.py builds it: ``write_model_card`` for ``model.json`` and the
+``state_dict`` of the real :class:`~finetune.supervised.Supervised` method (prefix ``model.``) for the checkpoint,
+around a random-init DeepLab v3+ on ``resnet10t``; the inputs are demo tiles (64 px, 12 S2 bands, nodata 0).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from torch import nn
+
+from common.bands import IGNORE_INDEX, S2_REFLECTANCE_SCALE
+from common.checkpoint import CHECKPOINT_DIR, atomic_save_safetensors
+from common.demo_data import CLASS_NAMES, generate
+from common.raster import RasterError
+from finetune.common_setup import (
+    PALETTE,
+    LossConfig,
+    SegDataConfig,
+    SegModelConfig,
+    build_loss,
+    build_model,
+    resolve_inputs,
+    write_model_card,
+)
+from finetune.deeplab import SegmenterOutput
+from finetune.inference import sliding_window_inference
+from finetune.predict import (
+    MODEL_CARD,
+    RunModel,
+    find_inputs,
+    load_run_model,
+    main,
+    output_paths,
+    predict_file,
+    predict_raster,
+)
+from finetune.supervised import Supervised, SupervisedConfig
+
+from conftest import S2L2A_BANDS, write_tif
+
+REPO = Path(__file__).resolve().parents[1]
+K = len(CLASS_NAMES)
+TILE = 64
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> list[Path]:
+    """Three demo S2 tiles (64 px, 12 bands with descriptions, uint16 DN, nodata 0)."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    generate(out, seed=0, tiles=2, val_tiles=1, size=TILE, sar_scenes=2, sar_grid=1, sar_size=32,
+             sar_val_scenes=1)
+    files = sorted((out / "s2" / "source" / "images").glob("*.tif"))
+    assert len(files) == 3
+    return files
+
+
+def _make_run(run_dir: Path, checkpoints: tuple[str, ...] = ("last",)) -> Path:
+    data = SegDataConfig(num_classes=K, class_names=tuple(CLASS_NAMES), sensor="S2L2A")
+    model = SegModelConfig(arch="resnet10t", version="v3+", output_stride=16)
+    inputs = resolve_inputs(data, model)
+    torch.manual_seed(0)
+    net = build_model(model, K, inputs, len(inputs.spec.bands), load_weights=False)
+    method = Supervised(net, build_loss(LossConfig(), K), SupervisedConfig())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_model_card(run_dir, model, data, inputs, "supervised", method.eval_prefix)
+    for name in checkpoints:
+        atomic_save_safetensors(method.state_dict(), run_dir / CHECKPOINT_DIR / f"{name}.safetensors")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run with ``model.json`` and ``checkpoints/last.safetensors`` only (no best)."""
+    return _make_run(tmp_path_factory.mktemp("run") / "run")
+
+
+@pytest.fixture(scope="module")
+def run(run_dir: Path) -> RunModel:
+    return load_run_model(run_dir, "last")
+
+
+def _normalised(path: Path, card: dict) -> tuple[torch.Tensor, np.ndarray]:
+    """Reference input: the file read with plain rasterio, DN / 10000, (x - mean) / std, 0 where any band is 0."""
+    with rasterio.open(path) as src:
+        dn = src.read().astype(np.float32)
+    valid = (dn != 0).all(axis=0)
+    norm = card["normalisation"]
+    mean = np.asarray(norm["mean"], np.float32)[:, None, None]
+    std = np.asarray(norm["std"], np.float32)[:, None, None]
+    x = ((dn + norm["offset"]) / S2_REFLECTANCE_SCALE - mean) / std
+    x[:, ~valid] = 0.0
+    return torch.from_numpy(x.astype(np.float32))[None], valid
+
+
+def _card(run_dir: Path) -> dict:
+    return json.loads((run_dir / MODEL_CARD).read_text())
+
+
+def _read(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as src:
+        return src.read(), {"crs": src.crs, "transform": src.transform, "shape": (src.height, src.width),
+                            "nodata": src.nodata, "dtypes": src.dtypes, "descriptions": src.descriptions,
+                            "tags": src.tags(), "colormap": src.colormap(1) if src.count == 1 else None}
+
+
+def _with_nodata(src: Path, dst: Path) -> Path:
+    """Copy of ``src`` with a 10x12 block at nodata in every band and one pixel at nodata in one band only."""
+    shutil.copy(src, dst)
+    with rasterio.open(dst, "r+") as ds:
+        arr = ds.read()
+        arr[:, 5:15, 20:32] = 0
+        arr[3, 40, 40] = 0
+        ds.write(arr)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_class_map_has_the_input_grid_dtype_and_metadata(tiles, run, tmp_path):
+    out = predict_raster(run, tiles[0], tmp_path / "pred.tif")
+    mask, meta = _read(out.mask)
+    _, ref = _read(tiles[0])
+    assert meta["crs"] == ref["crs"] and meta["transform"] == ref["transform"] and meta["shape"] == ref["shape"]
+    assert mask.shape == (1, TILE, TILE) and meta["dtypes"] == ("uint8",)
+    assert meta["nodata"] == IGNORE_INDEX and meta["descriptions"] == ("class",)
+    assert json.loads(meta["tags"]["class_names"]) == list(CLASS_NAMES)
+    assert meta["tags"]["class_1"] == CLASS_NAMES[1]
+    assert meta["colormap"][0][:3] == tuple(PALETTE[0]) and meta["colormap"][K - 1][:3] == tuple(PALETTE[K - 1])
+    assert meta["colormap"][IGNORE_INDEX][3] == 0  # nodata transparent
+    assert out.probabilities is None and not (tmp_path / "pred_prob.tif").exists()
+    assert out.windows == 1 and mask.max() < K
+
+
+def test_one_pass_equals_the_direct_forward_of_the_normalised_image(tiles, run, run_dir, tmp_path):
+    out = predict_file(run_dir, tiles[1], tmp_path / "p.tif", checkpoint="last", device="cpu")
+    x, valid = _normalised(tiles[1], _card(run_dir))
+    with torch.no_grad():
+        expected = run.net(x).logits.argmax(1)[0].numpy()
+    assert valid.all()
+    np.testing.assert_array_equal(_read(out.mask)[0][0], expected)
+
+
+def test_nodata_pixels_are_written_as_255(tiles, run, run_dir, tmp_path):
+    src = _with_nodata(tiles[0], tmp_path / "holes.tif")
+    out = predict_raster(run, src, tmp_path / "holes_pred.tif", probabilities=True)
+    mask = _read(out.mask)[0][0]
+    x, valid = _normalised(src, _card(run_dir))
+    assert not valid[5:15, 20:32].any() and not valid[40, 40] and valid.sum() == TILE * TILE - 121
+    assert (mask[~valid] == IGNORE_INDEX).all() and (mask[valid] < K).all()
+    with torch.no_grad():  # invalid pixels enter the network as 0, as in training
+        expected = run.net(x).logits.argmax(1)[0].numpy()
+    np.testing.assert_array_equal(mask[valid], expected[valid])
+    prob = _read(out.probabilities)[0]
+    assert np.isnan(prob[:, ~valid]).all() and np.isfinite(prob[:, valid]).all()
+    assert out.valid_fraction == pytest.approx(valid.mean())
+
+
+@pytest.mark.parametrize("window, block_width", [(32, 8192), (24, 8192), (16, 20)])
+def test_windows_equal_whole_scene_sliding_window_inference(tiles, run, run_dir, tmp_path, window, block_width):
+    """Streaming by window rows and column blocks gives what sliding_window_inference gives on the whole scene."""
+    src = _with_nodata(tiles[2], tmp_path / "t.tif")
+    out = predict_raster(run, src, tmp_path / "w.tif", window=window, probabilities=True, block_width=block_width)
+    x, valid = _normalised(src, _card(run_dir))
+    logits = sliding_window_inference(lambda t: run.net(t).logits, x, window, 0.5, K, blend="gaussian")
+    top2 = logits[0].topk(2, dim=0).values.numpy()
+    sure = valid & (top2[0] - top2[1] > 1e-4)  # windows batched differently change logits in the last bits
+    assert sure.sum() > 0.99 * valid.sum() and out.windows > 1
+    np.testing.assert_array_equal(_read(out.mask)[0][0][sure], logits.argmax(1)[0].numpy()[sure])
+    prob = _read(out.probabilities)[0]
+    np.testing.assert_allclose(prob[:, valid], logits.softmax(1)[0].numpy()[:, valid], atol=1e-5)
+
+
+class _Pointwise(nn.Module):
+    """Fully convolutional with no spatial context (1x1 convs): window borders cannot change its output."""
+
+    def __init__(self, in_chans: int, num_classes: int):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Conv2d(in_chans, 16, 1), nn.ReLU(), nn.Conv2d(16, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> SegmenterOutput:
+        return SegmenterOutput(self.body(x))
+
+
+@pytest.mark.parametrize("window, block_width", [(16, 8192), (20, 30)])
+def test_windows_place_every_pixel_where_it_belongs(tiles, run, tmp_path, window, block_width):
+    """With a context-free network, the windowed prediction equals the one-pass prediction pixel for pixel."""
+    pointwise = RunModel(net=_Pointwise(len(run.card.bands), K).eval(), card=run.card, spec=run.spec,
+                         checkpoint=run.checkpoint, run_dir=run.run_dir)
+    whole = predict_raster(pointwise, tiles[0], tmp_path / "whole.tif", probabilities=True)
+    windowed = predict_raster(pointwise, tiles[0], tmp_path / "win.tif", window=window, probabilities=True,
+                              block_width=block_width, batch_size=3)
+    assert whole.windows == 1 and windowed.windows > 16
+    np.testing.assert_array_equal(_read(windowed.mask)[0], _read(whole.mask)[0])
+    np.testing.assert_allclose(_read(windowed.probabilities)[0], _read(whole.probabilities)[0], atol=1e-5)
+
+
+def test_probabilities_are_a_distribution_per_valid_pixel(tiles, run, tmp_path):
+    out = predict_raster(run, tiles[1], tmp_path / "x_pred.tif", window=32, probabilities=True)
+    assert out.probabilities == tmp_path / "x_prob.tif"
+    prob, meta = _read(out.probabilities)
+    _, ref = _read(tiles[1])
+    assert prob.shape == (K, TILE, TILE) and meta["dtypes"] == ("float32",) * K
+    assert meta["crs"] == ref["crs"] and meta["transform"] == ref["transform"]
+    assert meta["descriptions"] == tuple(CLASS_NAMES)
+    np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-5)
+    assert (prob >= 0).all()
+    np.testing.assert_array_equal(prob.argmax(0), _read(out.mask)[0][0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line, inputs and outputs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_glob_into_a_directory_writes_one_file_per_input(tiles, run_dir, tmp_path, capsys):
+    pattern = str(tiles[0].parent / "*.tif")
+    done = main(["--run", str(run_dir), "--input", pattern, "--output", str(tmp_path / "out"), "--probabilities",
+                 "--window", "48", "--cpu"])
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([f"{p.stem}_pred.tif" for p in tiles] + [f"{p.stem}_prob.tif" for p in tiles])
+    assert [r.input for r in done] == tiles
+    assert "best.safetensors does not exist" in capsys.readouterr().err  # fell back to last
+
+
+def test_a_single_input_and_a_tif_output_writes_that_file(tiles, run_dir, tmp_path):
+    dst = tmp_path / "sub" / "scene.tif"
+    main(["--run", str(run_dir), "--input", str(tiles[0]), "--output", str(dst), "--checkpoint", "last", "--cpu"])
+    assert [p.name for p in dst.parent.iterdir()] == ["scene.tif"]  # atomic write leaves no temporary file
+
+
+def test_a_directory_input_takes_its_geotiffs(tiles):
+    assert find_inputs(tiles[0].parent) == tiles
+
+
+def test_inputs_and_outputs_are_refused_with_a_clear_message(tiles, run_dir, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        find_inputs(str(tmp_path / "nothing_here" / "*.tif"))
+    with pytest.raises(ValueError, match="names one file but 3 inputs"):
+        output_paths(tiles, tmp_path / "one.tif")
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run_dir), "--input", str(tmp_path / "*.tif"), "--output", str(tmp_path)])
+    assert exc.value.code == 2 and "no input file matches" in capsys.readouterr().err
+
+
+def test_band_problems_name_the_file(run, run_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    eleven = write_tif(tmp_path / "eleven.tif", rng.integers(1, 4000, (11, 16, 16)).astype(np.uint16), nodata=0)
+    with pytest.raises(RasterError, match=r"eleven\.tif: has 11 band\(s\) and no band descriptions"):
+        predict_raster(run, eleven, tmp_path / "o.tif")
+    names = list(S2L2A_BANDS)
+    names[4] = "red edge"  # B05 missing
+    renamed = write_tif(tmp_path / "renamed.tif", rng.integers(1, 4000, (12, 16, 16)).astype(np.uint16), nodata=0,
+                        band_names=names)
+    with pytest.raises(RasterError, match=r"renamed\.tif.*B05"):
+        predict_raster(run, renamed, tmp_path / "o.tif")
+    with pytest.raises(SystemExit):  # the command line checks every input before predicting any
+        main(["--run", str(run_dir), "--input", str(tmp_path / "*.tif"), "--output", str(tmp_path / "out")])
+    assert "eleven.tif" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # twelve bands without descriptions are taken in the sensor's band order
+    plain = write_tif(tmp_path / "plain" / "plain.tif", rng.integers(1, 4000, (12, 16, 16)).astype(np.uint16),
+                      nodata=0)
+    assert _read(predict_raster(run, plain, tmp_path / "plain_pred.tif").mask)[0].shape == (1, 16, 16)
+
+
+def test_missing_run_files_are_named(run_dir, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="absent: run directory not found"):
+        load_run_model(tmp_path / "absent", "best")
+    no_card = _make_run(tmp_path / "no_card")
+    (no_card / MODEL_CARD).unlink()
+    with pytest.raises(FileNotFoundError, match=r"no_card/model\.json"):
+        load_run_model(no_card, "last")
+    no_weights = _make_run(tmp_path / "no_weights", checkpoints=())
+    with pytest.raises(FileNotFoundError, match=r"no_weights/checkpoints/last\.safetensors"):
+        load_run_model(no_weights, "last")
+    with pytest.raises(FileNotFoundError, match=r"best\.safetensors: checkpoint not found"):
+        load_run_model(no_weights, "best")
+    assert load_run_model(run_dir, "best").checkpoint.name == "last.safetensors"
+    assert "best.safetensors does not exist" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_the_card_are_refused(run_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    card = _card(bad)
+    card["num_classes"], card["class_names"] = 4, None
+    (bad / MODEL_CARD).write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="do not fit DeepLab"):
+        load_run_model(bad, "last")
+    card["num_classes"], card["state_dict_prefix"] = K, "teacher."
+    (bad / MODEL_CARD).write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="prefix 'teacher.'"):
+        load_run_model(bad, "last")
+
+
+def test_command_line_help():
+    proc = subprocess.run([sys.executable, "finetune/predict.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--probabilities" in proc.stdout and "--checkpoint" in proc.stdout
