@@ -78,7 +78,7 @@ def test_fused_refused_at_construction_falls_back_to_foreach(monkeypatch):
     model = _model()
     opt = build_optimizer(OptimConfig(name="adamw"), [{"params": model.parameters()}])  # a generator is fine too
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
-    assert len(opt.param_groups[0]["params"]) == 5
+    assert len(opt.param_groups[0]["params"]) == 6  # the generator was materialised, not exhausted
     _steps(model, opt, n=1)
 
 

@@ -1,0 +1,160 @@
+"""Prediction throughput of finetune/predict.py against the bare network on the same windows.
+
+*Prediction* is :func:`finetune.predict.predict_raster` on a generated demo scene (``--size`` square, 12-band
+Sentinel-2 L2A-like uint16 GeoTIFF from :func:`common.demo_data.generate`): band checks, windowed reads, conversion
+to reflectance and normalisation, the forward passes, Gaussian blending, argmax and the atomic GeoTIFF write
+(``--probabilities`` adds the softmax and the float32 write). The *bare* baseline calls the network on the same
+windows, in the same batches, cut from a tensor prepared beforehand, and does nothing else. Both are reported in
+megapixels of scene per second; their ratio is the cost of everything around the network.
+
+The run directory is made as finetune/semisup.py makes it (``write_model_card`` and the ``Supervised`` method's
+``state_dict``) around a random-init DeepLab (weights do not change the speed). Defaults (resnet18 DeepLab v3+,
+1024 px scene, 512 px windows, overlap 0.5: 9 windows) take about a minute on one CPU core; e.g. on a GPU::
+
+    python bench/bench_predict.py --size 4096 --batch-size 16 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.bands import to_model_units
+from common.checkpoint import CHECKPOINT_DIR, atomic_save_safetensors
+from common.demo_data import generate
+from common.raster import read_raster
+from finetune.common_setup import (
+    LossConfig,
+    SegDataConfig,
+    SegModelConfig,
+    build_loss,
+    build_model,
+    resolve_inputs,
+    write_model_card,
+)
+from finetune.inference import window_starts
+from finetune.predict import check_inputs, load_run_model, predict_raster
+from finetune.supervised import Supervised, SupervisedConfig
+from finetune.transforms import normalise
+
+MEGAPIXEL = 1e6
+NUM_CLASSES = 6  # the demo land-cover classes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_scene(out: Path, size: int) -> Path:
+    """One ``size`` x ``size`` demo S2 scene (generated once per directory, kept for later runs)."""
+    generate(out, seed=0, tiles=1, val_tiles=1, size=size, sar_scenes=2, sar_grid=1, sar_size=32, sar_val_scenes=1)
+    return sorted((out / "s2" / "source" / "images").glob("*.tif"))[0]
+
+
+def make_run(out: Path, arch: str, version: str, output_stride: int) -> Path:
+    """A run directory as finetune/semisup.py writes it, around a random-init segmenter."""
+    data = SegDataConfig(num_classes=NUM_CLASSES, sensor="S2L2A")
+    model = SegModelConfig(arch=arch, version=version, output_stride=output_stride)  # type: ignore[arg-type]
+    inputs = resolve_inputs(data, model)
+    torch.manual_seed(0)
+    net = build_model(model, NUM_CLASSES, inputs, len(inputs.spec.bands), load_weights=False)
+    method = Supervised(net, build_loss(LossConfig(), NUM_CLASSES), SupervisedConfig())
+    write_model_card(out, model, data, inputs, "supervised", method.eval_prefix)
+    atomic_save_safetensors(method.state_dict(), out / CHECKPOINT_DIR / "last.safetensors")
+    return out
+
+
+def bare_windows(run, scene: Path, window: int, overlap: float, batch_size: int,
+                 device: torch.device) -> list[torch.Tensor]:
+    """The batches of windows :func:`predict_raster` feeds the network (one window row at a time), prepared."""
+    spec = run.spec
+    sample = read_raster(scene, bands=list(spec.raw_bands), fallback_nodata=spec.nodata)
+    image = to_model_units(sample.array, spec, raw_bands=spec.raw_bands, offset=run.card.offset)
+    mean, std = run.mean_std()
+    x = torch.from_numpy(normalise(image, mean, std, sample.valid)).to(device)  # (C, H, W)
+    h, w = x.shape[-2:]
+    wh, ww = min(window, h), min(window, w)
+    ys = window_starts(h, wh, max(1, int(math.floor(wh * (1 - overlap)))))
+    xs = window_starts(w, ww, max(1, int(math.floor(ww * (1 - overlap)))))
+    batches = []
+    for y in ys:
+        for i in range(0, len(xs), batch_size):
+            batches.append(torch.stack([x[:, y:y + wh, s:s + ww] for s in xs[i:i + batch_size]]).contiguous())
+    return batches
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--version", default="v3+", choices=["v2", "v3", "v3+"])
+    ap.add_argument("--output-stride", type=int, default=16)
+    ap.add_argument("--size", type=int, default=1024, help="scene side in px")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--overlap", type=float, default=0.5)
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ap.add_argument("--probabilities", action="store_true", help="also write the probability map")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each (median reported)")
+    ap.add_argument("--data", default=None, help="directory for the generated scene (kept; default: a temporary one)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    args = ap.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        scene = make_scene(Path(args.data) if args.data else tmp / "demo", args.size)
+        gen_s = time.perf_counter() - t0
+        run = load_run_model(make_run(tmp / "run", args.arch, args.version, args.output_stride), "last")
+        net = run.net.to(device).eval()
+        file_bands = check_inputs(run, [scene])
+        batches = bare_windows(run, scene, args.window, args.overlap, args.batch_size, device)
+        n_windows = sum(b.shape[0] for b in batches)
+        mpix = args.size ** 2 / MEGAPIXEL
+        print(f"device={device} threads={torch.get_num_threads()} arch={args.arch} DeepLab {args.version} "
+              f"OS{args.output_stride} scene={args.size}x{args.size}x12 uint16 ({scene.name}, generated/found in "
+              f"{gen_s:.1f} s) window={args.window} overlap={args.overlap} windows={n_windows} "
+              f"batch={args.batch_size}")
+
+        def predict() -> float:
+            _sync(device)
+            t = time.perf_counter()
+            r = predict_raster(run, scene, tmp / "pred.tif", window=args.window, overlap=args.overlap,
+                               probabilities=args.probabilities, device=device, batch_size=args.batch_size,
+                               file_bands=file_bands)
+            _sync(device)
+            assert r.windows == n_windows, (r.windows, n_windows)
+            return time.perf_counter() - t
+
+        @torch.inference_mode()
+        def bare() -> float:
+            _sync(device)
+            t = time.perf_counter()
+            for b in batches:
+                net(b).logits
+            _sync(device)
+            return time.perf_counter() - t
+
+        predict(), bare()  # warm-up
+        pred_t, bare_t = [], []
+        for _ in range(args.reps):  # interleaved, so load changes on a shared machine hit both alike
+            pred_t.append(predict())
+            bare_t.append(bare())
+        pred_s, bare_s = statistics.median(pred_t), statistics.median(bare_t)
+        print(f"predict_raster: {mpix / pred_s:.3f} MP/s ({pred_s:.2f} s per scene"
+              f"{', with probabilities' if args.probabilities else ''})")
+        print(f"bare forward:   {mpix / bare_s:.3f} MP/s ({bare_s:.2f} s for the same {n_windows} windows)")
+        print(f"ratio predict/bare time: {pred_s / bare_s:.3f}x (runs: predict "
+              f"{', '.join(f'{t:.2f}' for t in pred_t)} s; bare {', '.join(f'{t:.2f}' for t in bare_t)} s)")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
