@@ -12,7 +12,10 @@ evaluation and intermediate checkpoints are switched off (the final checkpoint i
 *Bare step* (the issue's definition): student backbone + head forward and backward on all crops, teacher forward
 on the 2 global crops, nothing else: no loss object (the student output's sum is back-propagated), **no optimiser
 step** (``bare+opt`` adds a fused AdamW step on the same parameters for reference), timed in the same process on
-batches made beforehand by the same dataset and collate function.
+batches made beforehand by the same dataset and collate function, on its own copy of the method. With ``--workers 0``
+one bare step runs right after every full step (inside the run, excluded from the full step's time), so that both
+see the same load on a shared machine; with workers (or ``--no-interleave``) it is timed in rounds before and after
+the run.
 
 The ratio full / bare is the framework's overhead (target: at most ``TARGET_RATIO``). The full step is split with
 timestamps taken inside the run (forward hooks on teacher and student, the method's hooks and global optimiser
@@ -112,8 +115,9 @@ def _instrumented_method_cls():
 
         marks: _Marks
 
-        def attach(self, marks: _Marks) -> None:
-            self.__dict__["marks"] = marks  # plain attribute, not a submodule or buffer
+        def attach(self, marks: _Marks, bare=None) -> None:
+            self.__dict__["marks"] = marks  # plain attributes, not submodules or buffers
+            self.__dict__["bare"] = bare
             self.teacher.register_forward_pre_hook(lambda *_: marks("teacher0"))
             self.teacher.register_forward_hook(lambda *_: marks("teacher1"))
             self.student.register_forward_pre_hook(lambda *_: marks("student0"))
@@ -134,12 +138,19 @@ def _instrumented_method_cls():
             self.marks("opt1")
             super().after_optimizer_step(step, epoch)
             self.marks("ema1")
+            if self.bare is not None:  # one interleaved bare step (own model, pre-made batch; not part of the step)
+                bare_method, batches = self.bare
+                bare_steps(bare_method, [batches[step % len(batches)]], 1, self.marks.device)
+                self.marks("bare1")
 
     return TimedDINOMethod
 
 
-def run_full(cfg, out_dir: Path, warmup: int, steps: int) -> tuple[float, dict[str, float], dict]:
-    """Train ``warmup + steps`` steps through the engine; returns (s/step, breakdown s/step, final metrics)."""
+def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[float, dict[str, float], dict, float]:
+    """Train ``warmup + steps`` steps through the engine; returns (s/step, breakdown s/step, final metrics, bare
+    s/step). With ``bare = (method, batches)`` one bare step runs after every full step (after its EMA, before its
+    logging) and is timed separately, so that both see the same machine load; its time is excluded from the full
+    step's."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     from common.bands import resolve_sensor
@@ -152,7 +163,7 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int) -> tuple[float, dict[s
     engine = Engine(cfg.trainer, out_dir, config=cfg)
     method = _instrumented_method_cls()(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices())
     marks = _Marks(engine.device)
-    method.attach(marks)
+    method.attach(marks, bare)
     handles = [register_optimizer_step_pre_hook(lambda *_: marks("step0")),
                register_optimizer_step_post_hook(lambda *_: marks("step1"))]
     try:
@@ -164,16 +175,20 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int) -> tuple[float, dict[s
             h.remove()
 
     m = marks.by_step
-    first, last = warmup - 1, warmup + steps - 1
-    per_step = (m[last]["ema1"] - m[first]["ema1"]) / steps
     timed = range(warmup, warmup + steps)
     log_every = cfg.trainer.log_every
+
+    def end(s: int) -> float:  # where the framework's work after step s resumes
+        return m[s].get("bare1", m[s]["ema1"])
+
+    per_step = statistics.fmean(m[s]["ema1"] - end(s - 1) for s in timed)
+    bare_s = statistics.fmean(m[s]["bare1"] - m[s]["ema1"] for s in timed) if bare is not None else float("nan")
 
     def mean(a: str, b: str, rows=timed) -> float:
         rows = list(rows)
         return statistics.fmean(m[s][b] - m[s][a] for s in rows) if rows else 0.0
 
-    gaps = {s: m[s]["fwd0"] - m[s - 1]["ema1"] for s in timed}
+    gaps = {s: m[s]["fwd0"] - end(s - 1) for s in timed}
     # The log of step s (1-based count s + 1 ... ) runs after step s's EMA, i.e. in the gap before step s + 1.
     log_gap_steps = [s for s in timed if s % log_every == 0]
     plain_gap_steps = [s for s in timed if s % log_every != 0]
@@ -192,7 +207,7 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int) -> tuple[float, dict[s
         "zero_grad": mean("step1", "opt1"),
         "ema": mean("opt1", "ema1"),
     }
-    return per_step, breakdown, final
+    return per_step, breakdown, final, bare_s
 
 
 def make_batches(cfg, n: int, device: torch.device) -> tuple[list[list[torch.Tensor]], float]:
@@ -246,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", type=Path, default=None, help="existing demo data directory (skips generation)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--bare-batches", type=int, default=4, help="pre-made batches cycled by the bare step")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="time the bare step in separate rounds before/after the run even with --workers 0")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
@@ -272,17 +289,24 @@ def main(argv: list[str] | None = None) -> dict:
               f"threads {torch.get_num_threads()}, workers {args.workers}; {args.warmup} warm-up + {args.steps} "
               f"timed steps", flush=True)
 
-        # Bare: its own copy of the method (same init), pre-made batches, warm-up, then timed before and after the
-        # full run (the medians of the rounds are reported).
+        # Bare: its own copy of the method (same init) on pre-made batches. With --workers 0 one bare step is
+        # interleaved after every full step (same machine load for both: the fair comparison on a shared machine);
+        # with workers it is timed in separate rounds before and after the run (interleaving would let the workers
+        # prefetch during the bare step and hide the data wait).
         torch.manual_seed(cfg.trainer.seed)
         bare = DINOMethod(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices()).to(device).train()
         batches, data_s_per_batch = make_batches(cfg, args.bare_batches, device)
         bare_steps(bare, batches, max(args.warmup, 1), device)
-        bare_rounds = [bare_steps(bare, batches, args.steps, device)]
+        interleave = args.workers == 0 and not args.no_interleave
+        bare_rounds = [] if interleave else [bare_steps(bare, batches, args.steps, device)]
 
-        full_s, breakdown, final = run_full(cfg, tmp / "run", args.warmup, args.steps)
+        full_s, breakdown, final, bare_in_run = run_full(cfg, tmp / "run", args.warmup, args.steps,
+                                                         (bare, batches) if interleave else None)
 
-        bare_rounds.append(bare_steps(bare, batches, args.steps, device))
+        if interleave:
+            bare_rounds.append(bare_in_run)
+        else:
+            bare_rounds.append(bare_steps(bare, batches, args.steps, device))
         bare_s = statistics.median(bare_rounds)
         fused_opt = build_optimizer(cfg.optim, bare.param_groups())
         bare_steps(bare, batches, 1, device, fused_opt)
@@ -302,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         "full_s_per_step": full_s,
         "bare_s_per_step": bare_s,
         "bare_rounds_s_per_step": bare_rounds,
+        "bare_interleaved": interleave,
         "bare_plus_opt_s_per_step": bare_opt_s,
         "ratio_full_over_bare": ratio,
         "ratio_full_over_bare_plus_opt": full_s / bare_opt_s,
@@ -311,8 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_steps_per_s_last_log": final.get("train", {}).get("steps_per_s"),
     }
     print(f"full step (engine, real data)  : {bs / full_s:8.1f} images/s  ({1000 * full_s:7.1f} ms/step)")
-    print(f"bare fwd+bwd (no optimiser)    : {bs / bare_s:8.1f} images/s  ({1000 * bare_s:7.1f} ms/step; rounds "
-          + ", ".join(f"{1000 * r:.1f}" for r in bare_rounds) + " ms)")
+    how = "interleaved with the full steps" if interleave else "rounds " + ", ".join(
+        f"{1000 * r:.1f}" for r in bare_rounds) + " ms"
+    print(f"bare fwd+bwd (no optimiser)    : {bs / bare_s:8.1f} images/s  ({1000 * bare_s:7.1f} ms/step; {how})")
     print(f"bare fwd+bwd + AdamW step      : {bs / bare_opt_s:8.1f} images/s  ({1000 * bare_opt_s:7.1f} ms/step)")
     print(f"ratio full / bare              : {ratio:.3f}x (target <= {TARGET_RATIO:.2f}x)"
           f"{'' if ratio <= TARGET_RATIO else '  ABOVE TARGET'}")

@@ -39,7 +39,12 @@ def pretrain_run(tiny_demo, tmp_path_factory) -> Path:
 def test_run_directory_contract(pretrain_run):
     for name in ("config.yaml", "metrics.jsonl", "metrics.json", "backbone.safetensors", "backbone.json"):
         assert (pretrain_run / name).is_file(), name
-    assert any((pretrain_run / "tb").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((pretrain_run / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "train/crops" in events.Tags()["images"]  # the multi-crop views in false colour
+    assert {"train/loss", "train/teacher_entropy", "val/knn_top1"} <= set(events.Tags()["scalars"])
     rows = [json.loads(line) for line in (pretrain_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
