@@ -5,11 +5,14 @@ Sentinel-2 L2A-like uint16 GeoTIFF from :func:`common.demo_data.generate`): band
 to reflectance and normalisation, the forward passes, Gaussian blending, argmax and the atomic GeoTIFF write
 (``--probabilities`` adds the softmax and the float32 write). The *bare* baseline calls the network on the same
 windows, in the same batches, cut from a tensor prepared beforehand, and does nothing else. Both are reported in
-megapixels of scene per second; their ratio is the cost of everything around the network.
+megapixels of scene per second; their ratio is the cost of everything around the network. On the CPU the
+process CPU time is reported beside the wall time: on a shared machine it is the steadier of the two (it leaves
+out the time spent waiting for a core; with more than one thread it adds up the threads).
 
 The run directory is made as finetune/semisup.py makes it (``write_model_card`` and the ``Supervised`` method's
 ``state_dict``) around a random-init DeepLab (weights do not change the speed). Defaults (resnet18 DeepLab v3+,
-1024 px scene, 512 px windows, overlap 0.5: 9 windows) take about a minute on one CPU core; e.g. on a GPU::
+1024 px scene, 512 px windows, overlap 0.5: 9 windows) take two to three minutes on one CPU core (the
+scene is generated once, about 20 s, and kept with ``--data DIR``); e.g. on a GPU::
 
     python bench/bench_predict.py --size 4096 --batch-size 16 --reps 5
 """
@@ -123,38 +126,39 @@ def main(argv: list[str] | None = None) -> None:
               f"{gen_s:.1f} s) window={args.window} overlap={args.overlap} windows={n_windows} "
               f"batch={args.batch_size}")
 
-        def predict() -> float:
+        def predict() -> tuple[float, float]:
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             r = predict_raster(run, scene, tmp / "pred.tif", window=args.window, overlap=args.overlap,
                                probabilities=args.probabilities, device=device, batch_size=args.batch_size,
                                file_bands=file_bands)
             _sync(device)
             assert r.windows == n_windows, (r.windows, n_windows)
-            return time.perf_counter() - t
+            return time.perf_counter() - t, time.process_time() - c
 
         @torch.inference_mode()
-        def bare() -> float:
+        def bare() -> tuple[float, float]:
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for b in batches:
                 net(b).logits
             _sync(device)
-            return time.perf_counter() - t
+            return time.perf_counter() - t, time.process_time() - c
 
         predict(), bare()  # warm-up
         pred_t, bare_t = [], []
         for _ in range(args.reps):  # interleaved, so load changes on a shared machine hit both alike
             pred_t.append(predict())
             bare_t.append(bare())
-        pred_s, bare_s = statistics.median(pred_t), statistics.median(bare_t)
-        pred_min, bare_min = min(pred_t), min(bare_t)
-        print(f"predict_raster: {mpix / pred_s:.3f} MP/s median, {mpix / pred_min:.3f} MP/s best "
-              f"({pred_s:.2f} s per scene{', with probabilities' if args.probabilities else ''})")
-        print(f"bare forward:   {mpix / bare_s:.3f} MP/s median, {mpix / bare_min:.3f} MP/s best "
-              f"({bare_s:.2f} s for the same {n_windows} windows)")
-        print(f"ratio predict/bare time: {pred_s / bare_s:.3f}x median, {pred_min / bare_min:.3f}x best (runs: "
-              f"predict {', '.join(f'{t:.2f}' for t in pred_t)} s; bare {', '.join(f'{t:.2f}' for t in bare_t)} s)")
+        for i, clock in enumerate(("wall", "cpu")):
+            if clock == "cpu" and device.type != "cpu":
+                break  # process CPU time says nothing about GPU work
+            p = statistics.median(t[i] for t in pred_t)
+            b = statistics.median(t[i] for t in bare_t)
+            print(f"[{clock} time, median of {args.reps}] predict_raster {mpix / p:.3f} MP/s ({p:.2f} s per scene"
+                  f"{', with probabilities' if args.probabilities else ''}); bare forward {mpix / b:.3f} MP/s "
+                  f"({b:.2f} s); ratio predict/bare {p / b:.3f}x; runs predict "
+                  f"{', '.join(f'{t[i]:.2f}' for t in pred_t)} s, bare {', '.join(f'{t[i]:.2f}' for t in bare_t)} s")
 
 
 if __name__ == "__main__":

@@ -281,7 +281,7 @@ class _Strip(torch.utils.data.Dataset):
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
-    out = PALETTE[np.clip(mask, 0, len(PALETTE) - 1) % len(PALETTE)]
+    out = PALETTE[np.asarray(mask, np.int64) % len(PALETTE)]  # cycles for more classes than colours
     out[mask == IGNORE_INDEX] = 0
     return out
 

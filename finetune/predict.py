@@ -53,7 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import rasterio
@@ -299,8 +299,8 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best") -> RunModel:
     card = ModelCard.from_json(run_dir / MODEL_CARD)
     spec = card.sensor_spec()
     ckpt = _checkpoint_path(run_dir, checkpoint)
-    model_cfg = SegModelConfig(arch=card.arch, version=card.version, output_stride=card.output_stride,  # type: ignore[arg-type]
-                               aux=card.aux)
+    model_cfg = SegModelConfig(arch=card.arch, version=card.version,  # type: ignore[arg-type]
+                               output_stride=card.output_stride, aux=card.aux)
     net = build_model(model_cfg, card.num_classes, None, len(card.bands), load_weights=False)
     state = load_safetensors(ckpt)
     prefix = card.state_dict_prefix
