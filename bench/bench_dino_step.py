@@ -21,9 +21,10 @@ The ratio full / bare is the framework's overhead (target: at most ``TARGET_RATI
 timestamps taken inside the run (forward hooks on teacher and student, the method's hooks and global optimiser
 step hooks; on CUDA each mark synchronises the device):
 
-* data wait: from the end of the previous step to the start of the method's forward on non-logging steps (the
-  DataLoader / Accelerate batch hand-over plus the lr/wd schedule update);
-* logging: the extra gap on logging steps (``trainer.log_every``);
+* data wait: from the end of the previous step to the start of the method's forward, less the logging (the
+  DataLoader / Accelerate batch hand-over, including the loader's restart at epoch boundaries, plus the lr/wd
+  schedule update);
+* logging: the engine's ``_log`` and ``_check_finite`` calls every ``trainer.log_every`` steps, averaged per step;
 * teacher / student forward, loss + monitors + centering, backward (plus the engine's loss bookkeeping), clipping
   (incl. the last-layer freeze hook), optimiser step, ``zero_grad``, EMA.
 
@@ -166,6 +167,20 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     method.attach(marks, bare)
     handles = [register_optimizer_step_pre_hook(lambda *_: marks("step0")),
                register_optimizer_step_post_hook(lambda *_: marks("step1"))]
+    # The engine's scalar logging (finite-loss check + metrics.jsonl + TensorBoard), timed per call. It runs after a
+    # step's EMA, i.e. in the gap before the next step's forward; logged step n follows 0-based step n - 1.
+    log_time: dict[int, float] = {}
+
+    def timed_call(fn):
+        def wrapper(*a):
+            t0 = time.perf_counter()
+            fn(*a)
+            step = a[-1]
+            log_time[step] = log_time.get(step, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    engine._log = timed_call(engine._log)
+    engine._check_finite = timed_call(engine._check_finite)
     try:
         engine.fit(method, {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)},
                    cfg.optim)
@@ -176,27 +191,25 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
 
     m = marks.by_step
     timed = range(warmup, warmup + steps)
-    log_every = cfg.trainer.log_every
 
     def end(s: int) -> float:  # where the framework's work after step s resumes
         return m[s].get("bare1", m[s]["ema1"])
 
-    per_step = statistics.fmean(m[s]["ema1"] - end(s - 1) for s in timed)
-    bare_s = statistics.fmean(m[s]["bare1"] - m[s]["ema1"] for s in timed) if bare is not None else float("nan")
+    full_steps = [m[s]["ema1"] - end(s - 1) for s in timed]
+    bare_steps_ = [m[s]["bare1"] - m[s]["ema1"] for s in timed] if bare is not None else []
+    per_step = statistics.fmean(full_steps)
+    bare_s = statistics.fmean(bare_steps_) if bare_steps_ else float("nan")
 
     def mean(a: str, b: str, rows=timed) -> float:
         rows = list(rows)
         return statistics.fmean(m[s][b] - m[s][a] for s in rows) if rows else 0.0
 
+    # The gap before step s holds the log of logged step s (after 0-based step s - 1), then the next batch.
     gaps = {s: m[s]["fwd0"] - end(s - 1) for s in timed}
-    # The log of step s (1-based count s + 1 ... ) runs after step s's EMA, i.e. in the gap before step s + 1.
-    log_gap_steps = [s for s in timed if s % log_every == 0]
-    plain_gap_steps = [s for s in timed if s % log_every != 0]
-    data = statistics.fmean(gaps[s] for s in plain_gap_steps) if plain_gap_steps else statistics.fmean(gaps.values())
-    logging_extra = (statistics.fmean(gaps[s] for s in log_gap_steps) - data) if log_gap_steps else 0.0
+    logging = statistics.fmean(log_time.get(s, 0.0) for s in timed)
     breakdown = {
-        "data_wait": data,
-        "logging": logging_extra * len(log_gap_steps) / steps,
+        "data_wait": statistics.fmean(gaps.values()) - logging,
+        "logging": logging,
         "teacher_forward": mean("teacher0", "teacher1"),
         "student_forward": mean("student0", "student1"),
         "loss_monitors_center": mean("student1", "fwd1"),
@@ -207,6 +220,7 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
         "zero_grad": mean("step1", "opt1"),
         "ema": mean("opt1", "ema1"),
     }
+    final = {**final, "_full_steps": full_steps, "_bare_steps": bare_steps_}
     return per_step, breakdown, final, bare_s
 
 
@@ -257,10 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (trainer.num_workers)")
     ap.add_argument("--log-every", type=int, default=5, help="trainer.log_every (demo.yaml: 5)")
-    ap.add_argument("--tiles", type=int, default=48, help="demo training tiles per domain to generate")
+    ap.add_argument("--tiles", type=int, default=160,
+                    help="demo training tiles per domain to generate (the demo's 160: 13 steps per epoch)")
     ap.add_argument("--data", type=Path, default=None, help="existing demo data directory (skips generation)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--bare-batches", type=int, default=4, help="pre-made batches cycled by the bare step")
+    ap.add_argument("--opt-steps", type=int, default=5, help="steps of the (informative) bare + AdamW timing")
     ap.add_argument("--no-interleave", action="store_true",
                     help="time the bare step in separate rounds before/after the run even with --workers 0")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
@@ -283,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
         n_tiles = len(list(Path(data_root).glob(cfg.data.glob)))
         print(f"setting: {cfg.model.arch}, {len(spec.bands)} bands, batch {cfg.data.batch_size}, "
-              f"{N_GLOBAL_CROPS} x {cfg.augment.global_size} px + {cfg.augment.local_number} x {cfg.augment.local_size} px crops, "
+              f"{N_GLOBAL_CROPS} x {cfg.augment.global_size} px + {cfg.augment.local_number} x "
+              f"{cfg.augment.local_size} px crops, "
               f"out_dim {cfg.dino.out_dim}, BN head {cfg.dino.use_bn_in_head}, {cfg.optim.name}, clip "
               f"{cfg.trainer.clip_grad} {cfg.trainer.clip_mode}; {n_tiles} tiles; device {device.type}, "
               f"threads {torch.get_num_threads()}, workers {args.workers}; {args.warmup} warm-up + {args.steps} "
@@ -310,10 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
         bare_s = statistics.median(bare_rounds)
         fused_opt = build_optimizer(cfg.optim, bare.param_groups())
         bare_steps(bare, batches, 1, device, fused_opt)
-        bare_opt_s = bare_steps(bare, batches, args.steps, device, fused_opt)
+        bare_opt_s = bare_steps(bare, batches, args.opt_steps, device, fused_opt)
 
     bs = cfg.data.batch_size
     ratio = full_s / bare_s
+    compute = breakdown["teacher_forward"] + breakdown["student_forward"] + breakdown["backward"]
+    paired = ([f / b for f, b in zip(final["_full_steps"], final["_bare_steps"])] if final["_bare_steps"] else [])
     res = {
         "device": device.type,
         "threads": torch.get_num_threads(),
@@ -330,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_plus_opt_s_per_step": bare_opt_s,
         "ratio_full_over_bare": ratio,
         "ratio_full_over_bare_plus_opt": full_s / bare_opt_s,
+        "ratio_median_paired_steps": statistics.median(paired) if paired else None,
+        "ratio_full_over_in_run_compute": full_s / compute,
+        "full_steps_s": final["_full_steps"],
+        "bare_steps_s": final["_bare_steps"],
         "target_ratio": TARGET_RATIO,
         "breakdown_s_per_step": breakdown,
         "data_production_s_per_batch_one_process": data_s_per_batch,
@@ -342,13 +365,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"bare fwd+bwd + AdamW step      : {bs / bare_opt_s:8.1f} images/s  ({1000 * bare_opt_s:7.1f} ms/step)")
     print(f"ratio full / bare              : {ratio:.3f}x (target <= {TARGET_RATIO:.2f}x)"
           f"{'' if ratio <= TARGET_RATIO else '  ABOVE TARGET'}")
+    if paired:
+        print(f"ratio, median of paired steps  : {statistics.median(paired):.3f}x (each full step / the bare step "
+              f"after it)")
+    print(f"ratio full / in-run compute    : {full_s / compute:.3f}x (teacher + student forward + backward timed "
+          f"inside the same full steps)")
     print(f"ratio full / (bare + optimiser): {full_s / bare_opt_s:.3f}x")
     print(f"data production on one process : {1000 * data_s_per_batch:.1f} ms/batch (workers=0 pays it in the step)")
     print("full step breakdown (ms/step, inside the engine run):")
     for key, v in breakdown.items():
         print(f"  {key:22s} {1000 * v:8.2f}")
     print(f"  {'sum':22s} {1000 * sum(breakdown.values()):8.2f}  (measured step {1000 * full_s:.2f})")
-    compute = breakdown["teacher_forward"] + breakdown["student_forward"] + breakdown["backward"]
     print(f"  excess over network compute: {1000 * (full_s - compute):.2f} ms/step "
           f"({100 * (full_s / compute - 1):.1f} % of the in-run compute)")
     if args.json is not None:

@@ -200,7 +200,7 @@ def dino_cross_entropy(
 
 
 def _cross_entropy_pairs(log_p_s: Sequence[torch.Tensor], p_t: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Eq. (3) from the per-view student log-probabilities and teacher probabilities (see :func:`dino_cross_entropy`)."""
+    """Eq. (3) from per-view student log-probabilities and teacher probabilities (see :func:`dino_cross_entropy`)."""
     total, n_terms = log_p_s[0].new_zeros((), dtype=torch.float32), 0
     for iq, q in enumerate(p_t):
         neg_q = -q  # once per teacher view (the negation is exact: same numbers as -q in every pair)
