@@ -52,6 +52,16 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads yes/no/on/off as booleans, so `mixed_precision: no` would become False. Keep YAML 1.2 booleans
+# only (true/false, any case).
+_StrictLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 # YAML 1.1 reads `1e-3` (no dot) as a string; accept the scientific notation every Python user writes.
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

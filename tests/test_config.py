@@ -103,3 +103,18 @@ def test_parse_overrides_yaml_values():
     }
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["nonsense"])
+
+
+def test_yaml_yes_no_are_strings_and_floats_without_dot(tmp_path):
+    """`mixed_precision: no` must reach the Literal as "no" (YAML 1.1 would make it False); 1e-3 is a float."""
+    from common.config import _StrictLoader
+    import yaml
+
+    assert yaml.load("a: no\nb: on\nc: true\nd: 1e-3\ne: False", Loader=_StrictLoader) == {
+        "a": "no", "b": "on", "c": True, "d": 1e-3, "e": False}
+    from common.config import load_config
+    from common.engine import TrainerConfig
+
+    cfg_file = tmp_path / "t.yaml"
+    cfg_file.write_text("epochs: 1\nmixed_precision: no\n")
+    assert load_config(TrainerConfig, cfg_file, ["mixed_precision=no"]).mixed_precision == "no"
