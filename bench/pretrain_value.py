@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--inits", nargs="+", default=["dino", "random"], choices=["dino", "random"],
+                    help="initialisations to run (random alone needs no pretraining run)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,22 +73,26 @@ def main() -> None:
         subprocess.run([PY, "-m", "common.demo_data", "--out", str(data), "--seed", "0"], cwd=REPO, check=True)
 
     t0 = time.time()
-    if args.pretrain_run is None:
-        pre = out / "pretrain"
-        print(f"pretraining -> {pre} (configs/pretrain/demo_long.yaml)", flush=True)
-        run([*LAUNCH, "ssl/pretrain.py", "--config", "configs/pretrain/demo_long.yaml", "--output-dir", str(pre),
-             f"data.root={data}", "trainer.progress_bar=false"], out / "pretrain.log")
-    else:
-        pre = Path(args.pretrain_run)
     export = out / "dino_backbone.safetensors"
-    subprocess.run([PY, "ssl/export.py", "--run", str(pre), "--out", str(export), "--checkpoint", args.checkpoint],
-                   cwd=REPO, check=True)
-    meta = json.loads(export.with_suffix(".json").read_text())
-    print(f"export of step {meta['source']['step']} ({time.time() - t0:.0f} s)", flush=True)
+    meta: dict = {"source": {"step": None}}
+    if "dino" in args.inits:
+        if args.pretrain_run is None:
+            pre = out / "pretrain"
+            print(f"pretraining -> {pre} (configs/pretrain/demo_long.yaml)", flush=True)
+            run([*LAUNCH, "ssl/pretrain.py", "--config", "configs/pretrain/demo_long.yaml", "--output-dir",
+                 str(pre), f"data.root={data}", "trainer.progress_bar=false"], out / "pretrain.log")
+        else:
+            pre = Path(args.pretrain_run)
+        subprocess.run([PY, "ssl/export.py", "--run", str(pre), "--out", str(export), "--checkpoint",
+                        args.checkpoint], cwd=REPO, check=True)
+        meta = json.loads(export.with_suffix(".json").read_text())
+        print(f"export of step {meta['source']['step']} ({time.time() - t0:.0f} s)", flush=True)
+    else:
+        pre = None
 
     jobs = []
     for task in args.tasks:
-        for init in ("dino", "random"):
+        for init in args.inits:
             for seed in args.seeds:
                 run_dir = out / f"{task}_{init}_s{seed}"
                 cmd = [*LAUNCH, "finetune/semisup.py", "--config", "configs/finetune/demo.yaml", "--output-dir",
@@ -110,7 +116,7 @@ def main() -> None:
     table: dict = {}
     for task, init, seed, last in results:
         table.setdefault(task, {}).setdefault(init, []).append({k: last.get(k, float("nan")) for k in KEYS})
-    summary = {"pretrain_run": str(pre), "export_step": meta["source"]["step"], "seeds": args.seeds,
+    summary = {"pretrain_run": str(pre) if pre else None, "export_step": meta["source"]["step"], "seeds": args.seeds,
                "wall_s": time.time() - t0, "runs": table, "mean_std": {}}
     print(f"\n{'task':18s} {'init':7s} " + " ".join(f"{k:>16s}" for k in KEYS))
     for task, by_init in table.items():

@@ -11,7 +11,7 @@ import torch
 
 from common.bands import resolve_sensor
 from common.config import load_config
-from conftest import BIGEARTHNET, REPO
+from conftest import REPO
 from eo_ssl.pretrain import DINOMethod, PretrainConfig, build_dataset
 from eo_ssl.multicrop import collate_multicrop
 from finetune.semisup import FinetuneConfig
@@ -46,9 +46,9 @@ def _one_batch(cfg: PretrainConfig, n: int = 2):
 
 
 @pytest.mark.parametrize("name,bands", [("bigearthnet_s2_resnet50.yaml", 12), ("bigearthnet_s2_vits.yaml", 12)])
-def test_bigearthnet_s2_configs_on_real_patches(name, bands):
+def test_bigearthnet_s2_configs_on_real_patches(name, bands, bigearthnet_s2):
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / name,
-                      [f"data.root={BIGEARTHNET / 'BigEarthNet-S2-Example'}", "dino.out_dim=256",
+                      [f"data.root={bigearthnet_s2}", "dino.out_dim=256",
                        "dino.hidden_dim=64", "dino.bottleneck_dim=32"])
     spec, ds, crops = _one_batch(cfg)
     assert len(ds) == 6 and ds.base.layout == "band_files"
@@ -63,9 +63,9 @@ def test_bigearthnet_s2_configs_on_real_patches(name, bands):
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
 
 
-def test_bigearthnet_s1_config_on_real_patches():
+def test_bigearthnet_s1_config_on_real_patches(bigearthnet_s1):
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "bigearthnet_s1.yaml",
-                      [f"data.root={BIGEARTHNET / 'BigEarthNet-S1-Example'}"])
+                      [f"data.root={bigearthnet_s1}"])
     spec, ds, crops = _one_batch(cfg)
     assert spec.bands == ("VV", "VH") and len(ds) == 6
     assert tuple(crops[0].shape) == (2, 2, 120, 120) and all(torch.isfinite(c).all() for c in crops)
