@@ -147,3 +147,19 @@ def test_unknown_method_and_keys_are_refused(tmp_path):
         res = launch("finetune/semisup.py", ["--config", CONFIG, "--output-dir", str(tmp_path / "x"), bad],
                      check=False)
         assert res.returncode != 0 and expect in res.stderr, res.stderr[-500:]
+
+
+def test_sar_building_config_end_to_end(tiny_demo, tmp_path):
+    """The SAR demo config: quad-pol dB input, CE + Dice, pixel IoU and SpaceNet building F1 in metrics.json."""
+    run = tmp_path / "sar"
+    launch("finetune/semisup.py", ["--config", str(REPO / "configs" / "finetune" / "demo_sar.yaml"), "--output-dir",
+                                   str(run), f"data.root={tiny_demo / 'sar'}", "data.batch_size=2",
+                                   "model.arch=resnet10t", "trainer.max_steps=2", "trainer.eval_every=2",
+                                   "trainer.progress_bar=false", "optim.warmup_steps=1"])
+    final = json.loads((run / "metrics.json").read_text())
+    last = final["last"]
+    assert final["best_metric"] == "IoU/building" and "IoU/building" in last
+    for key in ("building_f1", "building_precision", "building_recall", "building_tp", "building_fp", "building_fn"):
+        assert key in last, key
+    card = json.loads((run / "model.json").read_text())
+    assert card["bands"] == ["HH", "HV", "VH", "VV"] and card["normalisation"]["conversion"] == "linear_to_db"
