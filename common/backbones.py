@@ -286,7 +286,7 @@ def _dilate_plain_cnn(features: nn.Module, output_stride: int, arch: str) -> Non
     for name, module in list(features.named_children()):
         if isinstance(module, nn.Conv2d):
             if module.stride != (1, 1):
-                raise NotImplementedError(f"{arch}: strided convolution {name} not supported by the dilation surgery")
+                raise ValueError(f"{arch}: strided convolution {name} not supported by the dilation surgery")
             if dilation > 1 and module.kernel_size != (1, 1):
                 module.dilation = (dilation, dilation)
                 module.padding = tuple(dilation * (k - 1) // 2 for k in module.kernel_size)
@@ -299,7 +299,7 @@ def _dilate_plain_cnn(features: nn.Module, output_stride: int, arch: str) -> Non
                 else:
                     stride *= s
         elif any(True for _ in module.parameters()) and not isinstance(module, (nn.BatchNorm2d,)):
-            raise NotImplementedError(f"{arch}: module {name} ({type(module).__name__}) not supported by the dilation "
+            raise ValueError(f"{arch}: module {name} ({type(module).__name__}) not supported by the dilation "
                                       f"surgery (flat conv/pool stacks only)")
         reduction_at[name] = stride
     for info in features.feature_info.info:

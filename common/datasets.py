@@ -233,9 +233,6 @@ class _RasterDataset(Dataset):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {n}")
         return index
 
-    def __len__(self) -> int:  # pragma: no cover - overridden
-        raise NotImplementedError
-
 
 # ---------------------------------------------------------------------- unlabelled
 class UnlabelledTiles(_RasterDataset):
