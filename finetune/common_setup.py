@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from common.datasets import SegmentationDataset
 from common.engine import TrainerConfig
 from common.optim import OptimConfig
 from common.sampling import AugmentedDataset
-from common.weights import EXPORT_FORMAT, ExportMeta, check_compatible, read_export
+from common.weights import EXPORT_FORMAT, ExportMeta, ExportMismatchError, check_compatible, read_export
 from finetune.deeplab import create_segmenter
 from finetune.losses import build_segmentation_loss
 from finetune.metrics import BuildingF1, ConfusionMatrix
@@ -199,15 +199,11 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
         if data.stats_file is None:
             mean = dict(zip(bands, meta.normalisation.mean))
             std = dict(zip(bands, meta.normalisation.std))
-            from dataclasses import replace
-
             spec = replace(spec, mean={**spec.mean, **mean}, std={**spec.std, **std})
             notes.append("normalisation taken from the export")
         else:
             check_compatible(meta, bands, spec.conversion, spec.mean_array(), spec.std_array(), source)
         if float(data.offset) != float(meta.normalisation.offset):
-            from common.weights import ExportMismatchError
-
             raise ExportMismatchError(f"backbone export expects the S2 DN offset {meta.normalisation.offset} but "
                                       f"{source} sets data.offset={data.offset}")
         return ResolvedInputs(spec, str(path), None, meta, notes)

@@ -87,7 +87,7 @@ def export_run(run: str | Path, out: str | Path | None = None,
         sensor=spec.name,
         normalisation=Normalisation(conversion=spec.conversion, mean=[float(v) for v in spec.mean_array()],
                                     std=[float(v) for v in spec.std_array()], offset=float(data.get("offset", 0.0))),
-        num_features=_num_features(cfg["model"]["arch"], backbone),
+        num_features=_num_features(cfg["model"]["arch"]),
         source={"method": "dino", "run": str(run.resolve()), "checkpoint": str(weights.name), "step": step,
                 "epochs": trainer.get("epochs"), "max_steps": trainer.get("max_steps"), "dino": cfg["dino"],
                 "augment": {k: cfg["augment"][k] for k in ("global_size", "local_size", "local_number")},
@@ -96,7 +96,7 @@ def export_run(run: str | Path, out: str | Path | None = None,
     return write_export(backbone, meta, Path(out) if out is not None else run / "backbone.safetensors")
 
 
-def _num_features(arch: str, state: dict) -> int:
+def _num_features(arch: str) -> int:
     import timm
     import torch
 
