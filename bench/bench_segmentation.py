@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -66,25 +65,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steptiming import (  # noqa: E402,F401  (TARGET_RATIO: named in the docstring, kept as this module's)
+    TARGET_RATIO, Marks, StepTimes, TimedMethod, add_bare_options, fit_timed, make_demo_tiles, report_steps, sync,
+    take_batches, time_full_and_bare,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 
-TARGET_RATIO = 1.10
-"""Full step time / bare forward-backward time the framework aims to stay under."""
-
 MEGAPIXEL = 1e6
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_demo_tiles(out: Path, tiles: int, seed: int = 0) -> Path:
-    """Generate the built-in demo data (S2 source + target domains) with ``tiles`` training tiles per domain."""
-    cmd = [sys.executable, "-m", "common.demo_data", "--out", str(out), "--seed", str(seed), "--tiles", str(tiles),
-           "--val-tiles", "8", "--sar-scenes", "2", "--sar-val-scenes", "1"]
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return out
 
 
 def build_cfg(data_root: Path, args: argparse.Namespace, max_steps: int):
@@ -122,29 +111,15 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-class _Marks:
-    """Per-step timestamps taken inside the engine run."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.step = -1
-        self.by_step: dict[int, dict[str, float]] = {}
-
-    def __call__(self, name: str) -> None:
-        _sync(self.device)
-        self.by_step.setdefault(self.step, {})[name] = time.perf_counter()
-
-
 def _instrumented_method_cls():
     from finetune.supervised import Supervised
 
-    class TimedSupervised(Supervised):
+    class TimedSupervised(TimedMethod, Supervised):
         """Supervised plus timestamps (the computation is the parent's, unchanged; the parent has no
         ``on_after_backward`` / ``after_optimizer_step`` hooks, so these add only the marks and the bare step)."""
 
-        def attach(self, marks: _Marks, bare=None) -> None:
-            self.__dict__["marks"] = marks  # plain attributes, not submodules or buffers
-            self.__dict__["bare"] = bare
+        def attach(self, marks: Marks, bare=None) -> None:
+            self.attach_marks(marks, bare)
             self.model.register_forward_pre_hook(lambda *_: marks("net0"))
             self.model.register_forward_hook(lambda *_: marks("net1"))
             params = [p for p in self.model.parameters() if p.requires_grad]
@@ -153,24 +128,16 @@ def _instrumented_method_cls():
             for p in params if marks.device.type != "cuda" else params[:1]:
                 p.register_post_accumulate_grad_hook(lambda _p: marks("bwd_end"))
 
-        def forward(self, batch, step, epoch):
-            self.marks.step = step
-            self.marks("fwd0")
-            out = super().forward(batch, step, epoch)
+        def on_forward_output(self, out) -> None:
             if out["loss"].requires_grad:
                 out["loss"].register_hook(lambda _g: self.marks("bwd0"))
-            self.marks("fwd1")
-            return out
 
         def on_after_backward(self, step, epoch):
             self.marks("bwd1")
 
         def after_optimizer_step(self, step, epoch):
             self.marks("opt1")
-            if self.bare is not None:  # one interleaved bare step (own model, pre-made batch; not part of the step)
-                model, batches, precision = self.bare
-                bare_steps(model, [batches[step % len(batches)]], 1, self.marks.device, precision)
-                self.marks("bare1")
+            self.interleaved_bare_step(step)
 
     return TimedSupervised
 
@@ -180,8 +147,6 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     s/step, final metrics, bare s/step). With ``bare = (model, batches, precision)`` one bare step runs after every
     full step (after its ``zero_grad``, before its logging) and is timed separately; its time is excluded from the
     full step's."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
     from common.engine import Engine, LoaderSpec
     from finetune.common_setup import build_loss, build_model, resolve_inputs, segmentation_datasets
 
@@ -192,62 +157,29 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     model = build_model(cfg.model, cfg.data.num_classes, inputs, len(spec.bands))
     method = _instrumented_method_cls()(model, build_loss(cfg.loss, cfg.data.num_classes), cfg.supervised,
                                         cfg.model.backbone_lr_mult, cfg.model.freeze_backbone)
-    marks = _Marks(engine.device)
-    method.attach(marks, bare)
-    handles = [register_optimizer_step_pre_hook(lambda *_: marks("step0")),
-               register_optimizer_step_post_hook(lambda *_: marks("step1"))]
-    # The engine's scalar logging (finite-loss check + metrics.jsonl + TensorBoard), timed per call. It runs after a
-    # step's zero_grad, i.e. in the gap before the next step's forward; logged step n follows 0-based step n - 1.
-    log_time: dict[int, float] = {}
+    marks = Marks(engine.device)
+    one_bare = None
+    if bare is not None:
+        bare_model, batches, precision = bare
 
-    def timed_call(fn):
-        def wrapper(*a):
-            t0 = time.perf_counter()
-            fn(*a)
-            step = a[-1]
-            log_time[step] = log_time.get(step, 0.0) + time.perf_counter() - t0
-        return wrapper
+        def one_bare(step: int) -> None:
+            bare_steps(bare_model, [batches[step % len(batches)]], 1, marks.device, precision)
 
-    engine._log = timed_call(engine._log)
-    engine._check_finite = timed_call(engine._check_finite)
-    try:
-        engine.fit(method, {"labelled": LoaderSpec(sets["labelled"], cfg.data.batch_size)}, cfg.optim)
-        final = engine.finish()
-    finally:
-        for h in handles:
-            h.remove()
+    method.attach(marks, one_bare)
+    final, log_time = fit_timed(engine, marks, lambda: engine.fit(
+        method, {"labelled": LoaderSpec(sets["labelled"], cfg.data.batch_size)}, cfg.optim))
 
-    m = marks.by_step
-    timed = range(warmup, warmup + steps)
-
-    def end(s: int) -> float:  # where the framework's work after step s resumes
-        return m[s].get("bare1", m[s]["opt1"])
-
-    full_steps = [m[s]["opt1"] - end(s - 1) for s in timed]
-    bare_steps_ = [m[s]["bare1"] - m[s]["opt1"] for s in timed] if bare is not None else []
-    per_step = statistics.fmean(full_steps)
-    bare_s = statistics.fmean(bare_steps_) if bare_steps_ else float("nan")
-
-    def mean(a: str, b: str) -> float:
-        return statistics.fmean(m[s][b] - m[s][a] for s in timed)
-
-    # The gap before step s holds the log of logged step s (after 0-based step s - 1), then the next batch.
-    gaps = {s: m[s]["fwd0"] - end(s - 1) for s in timed}
-    logging = statistics.fmean(log_time.get(s, 0.0) for s in timed)
-    breakdown = {
-        "data_wait": statistics.fmean(gaps.values()) - logging,
-        "logging": logging,
-        "method_glue": mean("fwd0", "net0"),
-        "network_forward": mean("net0", "net1"),
-        "loss": mean("net1", "fwd1"),
-        "engine_glue": mean("fwd1", "bwd0") + mean("bwd_end", "bwd1"),
-        "backward": mean("bwd0", "bwd_end"),
-        "clip": mean("bwd1", "step0"),
-        "optimizer_step": mean("step0", "step1"),
-        "zero_grad": mean("step1", "opt1"),
-    }
-    final = {**final, "_full_steps": full_steps, "_bare_steps": bare_steps_}
-    return per_step, breakdown, final, bare_s
+    t = StepTimes(marks.by_step, log_time, warmup, steps, last="opt1", interleaved=bare is not None)
+    return t.run_result(final, {
+        "method_glue": t.mean("fwd0", "net0"),
+        "network_forward": t.mean("net0", "net1"),
+        "loss": t.mean("net1", "fwd1"),
+        "engine_glue": t.mean("fwd1", "bwd0") + t.mean("bwd_end", "bwd1"),
+        "backward": t.mean("bwd0", "bwd_end"),
+        "clip": t.mean("bwd1", "step0"),
+        "optimizer_step": t.mean("step0", "step1"),
+        "zero_grad": t.mean("step1", "opt1"),
+    })
 
 
 def make_batches(cfg, n: int, device: torch.device) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -261,12 +193,7 @@ def make_batches(cfg, n: int, device: torch.device) -> tuple[list[dict[str, torc
     dataset = segmentation_datasets(cfg.data, spec, cfg.augment, cfg.trainer.seed)["labelled"]
     dataset.set_epoch(0)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0, drop_last=True)
-    batches, t0 = [], time.perf_counter()
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == n:
-            break
-    per_batch = (time.perf_counter() - t0) / len(batches)
+    batches, per_batch = take_batches(loader, n)
     return [{k: batch[k].to(device) for k in ("image", "mask")} for batch in batches], per_batch
 
 
@@ -274,7 +201,7 @@ def bare_steps(model, batches, steps: int, device: torch.device, precision: str,
     """s/step of ``model(x)`` + cross-entropy + backward (+ an optimiser step if given), then ``zero_grad``."""
     from common.bands import IGNORE_INDEX
 
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         batch = batches[i % len(batches)]
@@ -284,7 +211,7 @@ def bare_steps(model, batches, steps: int, device: torch.device, precision: str,
         if optimizer is not None:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -305,11 +232,11 @@ def bench_prediction(cfg, args: argparse.Namespace, device: torch.device, precis
 
     @torch.no_grad()
     def run() -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         sliding_window_inference(model_fn, image, window=args.window, overlap=args.overlap, num_classes=k,
                                  blend="gaussian", batch_size=args.window_batch)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     run()  # warm-up
@@ -338,11 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split", default="train_all", help="training split (data.labelled_split)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override on top of configs/finetune/demo.yaml (repeatable)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--bare-batches", type=int, default=4, help="pre-made batches cycled by the bare step")
-    ap.add_argument("--opt-steps", type=int, default=5, help="steps of the (informative) bare + AdamW timing")
-    ap.add_argument("--no-interleave", action="store_true",
-                    help="time the bare step in separate rounds before/after the run even with --workers 0")
+    add_bare_options(ap)
     ap.add_argument("--image-size", type=int, default=512, help="prediction image side")
     ap.add_argument("--window", type=int, default=256, help="prediction window")
     ap.add_argument("--overlap", type=float, default=0.25, help="prediction window overlap")
@@ -386,18 +309,11 @@ def main(argv: list[str] | None = None) -> dict:
             torch.manual_seed(cfg.trainer.seed)
             bare = build_model(cfg.model, cfg.data.num_classes, inputs, len(inputs.spec.bands)).to(device).train()
             batches, data_s_per_batch = make_batches(cfg, args.bare_batches, device)
-            bare_steps(bare, batches, max(args.warmup, 1), device, precision)
             interleave = args.workers == 0 and not args.no_interleave
-            bare_rounds = [] if interleave else [bare_steps(bare, batches, args.steps, device, precision)]
-
-            full_s, breakdown, final, bare_in_run = run_full(cfg, tmp / "run", args.warmup, args.steps,
-                                                             (bare, batches, precision) if interleave else None)
-
-            if interleave:
-                bare_rounds.append(bare_in_run)
-            else:
-                bare_rounds.append(bare_steps(bare, batches, args.steps, device, precision))
-            bare_s = statistics.median(bare_rounds)
+            full_s, breakdown, final, bare_rounds, bare_s = time_full_and_bare(
+                lambda inter: run_full(cfg, tmp / "run", args.warmup, args.steps,
+                                       (bare, batches, precision) if inter else None),
+                lambda n: bare_steps(bare, batches, n, device, precision), args.warmup, args.steps, interleave)
             from finetune.supervised import Supervised, SupervisedConfig
 
             groups = Supervised(bare, torch.nn.Identity(), SupervisedConfig()).param_groups()
@@ -405,56 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
             bare_steps(bare, batches, 1, device, precision, opt)
             bare_opt_s = bare_steps(bare, batches, args.opt_steps, device, precision, opt)
 
-            bs = cfg.data.batch_size
-            ratio = full_s / bare_s
             compute = breakdown["network_forward"] + breakdown["backward"]
-            paired = [f / b for f, b in zip(final["_full_steps"], final["_bare_steps"])]
-            res.update({
-                "workers": args.workers,
-                "batch_size": bs,
-                "steps": args.steps,
-                "full_images_per_s": bs / full_s,
-                "bare_images_per_s": bs / bare_s,
-                "bare_plus_opt_images_per_s": bs / bare_opt_s,
-                "full_s_per_step": full_s,
-                "bare_s_per_step": bare_s,
-                "bare_rounds_s_per_step": bare_rounds,
-                "bare_interleaved": interleave,
-                "bare_plus_opt_s_per_step": bare_opt_s,
-                "ratio_full_over_bare": ratio,
-                "ratio_full_over_bare_plus_opt": full_s / bare_opt_s,
-                "ratio_median_paired_steps": statistics.median(paired) if paired else None,
-                "ratio_full_over_in_run_compute": full_s / compute,
-                "full_steps_s": final["_full_steps"],
-                "bare_steps_s": final["_bare_steps"],
-                "target_ratio": TARGET_RATIO,
-                "breakdown_s_per_step": breakdown,
-                "data_production_s_per_batch_one_process": data_s_per_batch,
-                "engine_steps_per_s_last_log": final.get("train", {}).get("steps_per_s"),
-            })
-            print(f"full step (engine, real data)  : {bs / full_s:8.1f} images/s  ({1000 * full_s:7.1f} ms/step)")
-            how = "interleaved with the full steps" if interleave else "rounds " + ", ".join(
-                f"{1000 * r:.1f}" for r in bare_rounds) + " ms"
-            print(f"bare fwd+CE+bwd (no optimiser) : {bs / bare_s:8.1f} images/s  ({1000 * bare_s:7.1f} ms/step; "
-                  f"{how})")
-            print(f"bare fwd+CE+bwd + AdamW step   : {bs / bare_opt_s:8.1f} images/s  ({1000 * bare_opt_s:7.1f} "
-                  f"ms/step)")
-            print(f"ratio full / bare              : {ratio:.3f}x (target <= {TARGET_RATIO:.2f}x)"
-                  f"{'' if ratio <= TARGET_RATIO else '  ABOVE TARGET'}")
-            if paired:
-                print(f"ratio, median of paired steps  : {statistics.median(paired):.3f}x (each full step / the bare "
-                      f"step after it)")
-            print(f"ratio full / in-run compute    : {full_s / compute:.3f}x (network forward + backward timed "
-                  f"inside the same full steps)")
-            print(f"ratio full / (bare + optimiser): {full_s / bare_opt_s:.3f}x")
-            print(f"data production on one process : {1000 * data_s_per_batch:.1f} ms/batch (workers=0 pays it in "
-                  f"the step)")
-            print("full step breakdown (ms/step, inside the engine run; evaluation excluded):")
-            for key, v in breakdown.items():
-                print(f"  {key:22s} {1000 * v:8.2f}")
-            print(f"  {'sum':22s} {1000 * sum(breakdown.values()):8.2f}  (measured step {1000 * full_s:.2f})")
-            print(f"  excess over network compute: {1000 * (full_s - compute):.2f} ms/step "
-                  f"({100 * (full_s / compute - 1):.1f} % of the in-run compute)")
+            res.update(report_steps(
+                bs=cfg.data.batch_size, workers=args.workers, steps=args.steps, full_s=full_s, bare_s=bare_s,
+                bare_opt_s=bare_opt_s, bare_rounds=bare_rounds, interleave=interleave, breakdown=breakdown,
+                final=final, compute=compute, data_s_per_batch=data_s_per_batch,
+                bare_label="bare fwd+CE+bwd (no optimiser)", bare_opt_label="bare fwd+CE+bwd + AdamW step",
+                compute_what="network forward + backward",
+                breakdown_title="inside the engine run; evaluation excluded"))
 
         if not args.skip_predict:
             p = bench_prediction(cfg, args, device, precision)
