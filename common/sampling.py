@@ -74,3 +74,30 @@ def seed_worker(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
+
+
+class CachedDataset(Dataset):
+    """Keeps each sample of ``base`` in memory after its first read.
+
+    For datasets that fit in RAM (the demo data, a few thousand tiles): decoding the GeoTIFFs again every epoch is
+    most of the CPU cost of a training step otherwise. Put it *below* the random augmentation
+    (``AugmentedDataset(CachedDataset(tiles), transform)``): the cached samples are never modified, the transforms
+    make new arrays. With DataLoader workers every worker process fills its own copy.
+    """
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self._cache: dict[int, Any] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self._cache.get(index)
+        if sample is None:
+            sample = self._cache[index] = self.base[index]
+        return sample

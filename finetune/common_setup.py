@@ -22,7 +22,7 @@ from common.checkpoint import atomic_write_json
 from common.datasets import SegmentationDataset
 from common.engine import TrainerConfig
 from common.optim import OptimConfig
-from common.sampling import AugmentedDataset
+from common.sampling import AugmentedDataset, CachedDataset
 from common.weights import EXPORT_FORMAT, ExportMeta, ExportMismatchError, check_compatible, read_export
 from finetune.deeplab import create_segmenter
 from finetune.losses import build_segmentation_loss
@@ -68,6 +68,7 @@ class SegDataConfig:
     unlabelled_split: str | None = None  # split of the unlabelled tiles (semi-supervised methods)
     val_split: str = "val"
     batch_size: int = 8  # per process
+    cache: bool = False  # keep decoded training tiles in memory (datasets that fit in RAM)
     checks: Literal["full", "header", "none"] = "full"  # input checks at start-up (full: reads every mask)
 
     def validate(self) -> None:
@@ -242,17 +243,21 @@ def segmentation_datasets(data: SegDataConfig, spec: SensorSpec, augment: SegAug
               num_classes=data.num_classes, validate=data.checks, offset=data.offset, class_names=data.class_names)
     train_tf = SegmentationTransform(spec.mean_array(), spec.std_array(), augment, train=True)
     out: dict[str, Any] = {
-        "labelled": AugmentedDataset(_Strip(SegmentationDataset(data.root, labelled_split or data.labelled_split,
-                                                                **kw)), train_tf, seed=seed),
+        "labelled": AugmentedDataset(_cached(_Strip(SegmentationDataset(
+            data.root, labelled_split or data.labelled_split, **kw)), data.cache), train_tf, seed=seed),
         "val": SegmentationDataset(data.root, data.val_split, transform=_EvalTransform(spec), **kw),
     }
     if with_unlabelled:
         if data.unlabelled_split is None:
             raise ValueError("this method needs data.unlabelled_split")
         out["unlabelled"] = AugmentedDataset(
-            _Strip(SegmentationDataset(data.root, data.unlabelled_split, labelled=False, **kw)), train_tf,
-            seed=seed + 1)
+            _cached(_Strip(SegmentationDataset(data.root, data.unlabelled_split, labelled=False, **kw)), data.cache),
+            train_tf, seed=seed + 1)
     return out
+
+
+def _cached(ds, cache: bool):
+    return CachedDataset(ds) if cache else ds
 
 
 class _Strip(torch.utils.data.Dataset):

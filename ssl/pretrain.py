@@ -35,7 +35,7 @@ from common.datasets import SegmentationDataset, UnlabelledTiles
 from common.ema import ema_update_
 from common.engine import Engine, LoaderSpec, TrainContext, TrainerConfig
 from common.optim import OptimConfig
-from common.sampling import AugmentedDataset
+from common.sampling import AugmentedDataset, CachedDataset
 from eo_ssl.dino import (
     N_GLOBAL_CROPS,
     DINOConfig,
@@ -66,6 +66,7 @@ class PretrainDataConfig:
     offset: float = 0.0  # S2 DN offset (-1000 for processing baseline >= 04.00)
     tile_size: int | None = None  # cut large scenes into tiles of this size
     batch_size: int = 32  # per process
+    cache: bool = False  # keep decoded tiles in memory (datasets that fit in RAM; saves the GeoTIFF reads)
     exclude_ids_from: tuple[str, ...] = ()  # split files (one id per line): tiles with these ids are left out
     checks: Literal["full", "header", "none"] = "header"  # input checks at start-up (full: read every pixel)
 
@@ -298,7 +299,7 @@ def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
     tiles = UnlabelledTiles(source, sensor=spec, bands=spec.bands, glob=d.glob, layout=d.layout,
                             tile_size=d.tile_size, validate=d.checks, offset=d.offset)
     transform = MultiCropTransform(cfg.augment, spec.mean_array(), spec.std_array(), units=band_units(spec))
-    return AugmentedDataset(tiles, transform, seed=cfg.trainer.seed)
+    return AugmentedDataset(CachedDataset(tiles) if d.cache else tiles, transform, seed=cfg.trainer.seed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
