@@ -54,7 +54,7 @@ from common.checkpoint import (
     step_dir_name,
 )
 from common.config import config_to_dict, save_config
-from common.optim import OptimConfig, build_optimizer
+from common.optim import OptimConfig, build_optimizer, clip_gradients_per_parameter
 from common.sampling import EpochSampler, seed_worker
 from common.schedules import build_lr_schedule, cosine_schedule
 
@@ -426,7 +426,7 @@ class Engine:
                 if cfg.clip_mode == "global_norm":
                     acc.clip_grad_norm_(clip_params, cfg.clip_grad)
                 else:
-                    _clip_per_parameter_(clip_params, cfg.clip_grad)  # no host sync (norms stay on the device)
+                    clip_gradients_per_parameter(clip_params, cfg.clip_grad)  # no host sync (norms stay on the device)
             # 4. optimiser step, then the method's post-step updates (EMA teachers, center, prototypes)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -538,32 +538,6 @@ class Engine:
                 self._jsonl = None
         self.accelerator.end_training()
         return out
-
-
-@torch.no_grad()
-def clip_gradients_per_parameter(params: list[torch.Tensor], clip: float) -> list[float]:
-    """Clip each parameter's gradient to norm ``clip`` separately (facebookresearch/dino ``clip_gradients``).
-
-    ``g <- g * min(1, clip / (||g|| + 1e-6))`` per parameter. Returns the norms before clipping as Python floats
-    (one device sync; the engine's loop uses :func:`_clip_per_parameter_`, which returns them as a tensor).
-    """
-    return _clip_per_parameter_(params, clip).tolist()
-
-
-@torch.no_grad()
-def _clip_per_parameter_(params: list[torch.Tensor], clip: float) -> torch.Tensor:
-    """:func:`clip_gradients_per_parameter` without a host sync; returns the norms as one tensor.
-
-    The scales are computed on the stacked norms (3 ops instead of 3 per parameter, the same numbers bit for bit)
-    and applied with one ``_foreach_mul_``.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(0)
-    norms = torch.stack(torch._foreach_norm(grads))
-    scales = torch.clamp(clip / (norms + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, scales.unbind(0))
-    return norms
 
 
 def _flat_hparams(config: Any) -> dict:

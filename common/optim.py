@@ -173,3 +173,23 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimiz
     if cfg.name == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adamw, sgd, lars")
+
+
+@torch.no_grad()
+def clip_gradients_per_parameter(params: nn.Module | Iterable[torch.Tensor], clip: float) -> torch.Tensor:
+    """Clip each parameter's gradient to norm ``clip`` separately (facebookresearch/dino ``utils.clip_gradients``).
+
+    ``grad <- grad * min(1, clip / (||grad|| + 1e-6))`` for every parameter that has a gradient (unscale
+    mixed-precision gradients first). The scales are computed on the stacked norms (the same numbers as one clamp
+    per parameter, bit for bit) and applied with one ``_foreach_mul_``.
+
+    Returns:
+        The norms before clipping, one per parameter with a gradient, as one tensor (no host sync).
+    """
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    torch._foreach_mul_(grads, torch.clamp(clip / (norms + 1e-6), max=1.0).unbind(0))
+    return norms

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from common.optim import param_groups_no_wd_for_norm_and_bias
+from common.optim import clip_gradients_per_parameter, param_groups_no_wd_for_norm_and_bias  # re-exported here
 from common.schedules import cosine_schedule
 
 __all__ = [
@@ -277,26 +277,6 @@ def _kl_pairs(log_p_s: Sequence[torch.Tensor], p_t: Sequence[torch.Tensor],
 
 
 # ---------------------------------------------------------------------------------------------- gradient helpers
-@torch.no_grad()
-def clip_gradients_per_parameter(model: nn.Module | Iterable[torch.Tensor], clip: float) -> torch.Tensor:
-    """Clip each parameter's gradient to norm ``clip`` separately (reference ``utils.clip_gradients``).
-
-    ``grad <- grad * min(1, clip / (||grad|| + 1e-6))`` for every parameter that has a gradient. Unscale
-    mixed-precision gradients first (``accelerator.unscale_gradients``).
-
-    Returns:
-        The gradient norms before clipping, one per parameter with a gradient, as one tensor (no device sync).
-    """
-    params = model.parameters() if isinstance(model, nn.Module) else model
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(0)
-    norms = torch.stack(torch._foreach_norm(grads))
-    # The scales of all parameters at once (the same numbers as one clamp per parameter, bit for bit).
-    torch._foreach_mul_(grads, torch.clamp(clip / (norms + 1e-6), max=1.0).unbind(0))
-    return norms
-
-
 def cancel_last_layer_gradients(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
     """Drop (set to ``None``) the gradients of the head's last layer while ``epoch < freeze_last_layer``.
 
