@@ -139,3 +139,21 @@ def test_bad_config_fails_before_work(tiny_demo, tmp_path):
     res = launch("ssl/pretrain.py", ["--config", CONFIG, "--output-dir", str(tmp_path / "y"),
                                      f"data.root={tmp_path / 'nothing'}"], check=False)
     assert res.returncode != 0 and "nothing" in res.stderr
+
+
+def test_exclude_ids_from_leaves_validation_tiles_out(tiny_demo, tmp_path):
+    from common.bands import resolve_sensor
+    from common.config import load_config
+    from eo_ssl.pretrain import PretrainConfig, build_dataset
+
+    val = tiny_demo / "s2" / "source" / "splits" / "val.txt"
+    base = [f"data.root={tiny_demo}", "data.glob=s2/source/images/*.tif"]
+    spec = resolve_sensor("S2L2A")
+    every = build_dataset(load_config(PretrainConfig, CONFIG, base), spec)
+    kept = build_dataset(load_config(PretrainConfig, CONFIG, base + [f"data.exclude_ids_from=[{val}]"]), spec)
+    val_ids = set(val.read_text().split())
+    assert len(every) - len(kept) == len(val_ids) > 0
+    assert not val_ids & {kept.base[i]["id"] for i in range(len(kept))}
+    with pytest.raises(FileNotFoundError, match="exclude_ids_from"):
+        build_dataset(load_config(PretrainConfig, CONFIG, base + [f"data.exclude_ids_from=[{tmp_path / 'no.txt'}]"]),
+                      spec)
