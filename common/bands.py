@@ -45,13 +45,19 @@ __all__ = [
     "linear_to_db",
     "complex_to_intensity",
     "to_model_units",
+    "STACK_SEPARATOR",
+    "stack_sensors",
+    "file_band_names",
 ]
 
 IGNORE_INDEX = 255
 """Mask value ignored by losses and metrics (invalid pixels, unlabelled pixels)."""
 
 CONVERSIONS = ("dn_to_reflectance", "db", "linear_to_db", "complex_to_intensity_db", "none")
-"""Allowed values of :attr:`SensorSpec.conversion`."""
+"""Allowed values of :attr:`SensorSpec.conversion` (a stack's is its parts' joined with ``+``)."""
+
+STACK_SEPARATOR = "+"
+"""Joins the sensor names (``"S2L2A+S1"``) and conversions (``"dn_to_reflectance+db"``) of a sensor stack."""
 
 S2_REFLECTANCE_SCALE = 10000.0
 """Sentinel-2 quantification value: reflectance = (DN + offset) / 10000."""
@@ -165,6 +171,10 @@ class SensorSpec:
         derived: Names of derived bands (see :data:`DERIVED_BANDS`) this sensor can provide; those of them that
             are in :attr:`bands` are computed, not read.
         description: One line for datasheets.
+        parts: For a *sensor stack* (co-registered sensors whose bands are concatenated, e.g. Sentinel-2 + Sentinel-1;
+            build it with :func:`stack_sensors` or ``get_sensor("S2L2A+S1")``): the spec of each sensor, in channel
+            order. Each part keeps its own conversion, nodata and statistics; ``conversion`` is theirs joined with
+            ``+``. Empty for a single sensor.
     """
 
     name: str
@@ -178,9 +188,15 @@ class SensorSpec:
     units: str = ""
     derived: tuple[str, ...] = ()
     description: str = ""
+    parts: tuple["SensorSpec", ...] = ()
 
     def __post_init__(self) -> None:
-        if self.conversion not in CONVERSIONS:
+        if self.parts:
+            expected = STACK_SEPARATOR.join(p.conversion for p in self.parts)
+            if self.conversion != expected:
+                raise ValueError(f"sensor stack {self.name}: conversion {self.conversion!r} is not its parts' "
+                                 f"{expected!r}")
+        elif self.conversion not in CONVERSIONS:
             raise ValueError(f"sensor {self.name}: conversion {self.conversion!r} is not one of {CONVERSIONS}")
         if len(set(self.bands)) != len(self.bands):
             raise ValueError(f"sensor {self.name}: duplicate band names in {self.bands}")
@@ -209,7 +225,10 @@ class SensorSpec:
 
     @property
     def raw_bands(self) -> tuple[str, ...]:
-        """Bands that must be read from files to produce :attr:`bands` (inputs of derived bands appended)."""
+        """Bands that must be read from files to produce :attr:`bands` (inputs of derived bands appended; a stack's
+        are its parts' raw bands, part after part)."""
+        if self.parts:
+            return tuple(b for p in self.parts for b in p.raw_bands)
         out = [b for b in self.bands if b not in DERIVED_BANDS]
         for b in self.bands:
             if b in DERIVED_BANDS:
@@ -218,8 +237,26 @@ class SensorSpec:
 
     @property
     def is_sar(self) -> bool:
-        """True for SAR sensors (dB model units)."""
+        """True for SAR sensors (dB model units); for a stack, True when every part is SAR."""
+        if self.parts:
+            return all(p.is_sar for p in self.parts)
         return self.conversion in ("db", "linear_to_db", "complex_to_intensity_db")
+
+    @property
+    def is_stack(self) -> bool:
+        """True for a sensor stack (see :attr:`parts`)."""
+        return bool(self.parts)
+
+    def sensor_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Channel indices of each part of a stack (one group holding every channel for a single sensor); the
+        ``augment.sensor_groups`` of sensor dropout."""
+        if not self.parts:
+            return (tuple(range(len(self.bands))),)
+        out, start = [], 0
+        for p in self.parts:
+            out.append(tuple(range(start, start + len(p.bands))))
+            start += len(p.bands)
+        return tuple(out)
 
     def subset(self, bands: Iterable[str]) -> "SensorSpec":
         """Spec restricted to ``bands``, in the given order.
@@ -237,6 +274,8 @@ class SensorSpec:
         bands = tuple(bands)
         if not bands:
             raise ValueError(f"sensor {self.name}: empty band selection")
+        if self.parts:
+            return self._subset_stack(bands)
         valid = self.available_bands
         missing = [b for b in bands if b not in valid]
         if missing:
@@ -248,12 +287,34 @@ class SensorSpec:
         rgb = _preview_bands(self.name, bands, self.rgb)
         return replace(self, bands=bands, rgb=rgb)
 
+    def _subset_stack(self, bands: tuple[str, ...]) -> "SensorSpec":
+        owner = {}
+        for i, p in enumerate(self.parts):
+            for b in p.available_bands:
+                owner.setdefault(b, i)
+        missing = [b for b in bands if b not in owner]
+        if missing:
+            raise ValueError(f"sensor stack {self.name} has no band(s) {missing}; valid bands: {', '.join(owner)}")
+        if len(set(bands)) != len(bands):
+            raise ValueError(f"sensor stack {self.name}: duplicate bands in selection {list(bands)}")
+        order = [owner[b] for b in bands]
+        if order != sorted(order):
+            want = [b for i in sorted(set(order)) for b in bands if owner[b] == i]
+            raise ValueError(
+                f"sensor stack {self.name}: bands {list(bands)} mix the sensors' bands; list each sensor's bands "
+                f"together, in the stack's sensor order ({', '.join(p.name for p in self.parts)}), e.g. {want}")
+        parts = [p.subset([b for b in bands if owner[b] == i]) for i, p in enumerate(self.parts) if i in order]
+        return parts[0] if len(parts) == 1 else stack_sensors(*parts)
+
     def with_stats(self, stats: "BandStats") -> "SensorSpec":
-        """Spec whose mean/std are replaced by ``stats`` for every band of :attr:`bands`.
+        """Spec whose mean/std are replaced by ``stats`` for every band of :attr:`bands` (in every part of a stack).
 
         Raises:
             ValueError: ``stats`` lacks a band (message names the stats file and the band).
         """
+        if self.parts:
+            stats.arrays(self.bands)  # one message naming every missing band
+            return stack_sensors(*(p.with_stats(stats) for p in self.parts))
         mean, std = stats.arrays(self.bands)
         return replace(
             self,
@@ -288,11 +349,14 @@ class SensorSpec:
             "units": self.units,
             "derived": [b for b in self.derived if b in self.bands],
             "description": self.description,
+            **({"parts": [p.to_dict() for p in self.parts]} if self.parts else {}),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SensorSpec":
         """Rebuild a spec written by :meth:`to_dict` (e.g. from a checkpoint)."""
+        if d.get("parts"):
+            return stack_sensors(*(cls.from_dict(p) for p in d["parts"]))
         return cls(
             name=d["name"],
             bands=tuple(d["bands"]),
@@ -309,6 +373,8 @@ class SensorSpec:
 
     def describe(self) -> str:
         """Multi-line human-readable summary (band, GSD, mean, std)."""
+        if self.parts:
+            return "\n".join([f"{self.name}: {self.description}"] + [p.describe() for p in self.parts])
         lines = [
             f"{self.name}: {self.description}".rstrip(": "),
             f"  conversion={self.conversion} units={self.units} nodata={self.nodata} rgb={','.join(self.rgb)}",
@@ -404,12 +470,70 @@ def get_sensor(name: str | SensorSpec, bands: Iterable[str] | None = None) -> Se
     """
     if isinstance(name, SensorSpec):
         spec = name
+    elif STACK_SEPARATOR in str(name):
+        spec = stack_sensors(*(get_sensor(n.strip()) for n in str(name).split(STACK_SEPARATOR)))
     else:
         key = {k.upper(): k for k in SENSORS}.get(str(name).upper())
         if key is None:
-            raise KeyError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)}")
+            raise KeyError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)} (a stack of co-registered "
+                           f"sensors joins names with {STACK_SEPARATOR!r}, e.g. 'S2L2A+S1')")
         spec = SENSORS[key]
     return spec.subset(bands) if bands is not None else spec
+
+
+def stack_sensors(*specs: SensorSpec) -> SensorSpec:
+    """The spec of co-registered sensors stacked along the channel axis, e.g. Sentinel-2 bands then Sentinel-1 bands.
+
+    Every part keeps its conversion (S2 DN -> reflectance, S1 dB ...), nodata and statistics; the stack's ``bands``,
+    ``mean`` and ``std`` are the parts' concatenated, its name and conversion the parts' joined with ``+``
+    (``"S2L2A+S1"``, ``"dn_to_reflectance+db"``), its preview bands the first optical part's. Stacks given as parts
+    are flattened.
+
+    Raises:
+        ValueError: fewer than two sensors, or two sensors that share band names (the stack names bands uniquely).
+    """
+    parts: list[SensorSpec] = []
+    for s in specs:
+        parts.extend(s.parts if s.parts else (s,))
+    if len(parts) < 2:
+        raise ValueError(f"a sensor stack needs at least two sensors, got {[p.name for p in parts]}")
+    seen: dict[str, str] = {}
+    for p in parts:
+        for b in p.available_bands:
+            if b in seen:
+                raise ValueError(f"sensors {seen[b]} and {p.name} both have a band named {b}: a stack needs distinct "
+                                 f"band names")
+            seen[b] = p.name
+    merged: dict[str, dict[str, float]] = {"gsd": {}, "mean": {}, "std": {}}
+    for p in parts:
+        for attr, d in merged.items():
+            d.update(getattr(p, attr))
+    nodata = {p.nodata for p in parts}
+    preview = next((p for p in parts if not p.is_sar and all(b in p.bands for b in p.rgb)), parts[0])
+    return SensorSpec(
+        name=STACK_SEPARATOR.join(p.name for p in parts),
+        bands=tuple(b for p in parts for b in p.bands),
+        gsd=merged["gsd"],
+        mean=merged["mean"],
+        std=merged["std"],
+        nodata=nodata.pop() if len(nodata) == 1 else None,
+        rgb=preview.rgb,
+        conversion=STACK_SEPARATOR.join(p.conversion for p in parts),
+        units=STACK_SEPARATOR.join(p.units for p in parts),
+        derived=tuple(d for p in parts for d in p.derived),
+        description="stack of " + ", ".join(f"{p.name} ({len(p.bands)} bands)" for p in parts),
+        parts=tuple(parts),
+    )
+
+
+def file_band_names(spec: SensorSpec) -> tuple[str, ...]:
+    """Band names assumed for a multi-band file without band descriptions: the registry sensor's full band list in
+    product order (a stack's: its sensors' lists one after the other, e.g. 12 S2L2A bands then VV, VH), or the spec's
+    raw bands for a sensor outside the registry."""
+    if spec.parts:
+        return tuple(b for p in spec.parts for b in file_band_names(p))
+    base = SENSORS.get(spec.name)
+    return base.bands if base is not None else spec.raw_bands
 
 
 # ---------------------------------------------------------------------- conversions
@@ -489,6 +613,16 @@ def to_model_units(
     raw = np.asarray(raw)
     if raw.ndim != 3 or raw.shape[0] != len(raw_bands):
         raise ValueError(f"expected raw array (C={len(raw_bands)}, H, W) for bands {raw_bands}, got {raw.shape}")
+    if spec.parts:  # each sensor of a stack with its own conversion
+        index = {b: i for i, b in enumerate(raw_bands)}
+        out_parts = []
+        for p in spec.parts:
+            missing = [b for b in p.raw_bands if b not in index]
+            if missing:
+                raise ValueError(f"band(s) {missing} of sensor {p.name} are not among raw bands {raw_bands}")
+            out_parts.append(to_model_units(raw[[index[b] for b in p.raw_bands]], p, raw_bands=p.raw_bands,
+                                            offset=offset, floor=floor))
+        return np.concatenate(out_parts, axis=0)
     conv = spec.conversion
     if conv == "dn_to_reflectance":
         phys = dn_to_reflectance(raw, offset)

@@ -97,8 +97,26 @@ def _load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+_INDEXED = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<index>\d+)\]$")
+
+
+def _key_path(key: str, item: str) -> list[str | int]:
+    """``"data.stack[0].root"`` -> ``["data", "stack", 0, "root"]``."""
+    path: list[str | int] = []
+    for part in key.split("."):
+        m = _INDEXED.match(part)
+        if m:
+            path += [m["name"], int(m["index"])]
+        elif "[" in part or "]" in part:
+            raise ConfigError(f"override {item!r}: {part!r} is not name[index]")
+        else:
+            path.append(part)
+    return path
+
+
 def parse_overrides(overrides: list[str] | None) -> dict:
-    """Turn ``["optim.lr=0.01", "data.bands=[B02,B03]"]`` into a nested dict (values parsed as YAML scalars)."""
+    """Turn ``["optim.lr=0.01", "data.bands=[B02,B03]", "data.stack[0].root=/x"]`` into a nested dict (values parsed
+    as YAML scalars; an item of a list is addressed as ``name[index]`` and becomes an integer key)."""
     nested: dict = {}
     for item in overrides or []:
         if "=" not in item:
@@ -112,7 +130,7 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
         node = nested
-        parts = key.split(".")
+        parts = _key_path(key, item)
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -126,6 +144,13 @@ def _merge(base: dict, top: dict) -> dict:
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and value and all(isinstance(k, int) for k in value):  # list items by index
+            items = list(out.get(key) or [])
+            for i, v in value.items():
+                if i >= len(items):
+                    raise ConfigError(f"override of {key}[{i}]: {key!r} has {len(items)} item(s)")
+                items[i] = _merge(items[i], v) if isinstance(v, dict) and isinstance(items[i], dict) else v
+            out[key] = items
         else:
             out[key] = value
     return out
@@ -272,8 +297,38 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     if over:
         # Check overrides on their own first so that an error names the command line, not the file.
         _check_keys(cls, over, "", "command-line override")
+        _fill_indexed_defaults(cls, data, over)
         source = f"{source} + command-line overrides"
     return _build(cls, _merge(data, over), "", source)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _fill_indexed_defaults(cls: type, data: dict, over: dict) -> None:
+    """Copy into ``data`` the default of every list that ``name[index]`` overrides address but the file leaves out."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for k, v in over.items():
+        if not isinstance(v, dict) or k not in fields:
+            continue
+        if v and all(isinstance(i, int) for i in v):
+            if k not in data:
+                default = config_to_dict(_field_default(fields[k]))
+                data[k] = list(default) if isinstance(default, (list, tuple)) else []
+        elif dataclasses.is_dataclass(hints[k]):
+            sub = data.get(k)
+            if isinstance(sub, dict):
+                _fill_indexed_defaults(hints[k], sub, v)
+            elif sub is None:
+                sub = {}
+                default = _field_default(fields[k])
+                _fill_indexed_defaults(hints[k], sub, v)
+                if sub and dataclasses.is_dataclass(default):
+                    data[k] = {**config_to_dict(default), **sub}
 
 
 def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
@@ -288,6 +343,11 @@ def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
         tp = hints[k]
         if dataclasses.is_dataclass(tp) and isinstance(v, dict):
             _check_keys(tp, v, dotted, source)
+        elif isinstance(v, dict) and get_origin(tp) in (list, tuple):  # name[index] overrides of list items
+            item_tp = (get_args(tp) or (Any,))[0]
+            for i, sub in v.items():
+                if dataclasses.is_dataclass(item_tp) and isinstance(sub, dict):
+                    _check_keys(item_tp, sub, f"{dotted}[{i}]", source)
 
 
 def config_to_dict(cfg: Any) -> Any:

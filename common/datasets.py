@@ -25,13 +25,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.bands import IGNORE_INDEX, SENSORS, SensorSpec, get_sensor, to_model_units
+from common.bands import IGNORE_INDEX, SensorSpec, file_band_names, get_sensor, stack_sensors, to_model_units
 from common.raster import (
     GEOTIFF_SUFFIXES,
     RasterError,
@@ -56,6 +56,10 @@ __all__ = [
     "SegmentationDataset",
     "SpaceNet6Tiles",
     "BigEarthNetPatches",
+    "StackedDataset",
+    "stacked_segmentation_dataset",
+    "MATCH_MODES",
+    "RasterGrid",
 ]
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
@@ -102,6 +106,65 @@ SPACENET6_CLASSES: tuple[str, ...] = ("background", "building")
 """Classes of :class:`SpaceNet6Tiles` masks."""
 
 _DEFAULT_IMAGE_PATTERN = "{id}.tif"
+
+MATCH_MODES = ("path", "stem", "bigearthnet")
+"""How :meth:`StackedDataset.join` pairs the samples of co-registered sensors: ``path``: the file's path relative to
+its dataset root without the suffix (``source/images/t1`` under ``s2/`` and under ``s1/``; a band folder's relative
+path); ``stem``: the file stem or band-folder name alone; ``bigearthnet``: the BigEarthNet patch name, with a
+Sentinel-1 patch standing for the Sentinel-2 patch its ``corresponding_s2_patch`` metadata names. Labelled
+segmentation tiles are always paired by id."""
+
+
+class RasterGrid(NamedTuple):
+    """The pixel grid of a sample: CRS string, 6-tuple transform, height and width, and the file it comes from."""
+
+    crs: str | None
+    transform: tuple[float, ...]
+    height: int
+    width: int
+    path: str
+
+    def same_as(self, other: "RasterGrid") -> bool:
+        """Same size, CRS and transform (to 1e-6 of a pixel)."""
+        if (self.height, self.width) != (other.height, other.width):
+            return False
+        if (self.crs is None) != (other.crs is None) or (self.crs is not None and to_crs(self.crs) != to_crs(other.crs)):
+            return False
+        res = max(abs(self.transform[0]), abs(self.transform[4]), 1e-12)
+        return bool(np.allclose(self.transform[:6], other.transform[:6], rtol=1e-9, atol=1e-6 * res))
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.height}x{self.width} px, CRS {self.crs}, transform {tuple(self.transform[:6])})"
+
+
+def _grid_of(info: RasterInfo, tile: Tile | None = None, tile_size: int | None = None) -> RasterGrid:
+    if tile is None:
+        return RasterGrid(info.crs, tuple(info.transform), info.height, info.width, info.path)
+    a, b, c, d, e, f = info.transform[:6]
+    c2, f2 = a * tile.col_off + b * tile.row_off + c, d * tile.col_off + e * tile.row_off + f
+    size = tile_size or tile.height
+    return RasterGrid(info.crs, (a, b, c2, d, e, f2), size, size, f"{info.path} window {tuple(tile)}")
+
+
+def _band_folder_grid(folder: Path, spec: SensorSpec) -> RasterGrid:
+    """Grid of a band folder: its finest selected band's file (the grid :func:`read_band_files` resamples onto)."""
+    raw = spec.raw_bands
+    files = find_band_files(folder, raw)
+    finest = min(raw, key=lambda b: spec.gsd.get(b, 0.0))
+    return _grid_of(raster_info(files[finest], check_data=False))
+
+
+def _bigearthnet_pair_name(folder: Path) -> str:
+    """A BigEarthNet patch's name, or for a Sentinel-1 patch the Sentinel-2 patch its metadata pairs it with."""
+    meta_path = folder / f"{folder.name}{BIGEARTHNET_METADATA_SUFFIX}"
+    if not meta_path.is_file():
+        return folder.name
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_path}: cannot read labels metadata ({exc})") from exc
+    partner = meta.get("corresponding_s2_patch") if isinstance(meta, dict) else None
+    return str(partner) if partner else folder.name
 
 
 # ---------------------------------------------------------------------- helpers
@@ -188,9 +251,8 @@ class _RasterDataset(Dataset):
         if isinstance(fill_value, str) and fill_value != "mean":
             raise ValueError(f"fill_value must be 'mean', a number or None, got {fill_value!r}")
         self.spec: SensorSpec = get_sensor(sensor, bands)
-        base = SENSORS.get(self.spec.name)
         # Names assumed for multi-band files without band descriptions: the sensor's full raw band list.
-        self.file_bands: tuple[str, ...] = base.bands if base is not None else self.spec.raw_bands
+        self.file_bands: tuple[str, ...] = file_band_names(self.spec)
         self.transform = transform
         self.return_georef = return_georef
         self.fill_value = fill_value
@@ -265,6 +327,7 @@ class UnlabelledTiles(_RasterDataset):
         fill_value: Fill of invalid pixels (``"mean"``, a float or None).
         offset: Sentinel-2 radiometric offset in DN (-1000 for baseline >= 04.00).
         resampling: Resampling of coarser band files (band-folder layout).
+        exclude_ids: Ids (file stems or band-folder names) left out, e.g. the validation tiles of a split file.
 
     Raises:
         ValueError / RasterError: No inputs, or an invalid input (the message names the file and the problem).
@@ -288,15 +351,22 @@ class UnlabelledTiles(_RasterDataset):
         fill_value: str | float | None = "mean",
         offset: float = 0,
         resampling: str = "bilinear",
+        exclude_ids: Collection[str] = (),
     ) -> None:
         super().__init__(sensor, bands, transform, return_georef, fill_value, offset, validate)
         _check_mode("layout", layout, self.LAYOUTS)
         self.resampling = resampling
         self.tile_size = tile_size
         self.overlap = overlap
+        self.root: Path | None = Path(root) if isinstance(root, (str, os.PathLike)) and Path(root).is_dir() else None
         sources, self.layout = self._discover(root, glob, layout)
         if not sources:
             raise ValueError(f"{root}: no input rasters found (glob {glob!r}, layout {layout!r})")
+        if exclude_ids:
+            excluded = set(exclude_ids)
+            sources = [p for p in sources if self._source_id(p) not in excluded]
+            if not sources:
+                raise ValueError(f"{root}: every input raster (glob {glob!r}) is among the excluded ids")
         self.sources: list[Path] = sources
         if self.layout == "band_files" and tile_size is not None:
             raise ValueError("tile_size is only supported for multi-band files, not band folders")
@@ -370,6 +440,35 @@ class UnlabelledTiles(_RasterDataset):
                     raise RasterError(f"{src}: band(s) {missing} not found; bands present: {', '.join(present)}")
                 infos[i] = info
         return infos
+
+    def _source_id(self, src: Path) -> str:
+        return src.name if self.layout == "band_files" else src.stem
+
+    def sample_key(self, index: int, match: str = "path") -> str:
+        """The key pairing this sample with a co-registered sensor's (see :data:`MATCH_MODES`); tiles of a scene
+        add ``@row_col``."""
+        _check_mode("match", match, MATCH_MODES)
+        si, tile = self.items[self._index(index)]
+        src = self.sources[si]
+        if match == "bigearthnet":
+            key = _bigearthnet_pair_name(src) if self.layout == "band_files" else src.stem
+        elif match == "stem" or self.root is None:
+            key = self._source_id(src)
+        else:
+            try:
+                rel = src.relative_to(self.root)
+            except ValueError:
+                rel = Path(src.name)
+            key = (rel if self.layout == "band_files" else rel.with_suffix("")).as_posix()
+        return key if tile is None else f"{key}@{tile.row_off}_{tile.col_off}"
+
+    def sample_grid(self, index: int) -> RasterGrid:
+        """The pixel grid of a sample, from the file headers."""
+        si, tile = self.items[self._index(index)]
+        src = self.sources[si]
+        if self.layout == "band_files":
+            return _band_folder_grid(src, self.spec)
+        return _grid_of(raster_info(src, default_band_names=self.file_bands, check_data=False), tile, self.tile_size)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -575,6 +674,15 @@ class SegmentationDataset(_RasterDataset):
         if image_shape is not None and mask.shape != tuple(image_shape):
             raise RasterError(f"{mp}: mask size {mask.shape} differs from image size {tuple(image_shape)}")
         return mask
+
+    def sample_key(self, index: int, match: str = "path") -> str:
+        """The sample's id (co-registered segmentation tiles are paired by id, whatever ``match``)."""
+        return self.ids[self._index(index)]
+
+    def sample_grid(self, index: int) -> RasterGrid:
+        """The pixel grid of a sample, from the image header."""
+        return _grid_of(raster_info(self.image_path(self.ids[self._index(index)]),
+                                    default_band_names=self.file_bands, check_data=False))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -784,7 +892,7 @@ class BigEarthNetPatches(_RasterDataset):
     def __init__(
         self,
         root: str | os.PathLike,
-        sensor: str = "S2L2A",
+        sensor: str | SensorSpec = "S2L2A",
         bands: Sequence[str] | None = None,
         transform: Transform | None = None,
         *,
@@ -795,8 +903,9 @@ class BigEarthNetPatches(_RasterDataset):
         validate: str = "full",
         fill_value: str | float | None = "mean",
     ) -> None:
-        if str(sensor).upper() not in self.SENSORS:
-            raise ValueError(f"BigEarthNetPatches sensor must be one of {self.SENSORS}, got {sensor!r}")
+        name = sensor.name if isinstance(sensor, SensorSpec) else str(sensor)
+        if name.upper() not in self.SENSORS:
+            raise ValueError(f"BigEarthNetPatches sensor must be one of {self.SENSORS}, got {name!r}")
         super().__init__(sensor, bands, transform, return_georef, fill_value, 0, validate)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -847,6 +956,16 @@ class BigEarthNetPatches(_RasterDataset):
         """Class names of a patch."""
         return self.label_lists[self._index(index)]
 
+    def sample_key(self, index: int, match: str = "bigearthnet") -> str:
+        """The patch name; with ``match="bigearthnet"`` a Sentinel-1 patch gives its Sentinel-2 partner's name."""
+        _check_mode("match", match, MATCH_MODES)
+        patch = self.patches[self._index(index)]
+        return _bigearthnet_pair_name(patch) if match == "bigearthnet" else patch.name
+
+    def sample_grid(self, index: int) -> RasterGrid:
+        """The 10 m grid of a patch, from the band files' headers."""
+        return _band_folder_grid(self.patches[self._index(index)], self.spec)
+
     def __len__(self) -> int:
         return len(self.patches)
 
@@ -863,3 +982,237 @@ class BigEarthNetPatches(_RasterDataset):
             "labels": labels, "label_names": LABEL_SEPARATOR.join(self.label_lists[index]),
         }  # fmt: skip
         return self._finish(sample, r.georef())
+
+
+# ---------------------------------------------------------------------- sensor stacks
+class StackedDataset(Dataset):
+    """Co-registered samples of several sensors stacked along the channel axis (Sentinel-2 + Sentinel-1 ...).
+
+    Datasheet:
+        Parts: one dataset per sensor (any of this module's), in channel order, each built with ``transform=None``;
+            the first is the *primary*: the stacked sample keeps its ``id``, ``mask``, ``labels``, ``tile``,
+            and georeferencing. The parts are paired by :meth:`join` (by key, see :data:`MATCH_MODES`) or given
+            aligned (sample ``i`` of every part).
+        Samples: ``image`` float32 ``(C_1 + C_2 + ..., H, W)`` in each sensor's model units (S2 reflectance, S1
+            dB), ``valid`` = the parts' valid masks combined with AND (a pixel is valid when every band is), ``mask``
+            set to :data:`~common.bands.IGNORE_INDEX` where the stack is invalid, invalid pixels filled after
+            stacking (``fill_value``). The sensor spec :attr:`spec` is :func:`common.bands.stack_sensors` of the
+            parts' specs (conversion per part, e.g. ``"dn_to_reflectance+db"``).
+        Checks: the paired samples must lie on the same pixel grid (size, CRS, transform): checked from the file
+            headers of every pair at construction (``check_grids``) and again on the arrays at every access; a
+            mismatch names both files. Resample one sensor onto the other's grid first (e.g. ``gdalwarp``).
+
+    Args:
+        parts: Datasets, one per sensor, in channel order.
+        index: Rows ``(i_0, i_1, ...)``: the sample of each part making stacked sample ``k``; default: sample ``k``
+            of every part (all parts of one length).
+        transform: Sample transform applied to the stacked sample (numpy in, dict out).
+        return_georef: Add ``crs`` and ``transform`` (the primary's).
+        fill_value: Fill of invalid pixels (``"mean"``: the stack spec's band means, a float, or None).
+        check_grids: Compare the grids of every pair from the headers now.
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[Any],
+        index: Sequence[Sequence[int]] | None = None,
+        transform: Transform | None = None,
+        *,
+        return_georef: bool = False,
+        fill_value: str | float | None = "mean",
+        check_grids: bool = True,
+    ) -> None:
+        parts = list(parts)
+        if len(parts) < 2:
+            raise ValueError(f"a stack needs at least two datasets, got {len(parts)}")
+        for p in parts:
+            if getattr(p, "transform", None) is not None:
+                raise ValueError(f"{type(p).__name__} of sensor {p.spec.name}: give the stack the transform, not its "
+                                 f"parts (they must return samples in model units)")
+            p.return_georef = True  # the stack compares the parts' georeferencing at every access
+        if isinstance(fill_value, str) and fill_value != "mean":
+            raise ValueError(f"fill_value must be 'mean', a number or None, got {fill_value!r}")
+        self.parts = parts
+        self.spec: SensorSpec = stack_sensors(*(p.spec for p in parts))
+        if index is None:
+            lengths = {len(p) for p in parts}
+            if len(lengths) != 1:
+                raise ValueError(f"parts of different lengths {[len(p) for p in parts]}; pair them with "
+                                 f"StackedDataset.join")
+            index = [(i,) * len(parts) for i in range(len(parts[0]))]
+        self.index: list[tuple[int, ...]] = [tuple(int(j) for j in row) for row in index]
+        if any(len(row) != len(parts) for row in self.index):
+            raise ValueError(f"every index row needs one entry per part ({len(parts)})")
+        if not self.index:
+            raise ValueError("empty stack: no sample pairs")
+        self.transform = transform
+        self.return_georef = return_georef
+        self.fill_value = fill_value
+        self.skipped: list[str] = []  # primary keys left out by join(missing="skip")
+        if check_grids:
+            for row in self.index:
+                ref = parts[0].sample_grid(row[0])
+                for p, j in zip(parts[1:], row[1:]):
+                    other = p.sample_grid(j)
+                    if not ref.same_as(other):
+                        raise RasterError(f"{other.describe()} is not on the pixel grid of {ref.describe()}: stacked "
+                                          f"sensors must be co-registered (resample one onto the other first)")
+
+    @classmethod
+    def join(
+        cls, parts: Sequence[Any], match: str = "path", missing: str = "error", **kwargs: Any
+    ) -> "StackedDataset":
+        """Pair the samples of ``parts`` by key (:data:`MATCH_MODES`) in the primary's order.
+
+        Args:
+            parts: Datasets, one per sensor, in channel order (the first is the primary).
+            match: ``"path"``, ``"stem"`` or ``"bigearthnet"``.
+            missing: ``"error"``: every primary sample needs a partner in every other part; ``"skip"``: primary
+                samples without one are left out (listed in :attr:`skipped`). Unpaired samples of the other parts
+                are never used.
+            kwargs: :class:`StackedDataset` options.
+
+        Raises:
+            ValueError: duplicate keys in a part, primary samples without partners (``missing="error"``, the message
+                counts them and names some), or no pair at all.
+        """
+        _check_mode("match", match, MATCH_MODES)
+        _check_mode("missing", missing, ("error", "skip"))
+        parts = list(parts)
+        lookups = []
+        for p in parts[1:]:
+            keys: dict[str, int] = {}
+            for i in range(len(p)):
+                k = p.sample_key(i, match)
+                if k in keys:
+                    raise ValueError(f"sensor {p.spec.name}: two samples share the key {k!r} (match={match!r}); "
+                                     f"use match='path' or give distinct file names")
+                keys[k] = i
+            lookups.append(keys)
+        rows, lost = [], []
+        for i in range(len(parts[0])):
+            k = parts[0].sample_key(i, match)
+            partners = [d.get(k) for d in lookups]
+            if any(j is None for j in partners):
+                lost.append(k)
+            else:
+                rows.append((i, *partners))
+        names = " and ".join(p.spec.name for p in parts[1:])
+        if lost and (missing == "error" or not rows):
+            raise ValueError(
+                f"{len(lost)} of {len(parts[0])} {parts[0].spec.name} samples have no {names} partner (paired by "
+                f"{match}), e.g. {lost[:3]}" + ("; set missing='skip' (config: data.stack_missing: skip) to leave "
+                                                "them out" if rows else ""))
+        out = cls(parts, rows, **kwargs)
+        out.skipped = lost
+        return out
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Channel names of ``image``."""
+        return self.spec.bands
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def sample_key(self, index: int, match: str = "path") -> str:
+        """The primary's key of a stacked sample."""
+        return self.parts[0].sample_key(self.index[index][0], match)
+
+    def sample_grid(self, index: int) -> RasterGrid:
+        """The primary's pixel grid of a stacked sample."""
+        return self.parts[0].sample_grid(self.index[index][0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for StackedDataset of length {n}")
+        row = self.index[index]
+        samples = [p[j] for p, j in zip(self.parts, row)]
+        first = samples[0]
+        images, valid = [], None
+        for p, smp in zip(self.parts, samples):
+            img = np.asarray(smp["image"], dtype=np.float32)
+            ok = np.asarray(smp["valid"], dtype=bool)
+            if images and (img.shape[1:] != images[0].shape[1:] or smp["crs"] != first["crs"]
+                           or not np.allclose(smp["transform"], first["transform"], rtol=1e-9,
+                                              atol=1e-6 * max(abs(first["transform"][0]), 1e-12))):
+                raise RasterError(f"sample {smp['id']!r} of {p.spec.name} ({img.shape[1]}x{img.shape[2]} px, "
+                                  f"{smp['crs']}, {tuple(smp['transform'])}) is not on the grid of "
+                                  f"{first['id']!r} of {self.parts[0].spec.name} ({images[0].shape[1]}x"
+                                  f"{images[0].shape[2]} px, {first['crs']}, {tuple(first['transform'])})")
+            images.append(img)
+            valid = ok if valid is None else valid & ok
+        image = np.concatenate(images, axis=0)
+        assert valid is not None
+        valid = valid & np.isfinite(image).all(axis=0)
+        if self.fill_value is not None and not valid.all():
+            fill = (self.spec.mean_array() if self.fill_value == "mean"
+                    else np.full(len(self.spec.bands), self.fill_value, np.float32))
+            image = np.where(valid[None], image, fill[:, None, None]).astype(np.float32)
+        sample: dict[str, Any] = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
+        sample.update(image=image, valid=valid, index=index)
+        if "mask" in sample:
+            mask = np.array(sample["mask"], dtype=np.int64)
+            mask[~valid] = IGNORE_INDEX
+            sample["mask"] = mask
+        if not self.return_georef:
+            sample.pop("crs", None)
+            sample.pop("transform", None)
+        if self.transform is not None:
+            sample = self.transform(sample)
+            if not isinstance(sample, dict):
+                raise TypeError(f"transform {self.transform!r} must return a dict, got {type(sample).__name__}")
+        return _to_tensors(sample)
+
+
+def stacked_segmentation_dataset(
+    root: str | os.PathLike,
+    split: str | os.PathLike | Sequence[str] | None,
+    spec: SensorSpec,
+    image_dirs: Sequence[str],
+    image_patterns: Sequence[str] | None = None,
+    transform: Transform | None = None,
+    *,
+    labelled: bool = True,
+    return_georef: bool = False,
+    fill_value: str | float | None = "mean",
+    **kwargs: Any,
+) -> SegmentationDataset | StackedDataset:
+    """A :class:`SegmentationDataset`, or for a sensor stack the :class:`StackedDataset` of one per sensor.
+
+    Args:
+        root: Dataset root (masks and split files are the first sensor's).
+        split: Split of the ids (see :class:`SegmentationDataset`).
+        spec: The sensor, or a stack (:func:`common.bands.stack_sensors`).
+        image_dirs: One image directory per sensor of ``spec`` (relative to ``root`` or absolute); the tiles of an
+            id must be co-registered.
+        image_patterns: One file-name pattern per sensor (default ``{id}.tif`` for each).
+        transform, labelled, return_georef, fill_value: as :class:`SegmentationDataset`.
+        kwargs: further :class:`SegmentationDataset` options (``mask_dir``, ``num_classes``, ``validate``, ...).
+
+    Raises:
+        ValueError: the number of image directories differs from the number of sensors; any dataset error (a
+            missing partner tile names the directory and the ids).
+    """
+    parts = spec.parts or (spec,)
+    if len(image_dirs) != len(parts):
+        raise ValueError(f"sensor {spec.name} needs {len(parts)} image director{'ies' if len(parts) > 1 else 'y'} "
+                         f"(one per sensor), got {list(image_dirs)}")
+    patterns = list(image_patterns) if image_patterns is not None else [_DEFAULT_IMAGE_PATTERN] * len(parts)
+    if len(patterns) != len(parts):
+        raise ValueError(f"sensor {spec.name} needs {len(parts)} image patterns, got {patterns}")
+    if not spec.parts:
+        return SegmentationDataset(root, split, image_dir=image_dirs[0], image_pattern=patterns[0], sensor=spec,
+                                   bands=spec.bands, transform=transform, labelled=labelled,
+                                   return_georef=return_georef, fill_value=fill_value, **kwargs)
+    primary = SegmentationDataset(root, split, image_dir=image_dirs[0], image_pattern=patterns[0], sensor=parts[0],
+                                  bands=parts[0].bands, labelled=labelled, fill_value=None, **kwargs)
+    other_kw = {k: v for k, v in kwargs.items() if k not in ("mask_dir", "mask_pattern", "label_check", "class_names")}
+    others = [SegmentationDataset(root, list(primary.ids), image_dir=d, image_pattern=pat, sensor=p, bands=p.bands,
+                                  labelled=False, fill_value=None, **other_kw)
+              for d, pat, p in zip(image_dirs[1:], patterns[1:], parts[1:])]
+    return StackedDataset([primary, *others], transform=transform, return_georef=return_georef,
+                          fill_value=fill_value, check_grids=kwargs.get("validate", "full") != "none")

@@ -79,6 +79,8 @@ class ExportMeta:
     normalisation: Normalisation
     num_features: int
     source: dict[str, Any] = field(default_factory=dict)  # DINO settings, epoch, step, run directory
+    sensor_parts: list[dict[str, Any]] = field(default_factory=list)  # a sensor stack's sensors in channel order:
+    #                                     {sensor, bands, conversion, units} each (empty for a single sensor)
     format: str = EXPORT_FORMAT
     sha256: str = ""
     timm_version: str = ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.bands import IGNORE_INDEX, SensorSpec, resolve_sensor
+from common.bands import IGNORE_INDEX, BandStats, SensorSpec, get_sensor, resolve_sensor, stack_sensors
 from common.checkpoint import atomic_write_json
-from common.datasets import SegmentationDataset
+from common.datasets import stacked_segmentation_dataset
 from common.engine import TrainerConfig
 from common.optim import OptimConfig
 from common.sampling import AugmentedDataset, CachedDataset
@@ -32,6 +32,8 @@ from finetune.transforms import SegAugConfig, SegmentationTransform
 
 __all__ = [
     "SegDataConfig",
+    "SegStackConfig",
+    "data_sensor",
     "SegModelConfig",
     "LossConfig",
     "EvalConfig",
@@ -49,6 +51,18 @@ PALETTE = np.array([
     [31, 120, 180], [27, 94, 32], [240, 200, 40], [150, 220, 90], [200, 30, 30], [150, 110, 70],
     [128, 0, 128], [0, 200, 200], [255, 127, 0], [90, 90, 90], [255, 255, 255], [0, 0, 0],
 ], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class SegStackConfig:
+    """A co-registered sensor whose tiles are appended to the images' channels (an entry of ``data.stack``): the
+    tile of id ``X`` is ``<image_dir>/<image_pattern with X>`` and must lie on the grid of the first sensor's."""
+
+    sensor: str  # S1, S2L2A, ... (common/bands.py); band names must differ from the other sensors'
+    image_dir: str  # relative to data.root, or absolute (e.g. ../../s1/source/images)
+    image_pattern: str = "{id}.tif"
+    bands: tuple[str, ...] | None = None  # default: the export's bands with model.weights, else the sensor's
+    stats_file: str | None = None  # this sensor's statistics (default: the export's / reference stats)
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class SegDataConfig:
     batch_size: int = 8  # per process
     cache: bool = False  # keep decoded training tiles in memory (datasets that fit in RAM)
     checks: Literal["full", "header", "none"] = "full"  # input checks at start-up (full: reads every mask)
+    stack: tuple[SegStackConfig, ...] = ()  # co-registered sensors appended as channels (S2 + S1 tiles), by id
 
     def validate(self) -> None:
         if not 1 <= self.num_classes < IGNORE_INDEX:
@@ -164,6 +179,27 @@ def _export_meta(path: Path) -> ExportMeta | None:
     return read_export(path)[1]
 
 
+def data_sensor(data: SegDataConfig, bands: list[str] | tuple[str, ...] | None = None) -> SensorSpec:
+    """The sensor of ``data``: ``data.sensor`` stacked with the ``data.stack`` sensors, restricted to ``bands`` (over
+    the whole stack, e.g. an export's) or to each sensor's configured bands, with each sensor's stats file.
+
+    Raises:
+        KeyError / ValueError: unknown sensor or band, a stats file lacking a band, or ``bands`` that leave out a
+            stacked sensor entirely.
+    """
+    if not data.stack:
+        return resolve_sensor(data.sensor, bands if bands is not None else data.bands, data.stats_file)
+    sources = [(data.sensor, data.bands, data.stats_file)] + [(x.sensor, x.bands, x.stats_file) for x in data.stack]
+    if bands is None:
+        return stack_sensors(*(resolve_sensor(*src) for src in sources))
+    spec = stack_sensors(*(get_sensor(name) for name, _, _ in sources)).subset(bands)
+    if len(spec.parts) != len(sources):
+        raise ValueError(f"bands {list(bands)} leave out a sensor of the data's stack "
+                         f"{'+'.join(name for name, _, _ in sources)}; remove it from data.stack or select its bands")
+    parts = [p.with_stats(BandStats.from_json(stats)) if stats else p for p, (_, _, stats) in zip(spec.parts, sources)]
+    return stack_sensors(*parts)
+
+
 def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "the config") -> ResolvedInputs:
     """Decide the bands, normalisation and weights of a run, refusing an export that does not fit the data.
 
@@ -178,29 +214,38 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
     """
     notes: list[str] = []
     if model.weights is None:
-        return ResolvedInputs(resolve_sensor(data.sensor, data.bands, data.stats_file), None, None, None, notes)
+        return ResolvedInputs(data_sensor(data), None, None, None, notes)
     path = Path(model.weights)
     if not path.is_file():
         raise FileNotFoundError(f"model.weights: {path} does not exist")
     meta = _export_meta(path)
     if meta is None:  # a plain timm state_dict: nothing to check against
-        spec = resolve_sensor(data.sensor, data.bands, data.stats_file)
+        spec = data_sensor(data)
         notes.append(f"model.weights {path} has no export sidecar: bands and normalisation cannot be checked")
         return ResolvedInputs(spec, str(path), None, None, notes)
 
-    bands = list(data.bands) if data.bands is not None else list(meta.bands)
+    explicit = data.bands is not None or any(x.bands is not None for x in data.stack)
+    bands = list(data_sensor(data).bands) if explicit else list(meta.bands)
     same_bands = bands == list(meta.bands)
     if not same_bands and not model.band_mapping:
         # names the differing bands and the keys that fix it
         check_compatible(meta, bands, meta.normalisation.conversion, [0.0] * len(bands), [1.0] * len(bands), source)
-    spec = resolve_sensor(data.sensor, bands, data.stats_file)
+    try:
+        spec = data_sensor(data, bands)
+    except ValueError as exc:
+        sensors = "+".join([data.sensor, *(x.sensor for x in data.stack)])
+        raise ExportMismatchError(
+            f"backbone export was trained on {meta.sensor} bands {meta.bands} but {source} reads {sensors}: {exc}. "
+            f"Stack the missing sensor's tiles with data.stack (e.g. S1 tiles next to S2 tiles), or set data.bands "
+            f"and model.band_mapping=true to map the first convolution by band name."
+        ) from None
     if spec.conversion != meta.normalisation.conversion:
         check_compatible(meta, bands, spec.conversion, spec.mean_array(), spec.std_array(), source)
+    stats_given = data.stats_file is not None or any(x.stats_file is not None for x in data.stack)
     if same_bands:
-        if data.stats_file is None:
-            mean = dict(zip(bands, meta.normalisation.mean))
-            std = dict(zip(bands, meta.normalisation.std))
-            spec = replace(spec, mean={**spec.mean, **mean}, std={**spec.std, **std})
+        if not stats_given:
+            spec = spec.with_stats(BandStats(mean=dict(zip(bands, meta.normalisation.mean)),
+                                             std=dict(zip(bands, meta.normalisation.std))))
             notes.append("normalisation taken from the export")
         else:
             check_compatible(meta, bands, spec.conversion, spec.mean_array(), spec.std_array(), source)
@@ -239,19 +284,21 @@ class _EvalTransform:
 def segmentation_datasets(data: SegDataConfig, spec: SensorSpec, augment: SegAugConfig, seed: int,
                           labelled_split: str | None = None, with_unlabelled: bool = False) -> dict[str, Any]:
     """``{"labelled": train set, "val": val set[, "unlabelled": ...]}``; every file is checked here, at start-up."""
-    kw = dict(image_dir=data.image_dir, mask_dir=data.mask_dir, bands=spec.bands, sensor=spec,
+    kw = dict(image_dirs=[data.image_dir, *(x.image_dir for x in data.stack)],
+              image_patterns=["{id}.tif", *(x.image_pattern for x in data.stack)], mask_dir=data.mask_dir,
               num_classes=data.num_classes, validate=data.checks, offset=data.offset, class_names=data.class_names)
     train_tf = SegmentationTransform(spec.mean_array(), spec.std_array(), augment, train=True)
     out: dict[str, Any] = {
-        "labelled": AugmentedDataset(_cached(_Strip(SegmentationDataset(
-            data.root, labelled_split or data.labelled_split, **kw)), data.cache), train_tf, seed=seed),
-        "val": SegmentationDataset(data.root, data.val_split, transform=_EvalTransform(spec), **kw),
+        "labelled": AugmentedDataset(_cached(_Strip(stacked_segmentation_dataset(
+            data.root, labelled_split or data.labelled_split, spec, **kw)), data.cache), train_tf, seed=seed),
+        "val": stacked_segmentation_dataset(data.root, data.val_split, spec, transform=_EvalTransform(spec), **kw),
     }
     if with_unlabelled:
         if data.unlabelled_split is None:
             raise ValueError("this method needs data.unlabelled_split")
         out["unlabelled"] = AugmentedDataset(
-            _cached(_Strip(SegmentationDataset(data.root, data.unlabelled_split, labelled=False, **kw)), data.cache),
+            _cached(_Strip(stacked_segmentation_dataset(data.root, data.unlabelled_split, spec, labelled=False,
+                                                        **kw)), data.cache),
             train_tf, seed=seed + 1)
     return out
 
@@ -357,6 +404,8 @@ def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, 
         "class_names": list(data.class_names) if data.class_names else None,
         "sensor": spec.name,
         "bands": list(spec.bands),
+        "sensor_parts": [{"sensor": p.name, "bands": list(p.bands), "conversion": p.conversion, "units": p.units}
+                         for p in spec.parts],
         "normalisation": {"conversion": spec.conversion, "mean": [float(v) for v in spec.mean_array()],
                           "std": [float(v) for v in spec.std_array()], "offset": float(data.offset)},
         "state_dict_prefix": eval_prefix,

@@ -62,7 +62,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from torch import nn
 
-from common.bands import IGNORE_INDEX, SensorSpec, get_sensor, to_model_units
+from common.bands import IGNORE_INDEX, SensorSpec, file_band_names, get_sensor, to_model_units
 from common.checkpoint import CHECKPOINT_DIR, load_safetensors
 from common.datasets import UnlabelledTiles
 from common.raster import GEOTIFF_SUFFIXES, RasterError, raster_info, read_raster, transform_to_tuple, write_geotiff
@@ -379,16 +379,67 @@ def output_paths(inputs: Sequence[Path], output: str | Path) -> list[Path]:
     return outs
 
 
-def check_inputs(run: RunModel, inputs: Sequence[Path]) -> tuple[str, ...]:
+def stack_paths(input_path: str | Path, templates: Sequence[str]) -> list[Path]:
+    """The co-registered files of the other sensors of a stack for one input: each template formatted with the
+    input's ``{stem}``, ``{name}`` and ``{dir}`` (e.g. ``"s1/images/{stem}.tif"``)."""
+    p = Path(input_path)
+    try:
+        return [Path(t.format(stem=p.stem, name=p.name, dir=str(p.parent))) for t in templates]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"--stack-input templates {list(templates)} may only use {{stem}}, {{name}} and {{dir}} "
+                         f"({exc!r})") from None
+
+
+def _source_specs(run: RunModel, stack_inputs: Sequence[str]) -> list[SensorSpec]:
+    """The sensor read from each file of an input: the model's (one file holding every band), or for a stack with
+    ``stack_inputs`` one sensor per file."""
+    spec = run.spec
+    if not stack_inputs:
+        return [spec]
+    if not spec.parts:
+        raise ValueError(f"--stack-input given, but the model of {run.card.path} takes one sensor ({spec.name})")
+    if len(stack_inputs) != len(spec.parts) - 1:
+        raise ValueError(f"the model takes the {spec.name} stack: give one --stack-input per sensor after "
+                         f"{spec.parts[0].name} ({', '.join(p.name for p in spec.parts[1:])}), or none for inputs "
+                         f"that hold all {len(spec.bands)} bands; got {len(stack_inputs)}")
+    return list(spec.parts)
+
+
+def check_inputs(run: RunModel, inputs: Sequence[Path], stack_inputs: Sequence[str] = ()) -> tuple[str, ...]:
     """Check every input's bands against the model (header only) and return the band names assumed for files
     without band descriptions.
 
+    For a model of a sensor stack (e.g. ``S2L2A+S1``) an input either holds every band of the stack, or (with
+    ``stack_inputs``, see :func:`stack_paths`) the first sensor's bands, the other sensors' bands coming from
+    co-registered files that must lie on the input's pixel grid.
+
     Raises:
-        RasterError: unreadable file, band count that does not fit a file without descriptions, or a missing band
-            (the message names the file).
+        FileNotFoundError: a stacked sensor's file is missing (the message names it and the input).
+        RasterError: unreadable file, band count that does not fit a file without descriptions, a missing band, or a
+            stacked file on another grid (the message names the file).
     """
-    tiles = UnlabelledTiles([str(p) for p in inputs], sensor=run.spec, layout="multiband", validate="header",
-                            offset=run.card.offset)
+    specs = _source_specs(run, stack_inputs)
+    try:
+        tiles = UnlabelledTiles([str(p) for p in inputs], sensor=specs[0], layout="multiband", validate="header",
+                                offset=run.card.offset)
+    except RasterError as exc:
+        if run.spec.parts and not stack_inputs:
+            raise RasterError(f"{exc} (the model takes the {run.spec.name} stack: inputs that hold only the "
+                              f"{run.spec.parts[0].name} bands need --stack-input for "
+                              f"{', '.join(p.name for p in run.spec.parts[1:])})") from None
+        raise
+    for k, spec in enumerate(specs[1:]):
+        partners = [stack_paths(p, stack_inputs)[k] for p in inputs]
+        for p, f in zip(inputs, partners):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: the {spec.name} file of {p} (--stack-input {stack_inputs[k]!r}) "
+                                        f"does not exist")
+        others = UnlabelledTiles([str(f) for f in partners], sensor=spec, layout="multiband", validate="header")
+        for i, (p, f) in enumerate(zip(inputs, partners)):
+            ref, other = tiles.sample_grid(i), others.sample_grid(i)
+            if not ref.same_as(other):
+                raise RasterError(f"{other.describe()} is not on the pixel grid of {ref.describe()}: stacked sensors "
+                                  f"must be co-registered")
     return tiles.file_bands
 
 
@@ -468,6 +519,7 @@ def predict_raster(
     batch_size: int = DEFAULT_BATCH_SIZE,
     block_width: int = DEFAULT_BLOCK_WIDTH,
     file_bands: Sequence[str] | None = None,
+    stack_inputs: Sequence[str] = (),
 ) -> Prediction:
     """Predict one raster with a loaded run and write the class map (and probabilities).
 
@@ -483,6 +535,8 @@ def predict_raster(
         block_width: widest column block streamed at once (see the module docstring).
         file_bands: band names of files without band descriptions (default: checked here, see
             :func:`check_inputs`).
+        stack_inputs: for a model of a sensor stack whose input holds the first sensor only: one path template per
+            other sensor (:func:`stack_paths`).
 
     Returns:
         :class:`Prediction`.
@@ -500,11 +554,13 @@ def predict_raster(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if file_bands is None:
-        file_bands = check_inputs(run, [input_path])
+        file_bands = check_inputs(run, [input_path], stack_inputs)
+    specs = _source_specs(run, stack_inputs)
+    sources = list(zip([input_path, *stack_paths(input_path, stack_inputs)], specs,
+                       [tuple(file_bands), *(file_band_names(p) for p in specs[1:])]))
     device = _resolve_device(device)
     net = run.net.to(device).eval()
-    spec, k = run.spec, run.num_classes
-    raw_bands = list(spec.raw_bands)
+    k = run.num_classes
     mean, std = run.mean_std()
     info = raster_info(input_path, default_band_names=file_bands, check_data=False)
     h, w = info.height, info.width
@@ -542,10 +598,14 @@ def predict_raster(
         top = 0
         for j, y in enumerate(ys):
             # 1. read and normalise the window row
-            sample = read_raster(input_path, bands=raw_bands, window=(y, r0, wh, r1 - r0),
-                                 default_band_names=file_bands, fallback_nodata=spec.nodata)
-            image = to_model_units(sample.array, spec, raw_bands=raw_bands, offset=run.card.offset)
-            ok = sample.valid & np.isfinite(image).all(axis=0)
+            images, ok = [], np.ones((wh, r1 - r0), dtype=bool)
+            for path, part, names in sources:  # one file per sensor of a stack, else one file
+                sample = read_raster(path, bands=list(part.raw_bands), window=(y, r0, wh, r1 - r0),
+                                     default_band_names=names, fallback_nodata=part.nodata)
+                images.append(to_model_units(sample.array, part, offset=run.card.offset))
+                ok &= sample.valid
+            image = images[0] if len(images) == 1 else np.concatenate(images)
+            ok &= np.isfinite(image).all(axis=0)
             x = torch.from_numpy(normalise(image, mean, std, ok)).to(device)  # (C, wh, cols)
             valid[y:y + wh, a:b] = ok[:, a - r0:b - r0]
             # 2. forward the windows of the row in batches
@@ -627,6 +687,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"window overlap fraction in [0, 1) (default {DEFAULT_OVERLAP})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--stack-input", action="append", default=[], metavar="TEMPLATE",
+                   help="for a model of a sensor stack (e.g. S2L2A+S1) whose inputs hold the first sensor's bands: "
+                        "the co-registered file of the next sensor, a path with {stem}, {name} or {dir} of the input "
+                        "(e.g. 's1/images/{stem}.tif'); once per further sensor")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
     return p
 
@@ -638,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> list[Prediction]:
         run = load_run_model(args.run, args.checkpoint)
         inputs = find_inputs(args.input)
         outputs = output_paths(inputs, args.output)
-        file_bands = check_inputs(run, inputs)  # every input checked before the first is predicted
+        file_bands = check_inputs(run, inputs, args.stack_input)  # every input checked before the first is predicted
     except (FileNotFoundError, ValueError) as exc:  # RasterError is a ValueError
         print(f"predict: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -650,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> list[Prediction]:
         try:
             r = predict_raster(run, src, dst, window=args.window, overlap=args.overlap,
                                probabilities=args.probabilities, device=device, batch_size=args.batch_size,
-                               file_bands=file_bands)
+                               file_bands=file_bands, stack_inputs=args.stack_input)
         except ValueError as exc:
             print(f"predict: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

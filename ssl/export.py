@@ -24,8 +24,8 @@ from typing import Literal
 
 import yaml
 
-from common.bands import resolve_sensor
 from common.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from common.config import build_config
 from common.weights import ExportMeta, Normalisation, write_export
 
 __all__ = ["export_run", "TEACHER_PREFIX"]
@@ -78,7 +78,9 @@ def export_run(run: str | Path, out: str | Path | None = None,
     if not backbone:
         raise ValueError(f"{weights} holds no '{TEACHER_PREFIX}*' tensors: not a DINO run checkpoint")
     data = cfg["data"]
-    spec = resolve_sensor(data["sensor"], data.get("bands"), data.get("stats_file"))
+    from eo_ssl.pretrain import PretrainDataConfig, resolve_data_sensor
+
+    spec = resolve_data_sensor(build_config(PretrainDataConfig, data, source=f"{cfg_path} (section data)"))
     trainer = cfg["trainer"]
     meta = ExportMeta(
         architecture=cfg["model"]["arch"],
@@ -88,10 +90,14 @@ def export_run(run: str | Path, out: str | Path | None = None,
         normalisation=Normalisation(conversion=spec.conversion, mean=[float(v) for v in spec.mean_array()],
                                     std=[float(v) for v in spec.std_array()], offset=float(data.get("offset", 0.0))),
         num_features=_num_features(cfg["model"]["arch"]),
+        sensor_parts=[{"sensor": p.name, "bands": list(p.bands), "conversion": p.conversion, "units": p.units}
+                      for p in spec.parts],
         source={"method": "dino", "run": str(run.resolve()), "checkpoint": str(weights.name), "step": step,
                 "epochs": trainer.get("epochs"), "max_steps": trainer.get("max_steps"), "dino": cfg["dino"],
                 "augment": {k: cfg["augment"][k] for k in ("global_size", "local_size", "local_number")},
-                "data": {"root": data["root"], "stats_file": data.get("stats_file")}},
+                "data": {"root": data["root"], "stats_file": data.get("stats_file"),
+                         **({"stack": [{"root": x["root"], "sensor": x["sensor"], "stats_file": x.get("stats_file")}
+                                       for x in data["stack"]]} if data.get("stack") else {})}},
     )
     return write_export(backbone, meta, Path(out) if out is not None else run / "backbone.safetensors")
 

@@ -136,7 +136,8 @@ class MultiCropConfig:
     band_dropout_p: P3 = (0.0, 0.0, 0.0)  # zero a random subset of bands (normalised units)
     band_dropout_max: float = 0.5  # at most this fraction of the bands is dropped (at least one)
     sensor_dropout_p: P3 = (0.0, 0.0, 0.0)  # zero one whole sensor group (see sensor_groups)
-    sensor_groups: tuple[tuple[int, ...], ...] = ()  # band indices of each sensor in a stack, e.g. ((0..9), (10, 11))
+    sensor_groups: tuple[tuple[int, ...], ...] = ()  # band indices of each sensor in a stack, e.g. ((0..9), (10, 11));
+    #                                                  empty: pretraining takes them from the data's sensor stack
 
     def validate(self) -> None:
         """Raise ``ValueError`` on impossible values."""
@@ -166,8 +167,9 @@ class MultiCropConfig:
             raise ValueError("noise_std must be >= 0 and speckle_looks > 0")
         if not 0.0 < self.band_dropout_max <= 1.0:
             raise ValueError(f"band_dropout_max must be in (0, 1], got {self.band_dropout_max}")
-        if max(self.sensor_dropout_p) > 0 and len(self.sensor_groups) < 2:
-            raise ValueError("sensor_dropout_p > 0 needs at least two sensor_groups")
+        if max(self.sensor_dropout_p) > 0 and len(self.sensor_groups) == 1:
+            raise ValueError("sensor_dropout_p > 0 needs at least two sensor_groups (or none: pretraining fills them "
+                             "from the data's sensor stack)")
         if any(len(g) == 0 for g in self.sensor_groups):
             raise ValueError("sensor_groups must not contain an empty group")
 
@@ -198,6 +200,8 @@ def sar_multicrop_config(**overrides: Any) -> MultiCropConfig:
 def band_units(spec: Any) -> tuple[str, ...]:
     """Units of every band of a :class:`common.bands.SensorSpec` for :class:`MultiCropTransform`: ``"db"`` for SAR
     sensors (model units are dB), ``"reflectance"`` otherwise, ``"other"`` for derived bands (e.g. ``VV/VH``)."""
+    if getattr(spec, "parts", ()):  # a sensor stack: each sensor's own units (S2 reflectance, then S1 dB ...)
+        return tuple(u for p in spec.parts for u in band_units(p))
     derived = set(getattr(spec, "derived", ()))
     base = "db" if spec.is_sar else "reflectance"
     return tuple("other" if b in derived else base for b in spec.bands)
@@ -311,6 +315,8 @@ class MultiCropTransform:
         for g in cfg.sensor_groups:
             if any(not 0 <= i < n for i in g):
                 raise ValueError(f"sensor_groups index out of range for {n} bands: {g}")
+        if max(cfg.sensor_dropout_p) > 0 and len(cfg.sensor_groups) < 2:
+            raise ValueError("sensor_dropout_p > 0 needs at least two sensor_groups (a sensor stack, e.g. S2 + S1)")
         self.num_bands = n
         self.units = units
         self.is_db = np.array([u == "db" for u in units])

@@ -19,7 +19,7 @@ At the end (and with ``python ssl/export.py --run DIR``) the teacher backbone is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import create_embedding_backbone
-from common.bands import SensorSpec, resolve_sensor
+from common.bands import SensorSpec, resolve_sensor, stack_sensors
 from common.cli import parse_training_args, training_parser
-from common.datasets import SegmentationDataset, UnlabelledTiles
+from common.datasets import StackedDataset, UnlabelledTiles, stacked_segmentation_dataset
 from common.ema import ema_update_
 from common.engine import Engine, LoaderSpec, TrainContext, TrainerConfig
 from common.optim import OptimConfig
@@ -54,6 +54,19 @@ __all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe"]
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
+class StackSourceConfig:
+    """A co-registered sensor whose bands are appended to the tiles' channels (an entry of ``data.stack``), e.g. the
+    Sentinel-1 tiles of Sentinel-2 tiles. Its tiles are paired with the primary tiles by ``data.stack_match``."""
+
+    root: str  # directory searched with `glob` (or BigEarthNet patch folders)
+    sensor: str  # S1, S2L2A, ... (common/bands.py); band names must differ from the other sensors'
+    glob: str = "**/*.tif"
+    layout: Literal["auto", "multiband", "band_files"] = "auto"
+    bands: tuple[str, ...] | None = None  # default: all bands of the sensor
+    stats_file: str | None = None  # this sensor's statistics (default: reference stats)
+
+
+@dataclass(frozen=True)
 class PretrainDataConfig:
     """Unlabelled tiles (section ``data``)."""
 
@@ -69,6 +82,9 @@ class PretrainDataConfig:
     cache: bool = False  # keep decoded tiles in memory (datasets that fit in RAM; saves the GeoTIFF reads)
     exclude_ids_from: tuple[str, ...] = ()  # split files (one id per line): tiles with these ids are left out
     checks: Literal["full", "header", "none"] = "header"  # input checks at start-up (full: read every pixel)
+    stack: tuple[StackSourceConfig, ...] = ()  # co-registered sensors appended as channels (S2 + S1 tiles)
+    stack_match: Literal["path", "stem", "bigearthnet"] = "path"  # pairing: path under root / file stem / BigEarthNet
+    stack_missing: Literal["error", "skip"] = "error"  # a tile without a partner: refuse, or leave it out
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -95,6 +111,7 @@ class ProbeConfig:
     val_split: str = "val"  # the evaluated tiles
     image_dir: str = "images"
     mask_dir: str = "masks"
+    stack_image_dirs: tuple[str, ...] = ()  # with data.stack: the image directory of each stacked sensor, in order
     num_classes: int = 6
     k: int = 20  # neighbours (DINO: 20)
     temperature: float = 0.07  # vote weights exp(cos / T) (DINO: 0.07)
@@ -269,10 +286,13 @@ def knn_probe(backbone: nn.Module, train_ds, val_ds, probe: ProbeConfig, device:
 def build_probe_sets(cfg: PretrainConfig, spec: SensorSpec):
     p = cfg.probe
     tf = _ProbeTransform(spec.mean_array(), spec.std_array())
-    kw = dict(image_dir=p.image_dir, mask_dir=p.mask_dir, bands=spec.bands, sensor=spec, num_classes=p.num_classes,
+    if len(p.stack_image_dirs) != len(spec.parts[1:]):
+        raise ValueError(f"probe.stack_image_dirs: the {spec.name} data needs {len(spec.parts[1:])} stacked image "
+                         f"director{'y' if len(spec.parts) == 2 else 'ies'} for the probe, got {list(p.stack_image_dirs)}")
+    kw = dict(image_dirs=[p.image_dir, *p.stack_image_dirs], mask_dir=p.mask_dir, num_classes=p.num_classes,
               transform=tf, offset=cfg.data.offset)
-    train = SegmentationDataset(p.root, p.train_split, **kw)
-    val = SegmentationDataset(p.root, p.val_split, **kw)
+    train = stacked_segmentation_dataset(p.root, p.train_split, spec, **kw)
+    val = stacked_segmentation_dataset(p.root, p.val_split, spec, **kw)
     if p.max_train is not None and len(train) > p.max_train:
         idx = np.linspace(0, len(train) - 1, p.max_train).round().astype(int).tolist()
         train = torch.utils.data.Subset(train, idx)
@@ -280,32 +300,54 @@ def build_probe_sets(cfg: PretrainConfig, spec: SensorSpec):
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def resolve_data_sensor(d: PretrainDataConfig) -> SensorSpec:
+    """The run's sensor spec: ``data.sensor`` (bands, statistics), stacked with the ``data.stack`` sensors."""
+    specs = [resolve_sensor(d.sensor, d.bands, d.stats_file)]
+    specs += [resolve_sensor(x.sensor, x.bands, x.stats_file) for x in d.stack]
+    return stack_sensors(*specs) if d.stack else specs[0]
+
+
 def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
     d = cfg.data
-    source: Any = d.root
-    if d.exclude_ids_from:
-        excluded: set[str] = set()
-        for split in d.exclude_ids_from:
-            path = Path(split)
-            if not path.is_file():
-                raise FileNotFoundError(f"data.exclude_ids_from: split file {path} not found")
-            excluded |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
-        root = Path(d.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root: {root} is not a directory")
-        source = sorted(p for p in root.glob(d.glob) if p.stem not in excluded)
-        if not source:
-            raise ValueError(f"data.exclude_ids_from leaves no file of {root}/{d.glob}")
-    tiles = UnlabelledTiles(source, sensor=spec, bands=spec.bands, glob=d.glob, layout=d.layout,
-                            tile_size=d.tile_size, validate=d.checks, offset=d.offset)
-    transform = MultiCropTransform(cfg.augment, spec.mean_array(), spec.std_array(), units=band_units(spec))
+    excluded: set[str] = set()
+    for split in d.exclude_ids_from:
+        path = Path(split)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.exclude_ids_from: split file {path} not found")
+        excluded |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    if excluded and not Path(d.root).is_dir():
+        raise FileNotFoundError(f"data.root: {d.root} is not a directory")
+    tiles: Any
+    if d.stack:
+        if len(spec.parts) != 1 + len(d.stack):
+            raise ValueError(f"data.stack: sensor {spec.name} has {len(spec.parts)} parts for {1 + len(d.stack)} "
+                             f"sources")
+        primary = UnlabelledTiles(d.root, sensor=spec.parts[0], glob=d.glob, layout=d.layout, tile_size=d.tile_size,
+                                  validate=d.checks, offset=d.offset, fill_value=None, exclude_ids=excluded)
+        others = [UnlabelledTiles(x.root, sensor=part, glob=x.glob, layout=x.layout, tile_size=d.tile_size,
+                                  validate=d.checks, offset=d.offset, fill_value=None)
+                  for x, part in zip(d.stack, spec.parts[1:])]
+        tiles = StackedDataset.join([primary, *others], match=d.stack_match, missing=d.stack_missing,
+                                    check_grids=d.checks != "none")
+    else:
+        tiles = UnlabelledTiles(d.root, sensor=spec, bands=spec.bands, glob=d.glob, layout=d.layout,
+                                tile_size=d.tile_size, validate=d.checks, offset=d.offset, exclude_ids=excluded)
+    aug = cfg.augment
+    if spec.is_stack:
+        if not aug.sensor_groups:
+            aug = replace(aug, sensor_groups=spec.sensor_groups())
+        if max(aug.channel_p) > 0 and aug.channel_mode == "raw" and len(set(band_units(spec))) > 1:
+            raise ValueError(f"augment.channel_mode: raw copies one band's raw values into every band, but the "
+                             f"{spec.name} stack mixes units ({', '.join(sorted(set(band_units(spec))))}); set "
+                             f"augment.channel_mode: normalized (or augment.channel_p: [0, 0, 0])")
+    transform = MultiCropTransform(aug, spec.mean_array(), spec.std_array(), units=band_units(spec))
     return AugmentedDataset(CachedDataset(tiles) if d.cache else tiles, transform, seed=cfg.trainer.seed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = training_parser(__doc__.split("\n\n")[0], prog="ssl/pretrain.py")
     cfg, args = parse_training_args(PretrainConfig, parser, argv)
-    spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
+    spec = resolve_data_sensor(cfg.data)
     # Build (and validate) the data before the engine starts anything: bad input fails here, naming the file.
     dataset = build_dataset(cfg, spec)
     probe_sets = build_probe_sets(cfg, spec) if cfg.probe.root is not None else None

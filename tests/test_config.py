@@ -56,6 +56,31 @@ def test_unknown_key_names_path_file_and_choices(tmp_path):
     assert "data.batch_sise" in msg and str(p) in msg and "batch_size" in msg and "did you mean" in msg
 
 
+@dataclass(frozen=True)
+class Source:
+    root: str
+    sensor: str = "S1"
+
+
+@dataclass(frozen=True)
+class WithList:
+    sources: tuple[Source, ...] = ()
+    sizes: tuple[int, ...] = (1, 2, 3)
+
+
+def test_overrides_address_list_items_by_index(tmp_path):
+    p = _write(tmp_path, "sources:\n  - {root: a}\n  - {root: b, sensor: S2L2A}\n")
+    cfg = load_config(WithList, p, ["sources[1].root=c", "sizes[2]=30"])
+    assert cfg.sources == (Source("a"), Source("c", "S2L2A")) and cfg.sizes == (1, 2, 30)
+    assert parse_overrides(["a.b[0].c=1"]) == {"a": {"b": {0: {"c": 1}}}}
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.rot.*command-line.*did you mean 'root'"):
+        load_config(WithList, p, ["sources[0].rot=x"])
+    with pytest.raises(ConfigError, match=r"sources\[2\]: 'sources' has 2 item"):
+        load_config(WithList, p, ["sources[2].root=x"])
+    with pytest.raises(ConfigError, match=r"not name\[index\]"):
+        parse_overrides(["sources[x].root=1"])
+
+
 def test_unknown_override_names_command_line(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.lrr.*command-line"):
         load_config(Top, None, ["optim.lrr=3"])

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.bands import resolve_sensor
 from common.config import load_config
 from conftest import REPO
-from eo_ssl.pretrain import DINOMethod, PretrainConfig, build_dataset
+from eo_ssl.pretrain import DINOMethod, PretrainConfig, build_dataset, resolve_data_sensor
 from eo_ssl.multicrop import collate_multicrop
 from finetune.semisup import FinetuneConfig
 
@@ -23,7 +22,7 @@ FINETUNE = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
 def test_the_contract_configs_exist():
     names = {p.name for p in PRETRAIN} | {p.name for p in FINETUNE}
     assert {"demo.yaml", "bigearthnet_s2_resnet50.yaml", "bigearthnet_s2_vits.yaml", "bigearthnet_s1.yaml",
-            "spacenet6_sar.yaml"} <= names
+            "bigearthnet_s2s1.yaml", "demo_s2s1.yaml", "spacenet6_sar.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", PRETRAIN, ids=lambda p: p.name)
@@ -40,7 +39,7 @@ def test_finetune_configs_load(path):
 
 
 def _one_batch(cfg: PretrainConfig, n: int = 2):
-    spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
+    spec = resolve_data_sensor(cfg.data)
     ds = build_dataset(cfg, spec)
     return spec, ds, collate_multicrop([ds[i] for i in range(n)])
 
@@ -69,6 +68,21 @@ def test_bigearthnet_s1_config_on_real_patches(bigearthnet_s1):
     spec, ds, crops = _one_batch(cfg)
     assert spec.bands == ("VV", "VH") and len(ds) == 6
     assert tuple(crops[0].shape) == (2, 2, 120, 120) and all(torch.isfinite(c).all() for c in crops)
+
+
+def test_bigearthnet_s2s1_config_on_real_patches(bigearthnet_s2, bigearthnet_s1):
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "bigearthnet_s2s1.yaml",
+                      [f"data.root={bigearthnet_s2}", f"data.stack[0].root={bigearthnet_s1}", "dino.out_dim=256",
+                       "dino.hidden_dim=64", "dino.bottleneck_dim=32", "model.arch=resnet18"])
+    spec, ds, crops = _one_batch(cfg)
+    assert spec.name == "S2L2A+S1" and spec.bands[12:] == ("VV", "VH") and len(ds) == 6
+    assert ds.transform.cfg.sensor_groups == (tuple(range(12)), (12, 13))
+    assert tuple(crops[0].shape) == (2, 14, 120, 120) and all(torch.isfinite(c).all() for c in crops)
+    # normalised with each sensor's statistics: the S1 channels are dB-scale no longer
+    assert float(crops[0][:, 12:].abs().mean()) < 3
+    method = DINOMethod(cfg, in_chans=14)
+    method.train()
+    assert torch.isfinite(method({"tiles": crops}, step=0, epoch=0)["loss"])
 
 
 def test_spacenet6_config_on_demo_sar(tiny_demo):

@@ -315,7 +315,10 @@ def test_config_validation():
     with pytest.raises(ValueError, match="global_scale"):
         MultiCropConfig(global_scale=(0.5, 1.5)).validate()
     with pytest.raises(ValueError, match="sensor_groups"):
-        MultiCropConfig(sensor_dropout_p=ALL3).validate()
+        MultiCropConfig(sensor_dropout_p=ALL3, sensor_groups=((0, 1),)).validate()
+    MultiCropConfig(sensor_dropout_p=ALL3).validate()  # groups left to the data's sensor stack ...
+    with pytest.raises(ValueError, match="sensor_groups"):  # ... and refused by a transform without them
+        MultiCropTransform(MultiCropConfig(sensor_dropout_p=ALL3), [0.0, 0.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="units"):
         MultiCropTransform(MultiCropConfig(), [0.0, 0.0], [1.0, 1.0], units=["db"])
     with pytest.raises(ValueError, match="std"):
