@@ -38,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -161,6 +161,17 @@ def resolve_mixed_precision(requested: str, cuda: bool | None = None) -> str:
         logger.warning("mixed_precision=fp16 needs a CUDA device; running in fp32 on CPU")
         return "no"
     return requested
+
+
+def compile_in_place(method: nn.Module, targets: Sequence[str]) -> None:
+    """``torch.compile`` the sub-modules named in ``targets`` *in place* (``nn.Module.compile``): unlike wrapping
+    them with ``torch.compile(module)``, which prefixes every ``state_dict`` key with ``_orig_mod.``, the keys stay
+    the same, so checkpoints of compiled and eager runs are interchangeable (resume, export)."""
+    for attr in targets:
+        module = getattr(method, attr, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"compile_modules names {attr!r}, which is not a sub-module of {type(method).__name__}")
+        module.compile()
 
 
 class Engine:
@@ -323,8 +334,7 @@ class Engine:
             if acc.device.type != "cuda":
                 acc.print("trainer.compile: skipped on CPU (torch.compile is used on CUDA only)")
             else:
-                for attr in targets:
-                    setattr(method, attr, torch.compile(getattr(method, attr)))
+                compile_in_place(method, targets)
 
         # On the training device before the optimiser is built, so that build_optimizer picks the implementation
         # (fused / foreach) for the device the parameters will live on (prepare would move them anyway).

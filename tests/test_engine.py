@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from common.checkpoint import latest_checkpoint, list_checkpoints
-from common.engine import NonFiniteLossError, clip_gradients_per_parameter, resolve_mixed_precision
+from common.engine import (
+    NonFiniteLossError,
+    clip_gradients_per_parameter,
+    compile_in_place,
+    resolve_mixed_precision,
+)
 from toy_train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +73,27 @@ def test_mixed_precision_falls_back_on_cpu():
     assert resolve_mixed_precision("auto", cuda=False) == "no"
     assert resolve_mixed_precision("bf16", cuda=False) == "bf16"
     assert resolve_mixed_precision("no", cuda=True) == "no"
+
+
+def test_compiling_keeps_checkpoint_keys():
+    """trainer.compile must not rename state_dict keys (torch.compile(module) would add '_orig_mod.'), or compiled
+    runs could not resume eager checkpoints nor be exported. Compilation itself is lazy: nothing runs here."""
+
+    class Method(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+            self.teacher = torch.nn.Linear(4, 2)
+
+    m = Method()
+    keys = list(m.state_dict())
+    compile_in_place(m, ("student", "teacher"))
+    assert list(m.state_dict()) == keys and type(m.student) is torch.nn.Sequential
+    wrapped = Method()
+    wrapped.student = torch.compile(wrapped.student)
+    assert any(k.startswith("student._orig_mod.") for k in wrapped.state_dict())  # what the engine avoids
+    with pytest.raises(ValueError, match="'head'"):
+        compile_in_place(m, ("head",))
 
 
 def test_per_parameter_clipping_hand_values():
