@@ -333,6 +333,7 @@ def _toy_run(precision: str, clip_mode: str, compile_: bool, device: torch.devic
         "non_blocking": [getattr(dl, "_non_blocking", "?") for dl in prepared],
         "grad_scaler": getattr(acc, "scaler", None) is not None,
         "student_type": type(method.student).__name__,
+        "student_compiled": getattr(method.student, "_compiled_call_impl", None) is not None,
         "x_devices": sorted({s["x_device"] for s in seen}),
         "loss": final["train"].get("loss"),
         "seconds": round(dt, 2),
@@ -389,12 +390,10 @@ def cmd_engine(args: argparse.Namespace) -> None:
                     problems.append(f"prepared loader non_blocking {r['non_blocking']}")
                 if resolved == "fp16" and not r["grad_scaler"]:
                     problems.append("fp16 without a GradScaler")
-                if compile_ and r["student_type"] != "OptimizedModule":
-                    problems.append(f"compile=True but student is {r['student_type']}")
+                if compile_ and not r["student_compiled"]:
+                    problems.append(f"compile=True but the student ({r['student_type']}) was not compiled in place")
             if compile_ and r["orig_mod_keys"]:
-                print(f"  NOTE: with trainer.compile the run checkpoint holds '_orig_mod.' keys, e.g. "
-                      f"{r['orig_mod_keys']}: code that looks weights up by name (ssl/export.py: 'teacher.backbone.', "
-                      f"resume into an uncompiled model) will not find them")
+                problems.append(f"trainer.compile renamed checkpoint keys ('_orig_mod.'), e.g. {r['orig_mod_keys']}")
             if problems:
                 failures.append(f"{label}: " + "; ".join(problems))
                 print(f"  PROBLEMS: {problems}")

@@ -163,6 +163,17 @@ def resolve_mixed_precision(requested: str, cuda: bool | None = None) -> str:
     return requested
 
 
+def clip_gradients(acc: Any, optimizer: Any, params: list, max_norm: float, mode: str) -> None:
+    """Clip with the gradients unscaled exactly once (fp16's GradScaler refuses a second ``unscale_`` before the
+    step): ``global_norm`` through ``Accelerator.clip_grad_norm_`` (which unscales), ``per_parameter`` after an
+    explicit ``unscale_gradients`` (each parameter's norm stays on the device: no host sync)."""
+    if mode == "global_norm":
+        acc.clip_grad_norm_(params, max_norm)
+    else:
+        acc.unscale_gradients(optimizer)
+        clip_gradients_per_parameter(params, max_norm)
+
+
 def compile_in_place(method: nn.Module, targets: Sequence[str]) -> None:
     """``torch.compile`` the sub-modules named in ``targets`` *in place* (``nn.Module.compile``): unlike wrapping
     them with ``torch.compile(module)``, which prefixes every ``state_dict`` key with ``_orig_mod.``, the keys stay
@@ -432,11 +443,7 @@ class Engine:
             if hasattr(unwrapped, "on_after_backward"):
                 unwrapped.on_after_backward(step, epoch)
             if cfg.clip_grad is not None:
-                acc.unscale_gradients(optimizer)
-                if cfg.clip_mode == "global_norm":
-                    acc.clip_grad_norm_(clip_params, cfg.clip_grad)
-                else:
-                    clip_gradients_per_parameter(clip_params, cfg.clip_grad)  # no host sync (norms stay on the device)
+                clip_gradients(acc, optimizer, clip_params, cfg.clip_grad, cfg.clip_mode)
             # 4. optimiser step, then the method's post-step updates (EMA teachers, center, prototypes)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

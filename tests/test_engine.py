@@ -14,6 +14,7 @@ import torch
 from common.checkpoint import latest_checkpoint, list_checkpoints
 from common.engine import (
     NonFiniteLossError,
+    clip_gradients,
     clip_gradients_per_parameter,
     compile_in_place,
     resolve_mixed_precision,
@@ -73,6 +74,29 @@ def test_mixed_precision_falls_back_on_cpu():
     assert resolve_mixed_precision("auto", cuda=False) == "no"
     assert resolve_mixed_precision("bf16", cuda=False) == "bf16"
     assert resolve_mixed_precision("no", cuda=True) == "no"
+
+
+@pytest.mark.parametrize("mode", ["global_norm", "per_parameter"])
+def test_clipping_unscales_fp16_gradients_once(mode):
+    """fp16 runs (CUDA only) have a GradScaler that refuses a second unscale_ before the step; the engine must unscale
+    once in both clip modes. A real torch GradScaler on the CPU stands in for Accelerate's."""
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale((p * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum()).backward()  # grads 8x [1, 2, 3, 4]
+
+    class Acc:  # Accelerator's two calls, as accelerate implements them for a GradScaler
+        def unscale_gradients(self, optimizer):
+            scaler.unscale_(optimizer)
+
+        def clip_grad_norm_(self, params, max_norm):
+            self.unscale_gradients(opt)
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    clip_gradients(Acc(), opt, [p], 1.0, mode)  # raised "unscale_() has already been called" before the fix
+    expected = torch.tensor([1.0, 2.0, 3.0, 4.0]) / 30**0.5  # unscaled, then norm 1 (one parameter: same result)
+    torch.testing.assert_close(p.grad, expected)
 
 
 def test_compiling_keeps_checkpoint_keys():
