@@ -240,7 +240,11 @@ class Engine:
 
     def _make_loader(self, name: str, spec: LoaderSpec, index: int) -> tuple[DataLoader, EpochSampler]:
         # Each loader gets its own seed so that zipped loaders do not share an order.
-        sampler = EpochSampler(len(spec.dataset), seed=self.cfg.seed + 1000 * index, shuffle=spec.shuffle)
+        # Datasets that take (epoch, index) get it from the sampler, so their workers can persist across epochs
+        # (no re-spawn, caches kept); others learn the epoch from set_epoch and need fresh workers every epoch.
+        persistent = self.cfg.num_workers > 0 and getattr(spec.dataset, "epoch_in_index", False)
+        sampler = EpochSampler(len(spec.dataset), seed=self.cfg.seed + 1000 * index, shuffle=spec.shuffle,
+                               with_epoch=persistent)
         if hasattr(spec.dataset, "set_epoch"):
             spec.dataset.set_epoch(0)
         g = torch.Generator()
@@ -255,7 +259,7 @@ class Engine:
             worker_init_fn=seed_worker,
             generator=g,  # keeps the global torch RNG untouched by iterator creation (exact resume)
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=persistent,
         )
         if len(loader) == 0:
             raise ValueError(

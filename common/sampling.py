@@ -23,18 +23,23 @@ class EpochSampler(Sampler[int]):
     Every process draws the same permutation; Accelerate shards the batches across processes.
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, with_epoch: bool = False):
         self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+        self.with_epoch = with_epoch  # yield (epoch, index): the epoch travels to persistent DataLoader workers
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         if not self.shuffle:
-            return iter(range(self.length))
-        g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
+            order = list(range(self.length))
+        else:
+            g = torch.Generator()
+            g.manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        if self.with_epoch:
+            return iter([(self.epoch, i) for i in order])
+        return iter(order)
 
     def __len__(self) -> int:
         return self.length
@@ -48,11 +53,17 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 class AugmentedDataset(Dataset):
     """Applies ``transform(sample, rng)`` with a per-(seed, epoch, index) generator.
 
+    An item is addressed by ``index`` (the epoch of the last :meth:`set_epoch`) or by ``(epoch, index)``: the
+    engine's sampler sends the pair (:attr:`epoch_in_index`), so that persistent DataLoader workers, whose copy of
+    the dataset never sees ``set_epoch``, draw each epoch's augmentations (and keep their tile cache across epochs).
+
     Args:
         base: a dataset returning sample dicts.
         transform: ``transform(sample, rng) -> sample`` (or any object, e.g. a list of crops).
         seed: the run's seed.
     """
+
+    epoch_in_index = True
 
     def __init__(self, base: Dataset, transform: Callable[[dict, np.random.Generator], Any], seed: int = 0):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
@@ -65,12 +76,16 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> Any:
-        return self.transform(self.base[index], sample_rng(self.seed, self.epoch, index))
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        return self.transform(self.base[index], sample_rng(self.seed, epoch, index))
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: derive numpy/random seeds from torch's per-worker seed."""
+    """DataLoader ``worker_init_fn``: derive numpy/random seeds from torch's per-worker seed.
+
+    (OpenCV's thread count is left alone: ``cv2.setNumThreads`` in a worker forked from a process whose OpenCV pool
+    already ran can deadlock.)"""
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)

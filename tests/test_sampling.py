@@ -8,7 +8,7 @@ import torch
 
 from common.bands import get_sensor
 from common.datasets import SegmentationDataset, UnlabelledTiles
-from common.sampling import AugmentedDataset, CachedDataset
+from common.sampling import AugmentedDataset, CachedDataset, EpochSampler
 from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform
 from finetune.transforms import SegAugConfig, SegmentationTransform
 
@@ -70,3 +70,61 @@ def test_segmentation_transform_on_cached_tiles(tiny_demo):
             assert _same(a[i], b[i])
     for i in range(2):
         assert all(torch.equal(v, cached[i][k]) for k, v in before[i].items())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# persistent DataLoader workers: the epoch travels with the index
+# ------------------------------------------------------------------------------------------------------------
+class _Noise:
+    def __call__(self, sample, rng):
+        return {"x": sample + torch.from_numpy(rng.normal(size=2).astype(np.float32))}
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+        self.seen: list[list[float]] = []
+
+    def param_groups(self):
+        return [{"params": [self.w]}]
+
+    def forward(self, batch, step, epoch):
+        x = batch["main"]["x"]
+        self.seen.append(x.sum(1).tolist())
+        return {"loss": (self.w * x).sum() * 0.0 + (self.w ** 2).sum()}
+
+
+def _record(tmp_path, workers: int) -> list[list[float]]:
+    from common.engine import Engine, LoaderSpec, TrainerConfig
+    from common.optim import OptimConfig
+
+    data = AugmentedDataset([torch.full((2,), float(i)) for i in range(6)], _Noise(), seed=3)
+    cfg = TrainerConfig(max_steps=9, num_workers=workers, log_every=100, checkpoint_every=100, progress_bar=False)
+    engine = Engine(cfg, str(tmp_path / f"w{workers}"), config=cfg)
+    method = _Recorder()
+    engine.fit(method, {"main": LoaderSpec(data, batch_size=2)}, OptimConfig(name="sgd", lr=0.1))
+    engine.finish()
+    return method.seen
+
+
+def test_persistent_workers_draw_each_epochs_augmentations(tmp_path):
+    """Workers that live across epochs (9 steps = 3 epochs of 3 batches) see the same samples, augmented the same
+    way, as loading in the main process; an epoch's augmentations differ from the previous epoch's."""
+    main = _record(tmp_path, 0)
+    workers = _record(tmp_path, 2)
+    np.testing.assert_allclose(np.array(workers), np.array(main), rtol=1e-6)
+    epochs = [sorted(v for b in main[e * 3:(e + 1) * 3] for v in b) for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    base = sorted(2.0 * i for i in range(6))
+    assert all(abs(a - b) > 1e-6 for a, b in zip(epochs[1], base))  # noise, not the raw values
+
+
+def test_epoch_sampler_can_send_the_epoch():
+    s = EpochSampler(4, seed=1, with_epoch=True)
+    s.set_epoch(2)
+    pairs = list(s)
+    assert [e for e, _ in pairs] == [2] * 4 and sorted(i for _, i in pairs) == [0, 1, 2, 3]
+    ds = AugmentedDataset([torch.zeros(2)] * 4, _Noise(), seed=0)
+    ds.set_epoch(2)
+    assert torch.equal(ds[(2, 1)]["x"], ds[1]["x"]) and not torch.equal(ds[(0, 1)]["x"], ds[1]["x"])
