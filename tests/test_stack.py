@@ -19,7 +19,7 @@ from common.datasets import (
     stacked_segmentation_dataset,
 )
 from common.raster import RasterError
-from tests.conftest import S2L2A_BANDS, TEST_ORIGIN, launch, random_s2, write_tif
+from conftest import S2L2A_BANDS, TEST_ORIGIN, launch, random_s2, write_tif
 
 S2S1 = S2L2A_BANDS + ("VV", "VH")
 
