@@ -48,6 +48,7 @@ __all__ = [
     "STACK_SEPARATOR",
     "stack_sensors",
     "file_band_names",
+    "resolve_sensors",
 ]
 
 IGNORE_INDEX = 255
@@ -769,6 +770,14 @@ class BandStats:
             source=dict(d.get("source", {})),
             path=str(path),
         )
+
+
+def resolve_sensors(sources: Sequence[tuple[str | SensorSpec, Iterable[str] | None, str | os.PathLike | None]]
+                    ) -> SensorSpec:
+    """The spec of a run's data: one ``(sensor, bands, stats_file)`` source (:func:`resolve_sensor`), or the stack
+    (:func:`stack_sensors`) of several co-registered ones in channel order (``data.sensor`` then ``data.stack``)."""
+    specs = [resolve_sensor(*src) for src in sources]
+    return specs[0] if len(specs) == 1 else stack_sensors(*specs)
 
 
 def resolve_sensor(sensor: str | SensorSpec, bands: Iterable[str] | None = None,

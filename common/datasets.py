@@ -128,8 +128,8 @@ class RasterGrid(NamedTuple):
         """Same size, CRS and transform (to 1e-6 of a pixel)."""
         if (self.height, self.width) != (other.height, other.width):
             return False
-        if (self.crs is None) != (other.crs is None) or (self.crs is not None and to_crs(self.crs) != to_crs(other.crs)):
-            return False
+        if self.crs != other.crs and (self.crs is None or other.crs is None or to_crs(self.crs) != to_crs(other.crs)):
+            return False  # (the same string is the same CRS; different strings may still name one CRS)
         res = max(abs(self.transform[0]), abs(self.transform[4]), 1e-12)
         return bool(np.allclose(self.transform[:6], other.transform[:6], rtol=1e-9, atol=1e-6 * res))
 
@@ -1132,17 +1132,16 @@ class StackedDataset(Dataset):
         row = self.index[index]
         samples = [p[j] for p, j in zip(self.parts, row)]
         first = samples[0]
-        images, valid = [], None
+        images, valid, ref = [], None, None
         for p, smp in zip(self.parts, samples):
             img = np.asarray(smp["image"], dtype=np.float32)
             ok = np.asarray(smp["valid"], dtype=bool)
-            if images and (img.shape[1:] != images[0].shape[1:] or smp["crs"] != first["crs"]
-                           or not np.allclose(smp["transform"], first["transform"], rtol=1e-9,
-                                              atol=1e-6 * max(abs(first["transform"][0]), 1e-12))):
-                raise RasterError(f"sample {smp['id']!r} of {p.spec.name} ({img.shape[1]}x{img.shape[2]} px, "
-                                  f"{smp['crs']}, {tuple(smp['transform'])}) is not on the grid of "
-                                  f"{first['id']!r} of {self.parts[0].spec.name} ({images[0].shape[1]}x"
-                                  f"{images[0].shape[2]} px, {first['crs']}, {tuple(first['transform'])})")
+            grid = RasterGrid(smp["crs"], tuple(smp["transform"]), img.shape[1], img.shape[2],
+                              f"sample {smp['id']!r} of {p.spec.name}")
+            if ref is None:
+                ref = grid
+            elif not grid.same_as(ref):
+                raise RasterError(f"{grid.describe()} is not on the grid of {ref.describe()}")
             images.append(img)
             valid = ok if valid is None else valid & ok
         image = np.concatenate(images, axis=0)

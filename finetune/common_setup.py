@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.bands import IGNORE_INDEX, BandStats, SensorSpec, get_sensor, resolve_sensor, stack_sensors
+from common.bands import (
+    IGNORE_INDEX,
+    BandStats,
+    SensorSpec,
+    get_sensor,
+    resolve_sensor,
+    resolve_sensors,
+    stack_sensors,
+)
 from common.checkpoint import atomic_write_json
 from common.datasets import stacked_segmentation_dataset
 from common.engine import TrainerConfig
@@ -187,11 +195,11 @@ def data_sensor(data: SegDataConfig, bands: list[str] | tuple[str, ...] | None =
         KeyError / ValueError: unknown sensor or band, a stats file lacking a band, or ``bands`` that leave out a
             stacked sensor entirely.
     """
-    if not data.stack:
-        return resolve_sensor(data.sensor, bands if bands is not None else data.bands, data.stats_file)
     sources = [(data.sensor, data.bands, data.stats_file)] + [(x.sensor, x.bands, x.stats_file) for x in data.stack]
     if bands is None:
-        return stack_sensors(*(resolve_sensor(*src) for src in sources))
+        return resolve_sensors(sources)
+    if not data.stack:
+        return resolve_sensor(data.sensor, bands, data.stats_file)
     spec = stack_sensors(*(get_sensor(name) for name, _, _ in sources)).subset(bands)
     if len(spec.parts) != len(sources):
         raise ValueError(f"bands {list(bands)} leave out a sensor of the data's stack "

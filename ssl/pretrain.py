@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import create_embedding_backbone
-from common.bands import SensorSpec, resolve_sensor, stack_sensors
+from common.bands import SensorSpec, resolve_sensors
 from common.cli import parse_training_args, training_parser
 from common.datasets import StackedDataset, UnlabelledTiles, stacked_segmentation_dataset
 from common.ema import ema_update_
@@ -302,9 +302,7 @@ def build_probe_sets(cfg: PretrainConfig, spec: SensorSpec):
 # ---------------------------------------------------------------------------------------------- entry point
 def resolve_data_sensor(d: PretrainDataConfig) -> SensorSpec:
     """The run's sensor spec: ``data.sensor`` (bands, statistics), stacked with the ``data.stack`` sensors."""
-    specs = [resolve_sensor(d.sensor, d.bands, d.stats_file)]
-    specs += [resolve_sensor(x.sensor, x.bands, x.stats_file) for x in d.stack]
-    return stack_sensors(*specs) if d.stack else specs[0]
+    return resolve_sensors([(d.sensor, d.bands, d.stats_file)] + [(x.sensor, x.bands, x.stats_file) for x in d.stack])
 
 
 def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
