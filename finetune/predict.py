@@ -591,22 +591,35 @@ def predict_raster(
         if probs is not None:
             probs[:, rows, cols] = logits.softmax(0).cpu().numpy()
 
+    def read_rows(y0: int, rows: int, c0: int, cols: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows [y0, y0 + rows) x columns [c0, c0 + cols) in model input: (C, rows, cols) on the device + valid."""
+        images, ok = [], np.ones((rows, cols), dtype=bool)
+        for path, part, names in sources:  # one file per sensor of a stack, else one file
+            sample = read_raster(path, bands=list(part.raw_bands), window=(y0, c0, rows, cols),
+                                 default_band_names=names, fallback_nodata=part.nodata)
+            images.append(to_model_units(sample.array, part, offset=run.card.offset))
+            ok &= sample.valid
+        image = images[0] if len(images) == 1 else np.concatenate(images)
+        ok &= np.isfinite(image).all(axis=0)
+        return torch.from_numpy(normalise(image, mean, std, ok)).to(device), ok
+
     for a, b, xs in blocks:
         r0, r1 = xs[0], xs[-1] + ww  # columns of the windows touching the core [a, b)
         acc = torch.zeros(k, 0, r1 - r0, device=device)  # (K, rows, cols): pending rows [top, top + rows)
         norm = torch.zeros(0, r1 - r0, device=device)
         top = 0
+        prev: tuple[int, torch.Tensor, np.ndarray] | None = None  # the last window row (y, x, ok)
         for j, y in enumerate(ys):
-            # 1. read and normalise the window row
-            images, ok = [], np.ones((wh, r1 - r0), dtype=bool)
-            for path, part, names in sources:  # one file per sensor of a stack, else one file
-                sample = read_raster(path, bands=list(part.raw_bands), window=(y, r0, wh, r1 - r0),
-                                     default_band_names=names, fallback_nodata=part.nodata)
-                images.append(to_model_units(sample.array, part, offset=run.card.offset))
-                ok &= sample.valid
-            image = images[0] if len(images) == 1 else np.concatenate(images)
-            ok &= np.isfinite(image).all(axis=0)
-            x = torch.from_numpy(normalise(image, mean, std, ok)).to(device)  # (C, wh, cols)
+            # 1. the window row in model input: the rows it shares with the previous window row are reused
+            #    (normalisation is per pixel), only the new ones are read and converted
+            shared = 0 if prev is None else max(0, prev[0] + wh - y)
+            if shared:
+                x_new, ok_new = read_rows(y + shared, wh - shared, r0, r1 - r0)
+                x = torch.cat([prev[1][:, wh - shared:], x_new], dim=1)  # (C, wh, cols)
+                ok = np.concatenate([prev[2][wh - shared:], ok_new])
+            else:
+                x, ok = read_rows(y, wh, r0, r1 - r0)
+            prev = (y, x, ok)
             valid[y:y + wh, a:b] = ok[:, a - r0:b - r0]
             # 2. forward the windows of the row in batches
             outs = []

@@ -54,11 +54,14 @@ class SegAugConfig:
 
 def normalise(image: np.ndarray, mean: np.ndarray, std: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """``(x - mean) / std`` per band; invalid pixels are set to 0 (the band mean) so nodata carries no signal."""
-    out = (image - mean[:, None, None]) / std[:, None, None]
-    out = out.astype(np.float32, copy=False)
+    out = np.subtract(image, mean[:, None, None], dtype=np.float32)
+    np.divide(out, std[:, None, None], out=out, dtype=np.float32)  # in place: one output array, no temporaries
     if valid is not None:
         out[:, ~valid] = 0.0
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        out[bad] = 0.0
+    return out
 
 
 def _resize_chw(image: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:

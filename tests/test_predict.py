@@ -321,3 +321,15 @@ def test_command_line_help():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--probabilities" in proc.stdout and "--checkpoint" in proc.stdout
+
+
+def test_normalise_hand_values_and_invalid_pixels():
+    from finetune.transforms import normalise
+
+    x = np.array([[[1.0, 3.0], [np.nan, 5.0]], [[-10.0, np.inf], [0.0, -20.0]]], dtype=np.float64)
+    valid = np.array([[True, True], [True, False]])
+    out = normalise(x, np.array([1.0, -10.0], np.float32), np.array([2.0, 5.0], np.float32), valid)
+    # (x - mean) / std; NaN / inf and invalid pixels -> 0 (the band mean)
+    expected = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [2.0, 0.0]]], dtype=np.float32)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
