@@ -311,6 +311,15 @@ def test_finetune_and_predict_on_the_stack(stack_export, tiny_demo, tmp_path):
         np.testing.assert_array_equal(x.read(), y.read())
     with rasterio.open(p1.probabilities) as x, rasterio.open(p2.probabilities) as y:
         np.testing.assert_allclose(x.read(), y.read(), atol=1e-5)
+    # the command line: --stack-input per further sensor
+    from finetune.predict import main as predict_main
+
+    done = predict_main(["--run", str(run), "--checkpoint", "last", "--input", str(tile), "--output",
+                         str(tmp_path / "cli"), "--stack-input", str(s1.parent / "{stem}.tif")])
+    with rasterio.open(done[0].mask) as x, rasterio.open(p1.mask) as y:
+        np.testing.assert_array_equal(x.read(), y.read())
+    with pytest.raises(SystemExit):
+        predict_main(["--run", str(run), "--input", str(tile), "--output", str(tmp_path / "cli2")])
     with pytest.raises(RasterError, match="need --stack-input for S1"):
         predict_raster(model, tile, tmp_path / "c.tif")
     with pytest.raises(ValueError, match="one --stack-input per sensor"):
