@@ -213,6 +213,11 @@ def _band_names(src: Any, default_band_names: Sequence[str] | None, path: Path) 
                 f"has {src.count} band(s) and no band descriptions, but {len(default_band_names)} bands were expected "
                 f"({', '.join(default_band_names)}); write band descriptions or select bands by 1-based index",
             )
+        clash = [(i, d, n) for i, (d, n) in enumerate(zip(desc, default_band_names), start=1) if d not in (None, n)]
+        if clash:  # some bands described, and not as the assumed order says: filling the gaps would mislabel bands
+            i, d, n = clash[0]
+            raise _err(path, f"describes only some of its {src.count} bands, and band {i} is {d!r} where the assumed "
+                             f"order ({', '.join(default_band_names)}) has {n!r}; describe every band, or none")
         return tuple(d if d is not None else n for d, n in zip(desc, default_band_names))
     return desc
 

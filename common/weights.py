@@ -39,6 +39,7 @@ __all__ = [
     "ExportMeta",
     "write_export",
     "read_export",
+    "read_export_meta",
     "sha256_file",
     "check_compatible",
     "ExportMismatchError",
@@ -123,6 +124,13 @@ def read_export(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str,
         FileNotFoundError: a file is missing (the message names it).
         ValueError: the sidecar is not an export of this format or the checksum does not match.
     """
+    meta = read_export_meta(path, verify)
+    return load_safetensors(Path(path).with_suffix(".safetensors")), meta
+
+
+def read_export_meta(path: str | os.PathLike, verify: bool = True) -> ExportMeta:
+    """The metadata of an export (its ``.json`` sidecar), with the weights file's checksum verified but its tensors
+    not loaded. Raises as :func:`read_export`."""
     path = Path(path)
     weights = path.with_suffix(".safetensors")
     sidecar = path.with_suffix(".json")
@@ -141,7 +149,7 @@ def read_export(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str,
     meta = ExportMeta(**raw)
     if verify and meta.sha256 and sha256_file(weights) != meta.sha256:
         raise ValueError(f"{weights}: checksum does not match {sidecar} (file modified or truncated)")
-    return load_safetensors(weights), meta
+    return meta
 
 
 def check_compatible(meta: ExportMeta, bands: list[str] | tuple[str, ...], conversion: str, mean, std,

@@ -31,7 +31,7 @@ from common.datasets import stacked_segmentation_dataset
 from common.engine import TrainerConfig
 from common.optim import OptimConfig
 from common.sampling import AugmentedDataset, CachedDataset
-from common.weights import EXPORT_FORMAT, ExportMeta, ExportMismatchError, check_compatible, read_export
+from common.weights import EXPORT_FORMAT, ExportMeta, ExportMismatchError, check_compatible, read_export_meta
 from finetune.deeplab import create_segmenter
 from finetune.losses import build_segmentation_loss
 from finetune.metrics import BuildingF1, ConfusionMatrix
@@ -184,7 +184,7 @@ def _export_meta(path: Path) -> ExportMeta | None:
         return None
     if raw.get("format") != EXPORT_FORMAT:
         return None
-    return read_export(path)[1]
+    return read_export_meta(path)
 
 
 def data_sensor(data: SegDataConfig, bands: list[str] | tuple[str, ...] | None = None) -> SensorSpec:

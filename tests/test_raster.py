@@ -93,6 +93,16 @@ def test_default_band_names_and_count_mismatch(make_tif):
         read_raster(p, bands=["VV"])
 
 
+def test_partial_band_descriptions(make_tif):
+    """Gaps in the descriptions are filled from the assumed order only where the described bands agree with it."""
+    arr = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    agree = make_tif("agree.tif", arr, band_names=["VV", "", "VV/VH"])
+    assert read_raster(agree, default_band_names=["VV", "VH", "VV/VH"]).band_names == ("VV", "VH", "VV/VH")
+    clash = make_tif("clash.tif", arr, band_names=["VH", "", ""])
+    with pytest.raises(RasterError, match=r"clash.tif.*band 1 is 'VH' where the assumed order .* has 'VV'"):
+        read_raster(clash, default_band_names=["VV", "VH", "VV/VH"])
+
+
 def test_nodata_and_nan_make_invalid(make_tif):
     arr = np.full((2, 4, 4), 5.0, np.float32)
     arr[0, 0, 0] = -1  # declared nodata
