@@ -113,12 +113,12 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     s/step). With ``bare = (method, batches)`` one bare step runs after every full step (after its EMA, before its
     logging) and is timed separately, so that both see the same machine load; its time is excluded from the full
     step's."""
-    from common.bands import resolve_sensor
+    from eo_ssl.pretrain import resolve_data_sensor
     from common.engine import Engine, LoaderSpec
     from eo_ssl.multicrop import collate_multicrop
     from eo_ssl.pretrain import build_dataset
 
-    spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
+    spec = resolve_data_sensor(cfg.data)
     dataset = build_dataset(cfg, spec)
     engine = Engine(cfg.trainer, out_dir, config=cfg)
     method = _instrumented_method_cls()(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices())
@@ -152,11 +152,11 @@ def make_batches(cfg, n: int, device: torch.device) -> tuple[list[list[torch.Ten
     """``n`` batches from the real dataset + collate (epoch 0, in order); returns them and the s/batch it took."""
     from torch.utils.data import DataLoader
 
-    from common.bands import resolve_sensor
+    from eo_ssl.pretrain import resolve_data_sensor
     from eo_ssl.multicrop import collate_multicrop
     from eo_ssl.pretrain import build_dataset
 
-    spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
+    spec = resolve_data_sensor(cfg.data)
     dataset = build_dataset(cfg, spec)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0,
                         collate_fn=collate_multicrop, drop_last=True)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from eo_ssl.dino import N_GLOBAL_CROPS
     from eo_ssl.pretrain import DINOMethod
-    from common.bands import resolve_sensor
+    from eo_ssl.pretrain import resolve_data_sensor
     from common.optim import build_optimizer
 
     with tempfile.TemporaryDirectory(prefix="bench_dino_") as tmp:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         total = args.warmup + args.steps
         cfg = build_cfg(data_root, args, total)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
+        spec = resolve_data_sensor(cfg.data)
         n_tiles = len(list(Path(data_root).glob(cfg.data.glob)))
         print(f"setting: {cfg.model.arch}, {len(spec.bands)} bands, batch {cfg.data.batch_size}, "
               f"{N_GLOBAL_CROPS} x {cfg.augment.global_size} px + {cfg.augment.local_number} x "

@@ -405,7 +405,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------------ dino-amp
 def cmd_dino_amp(args: argparse.Namespace) -> None:
     import common.engine as E
-    from common.bands import resolve_sensor
+    from eo_ssl.pretrain import resolve_data_sensor
     from common.config import load_config
     from eo_ssl.multicrop import collate_multicrop
     from eo_ssl.pretrain import DINOMethod, PretrainConfig, build_dataset
@@ -417,7 +417,7 @@ def cmd_dino_amp(args: argparse.Namespace) -> None:
                  "trainer.log_every=1", f"trainer.mixed_precision='{args.precision}'",
                  f"data.batch_size={args.batch_size}", f"trainer.num_workers={args.workers}"]
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo.yaml", overrides)
-    spec = resolve_sensor(cfg.data.sensor, cfg.data.bands, cfg.data.stats_file)
+    spec = resolve_data_sensor(cfg.data)
     dataset = build_dataset(cfg, spec)
     with tempfile.TemporaryDirectory(prefix="gpu_check_dino_") as tmp:
         engine = E.Engine(cfg.trainer, Path(tmp) / "run", config=cfg)
