@@ -121,3 +121,51 @@ def test_weight_norm_magnitude_groups(norm_last_layer):
     assert any(p is magnitude for p in decayed) is (not norm_last_layer)
     deepcopied = copy.deepcopy(head)  # the head stays copyable (teacher construction)
     assert deepcopied.last_layer.parametrizations.weight.original0.requires_grad is (not norm_last_layer)
+
+
+def _dino_like() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))  # [2] plays DINO's head last layer
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_gradients_that_return_after_being_none(name, impl, monkeypatch):
+    """DINO's last-layer freeze: the last layer's gradients are ``None`` for the first steps (so it has no optimiser
+    state yet) and come back afterwards. torch's fused SGD with momentum failed at that first step with every
+    gradient (``TypeError: expected Tensor as element 2 in argument 2, but got NoneType``); every optimiser the
+    factory builds must take it and give the numbers of torch's single-tensor reference (the reference loop for
+    LARS, which has no other implementation)."""
+    if impl == "foreach":
+        monkeypatch.setattr(optim_mod, "FUSED_DEVICE_TYPES", ("cuda",))
+    cfg = OptimConfig(name=name, lr=1e-2, betas=(0.9, 0.99), momentum=0.9)
+    model, ref = _dino_like(), _dino_like()
+    opt = build_optimizer(cfg, param_groups_no_wd_for_norm_and_bias(model.named_parameters()))
+    if name == "lars":
+        ref_opt = optim_mod.LARS(param_groups_no_wd_for_norm_and_bias(ref.named_parameters()), lr=cfg.lr,
+                                 momentum=cfg.momentum)
+    else:
+        ref_opt = _reference(name, param_groups_no_wd_for_norm_and_bias(ref.named_parameters()), cfg)
+        assert opt.defaults["fused"] is (True if impl == "fused" else None)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    for step in range(4):
+        for o in (opt, ref_opt):
+            _set_schedule(o, lr=1e-2 * (step + 1), wd=0.04)
+            o.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        if step < 2:  # frozen last layer: weight and bias gradients dropped
+            model[2].weight.grad = model[2].bias.grad = None
+        for p, q in zip(ref.parameters(), model.parameters()):
+            p.grad = None if q.grad is None else q.grad.clone()
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert not torch.equal(model[2].weight, _dino_like()[2].weight)  # the last layer did train afterwards
+
+
+def test_fused_sgd_refuses_dampening_and_the_factory_falls_back():
+    p = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="dampening"):
+        optim_mod.SGD([p], lr=0.1, momentum=0.9, dampening=0.1, fused=True)
+    assert optim_mod.SGD([p], lr=0.1, momentum=0.9, dampening=0.1, foreach=True).defaults["foreach"] is True
