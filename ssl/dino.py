@@ -160,7 +160,14 @@ def teacher_temperature_schedule(
 
 
 def teacher_momentum_schedule(momentum_teacher: float, total_steps: int) -> np.ndarray:
-    """``lambda`` per optimisation step: cosine from ``momentum_teacher`` to 1 (reference ``momentum_schedule``)."""
+    """``lambda`` per optimisation step: the reference's ``momentum_schedule = cosine_scheduler(momentum_teacher, 1,
+    epochs, niter_per_ep)``, value for value (:func:`common.schedules.cosine_schedule`, no warm-up).
+
+    ``lambda_i = 1 - (1 - momentum_teacher) * (1 + cos(pi * i / N)) / 2`` for ``i = 0 .. N-1``: it starts at
+    ``momentum_teacher`` and approaches 1 without reaching it (over 10 steps from 0.99 the last is 0.99975), so the
+    last EMA update is not a no-op. The learning-rate and weight-decay schedules of a DINO run are the same function
+    (built by the engine from ``optim``).
+    """
     return cosine_schedule(momentum_teacher, 1.0, total_steps)
 
 

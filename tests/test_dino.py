@@ -128,10 +128,17 @@ def test_teacher_temperature_schedule_per_epoch():
         loss_fn.teacher_temp(5)
 
 
-def test_teacher_momentum_schedule_is_cosine_to_one():
+def test_teacher_momentum_schedule_is_the_reference_cosine_towards_one():
+    """Reference ``momentum_schedule = cosine_scheduler(0.996, 1, epochs, niter)``: ``1 - 0.004 (1 + cos(pi i / N)) / 2``
+    for ``i < N``, so the last value stays below 1 (the last EMA update still moves the teacher)."""
     lam = teacher_momentum_schedule(0.996, 11)
-    assert lam[0] == pytest.approx(0.996) and lam[-1] == pytest.approx(1.0)
-    assert lam[5] == pytest.approx(0.998) and np.all(np.diff(lam) > 0)
+    i = np.arange(11)
+    np.testing.assert_array_equal(lam, 1.0 + 0.5 * (0.996 - 1.0) * (1 + np.cos(np.pi * i / 11)))
+    assert lam[0] == 0.996 and lam[-1] < 1.0 and np.all(np.diff(lam) > 0)
+    assert lam[-1] == pytest.approx(0.999919, abs=1e-6)  # 1 - 0.002 (1 + cos(10 pi / 11))
+    # hand-computed for 4 steps from 0.99: 1 - 0.005 (1 + cos(pi i / 4))
+    np.testing.assert_allclose(teacher_momentum_schedule(0.99, 4),
+                               [0.99, 1 - 0.005 * (1 + 0.5 ** 0.5), 0.995, 1 - 0.005 * (1 - 0.5 ** 0.5)], atol=1e-15)
 
 
 def test_collapse_monitors():
