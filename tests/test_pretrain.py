@@ -50,11 +50,11 @@ def test_run_directory_contract(pretrain_run):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for key in ("loss", "teacher_entropy", "teacher_student_kl", "lr", "wd", "momentum", "teacher_temp"):
         assert all(np.isfinite(r[f"train/{key}"]) for r in train), key
-    # momentum follows the cosine schedule 0.99 -> 1 over 4 steps (demo config: momentum_teacher 0.99):
-    # m_i = 1 - 0.01 (1 + cos(pi i / 3)) / 2, logged after step i + 1
+    # momentum follows the reference cosine schedule 0.99 -> 1 over 4 steps (demo config: momentum_teacher 0.99):
+    # m_i = 1 - 0.01 (1 + cos(pi i / 4)) / 2, logged after step i + 1 (the last stays below 1, as the reference)
     assert train[0]["train/momentum"] == pytest.approx(0.99)
-    assert train[1]["train/momentum"] == pytest.approx(1.0 - 0.01 * 0.75)
-    assert train[-1]["train/momentum"] == pytest.approx(1.0)
+    assert train[1]["train/momentum"] == pytest.approx(1.0 - 0.005 * (1 + 0.5 ** 0.5))
+    assert train[-1]["train/momentum"] == pytest.approx(1.0 - 0.005 * (1 - 0.5 ** 0.5))
     probes = [r for r in rows if "val/knn_top1" in r]
     assert [r["step"] for r in probes] == [2, 4] and all(0 <= r["val/knn_top1"] <= 100 for r in probes)
     final = json.loads((pretrain_run / "metrics.json").read_text())
