@@ -17,6 +17,24 @@ or through timm's pretrained machinery::
 Our own fine-tuning configs name the ``.safetensors`` (or the ``.json``) file; :func:`check_compatible` then refuses
 a dataset whose bands or normalisation differ, with a message that says what differs and how to fix it.
 Files are read with safetensors only: nothing is ever unpickled.
+
+The sidecar's ``normalisation`` says how a raw file value becomes model input without this project's code
+(:meth:`Normalisation.from_spec`, also used for the ``model.json`` of fine-tuning runs). Per band, in model channel
+order (``normalisation.bands``)::
+
+    value = raw * scale + add_offset          # S2: scale 1e-4, add_offset = DN offset / 10000; SAR: 1, 0
+    value = value ** 2                        # only if "squared_magnitude" (|z|^2 of complex SAR amplitude)
+    value = 10 * log10(max(value, db_floor))  # only if "to_db" (linear intensity -> dB)
+    x = (value - mean) / std                  # model input
+
+A derived band (``"derived": {"op": "ratio", "inputs": [a, b], "min_abs_denominator": eps}``) is computed from its
+inputs' raw values converted with its own entry's steps: ``a / (sign(b) * max(|b|, eps))`` (sign(0) = +1), then
+normalised. Invalid pixels
+(``normalisation.nodata``): where any band equals its file's declared nodata value (or, for a file that declares
+none, the band's ``nodata``), is NaN/inf in the file or after conversion, or is masked by the file's mask band; such a
+pixel takes the band mean in every band, i.e. ``x = 0``. Band files at 20/60 m are resampled (bilinear) onto the grid
+of the finest band before conversion; a pixel any invalid source pixel contributes to is invalid.
+Exports written before these keys existed lack ``bands``/``nodata``/``formula`` and read as before.
 """
 
 from __future__ import annotations
@@ -24,18 +42,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.bands import (
+    DB_FLOOR,
+    DERIVED_BANDS,
+    RATIO_DENOMINATOR_EPS,
+    S2_REFLECTANCE_SCALE,
+    SensorSpec,
+)
 from common.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
 
 __all__ = [
     "EXPORT_FORMAT",
     "Normalisation",
+    "NODATA_POLICY",
+    "band_conversions",
     "ExportMeta",
     "write_export",
     "read_export",
@@ -52,18 +79,92 @@ class ExportMismatchError(ValueError):
     """An export's bands or normalisation do not match the dataset it is used with."""
 
 
+NORMALISATION_FORMULA = (
+    "per band: value = raw * scale + add_offset; if squared_magnitude: value = value**2; if to_db: "
+    "value = 10*log10(max(value, db_floor)); derived bands from their inputs' values (see 'derived'); "
+    "x = (value - mean) / std; invalid pixels (see 'nodata'): x = 0 in every band"
+)
+"""The ``normalisation.formula`` of exports and model cards (the module docstring spells it out)."""
+
+NODATA_POLICY: dict[str, Any] = {
+    "invalid": "a pixel is invalid where any band equals its file's declared nodata value (or the band's 'nodata' "
+               "for files that declare none), is NaN or infinite in the file or after conversion, or is masked by "
+               "the file's mask band",
+    "fill": "band_mean",
+    "normalised_value": 0.0,
+    "band_files": "bands of coarser resolution are resampled (bilinear) onto the grid of the finest band before "
+                  "conversion; an output pixel that any invalid source pixel contributes to is invalid",
+}
+"""How invalid pixels are handled (``normalisation.nodata``): filled with the band mean, i.e. 0 after
+normalisation, as the datasets and prediction do."""
+
+
+def _steps(conversion: str, offset: float) -> dict[str, Any]:
+    """The per-band arithmetic of one conversion of :data:`common.bands.CONVERSIONS`."""
+    if conversion == "dn_to_reflectance":
+        return {"scale": 1.0 / S2_REFLECTANCE_SCALE, "add_offset": float(offset) / S2_REFLECTANCE_SCALE,
+                "squared_magnitude": False, "to_db": False, "db_floor": None}
+    if conversion == "linear_to_db":
+        return {"scale": 1.0, "add_offset": 0.0, "squared_magnitude": False, "to_db": True, "db_floor": DB_FLOOR}
+    if conversion == "complex_to_intensity_db":
+        return {"scale": 1.0, "add_offset": 0.0, "squared_magnitude": True, "to_db": True, "db_floor": DB_FLOOR}
+    if conversion in ("db", "none"):
+        return {"scale": 1.0, "add_offset": 0.0, "squared_magnitude": False, "to_db": False, "db_floor": None}
+    raise ValueError(f"conversion {conversion!r} has no per-band formula")
+
+
+def band_conversions(spec: SensorSpec, offset: float = 0.0) -> list[dict[str, Any]]:
+    """One entry per band of ``spec`` (model channel order, every part of a stack with its own conversion): name,
+    sensor, units, conversion, the arithmetic of the module docstring (``scale``, ``add_offset``,
+    ``squared_magnitude``, ``to_db``, ``db_floor``; for a derived band also ``derived``), the raw nodata value
+    assumed for files that declare none, ground sampling distance, mean and std.
+
+    Args:
+        spec: the sensor (stack) with the statistics used for normalisation.
+        offset: Sentinel-2 DN offset (``data.offset``); applies to ``dn_to_reflectance`` bands only.
+    """
+    out = []
+    for part in spec.parts or (spec,):
+        for band in part.bands:
+            entry: dict[str, Any] = {"band": band, "sensor": part.name, "units": part.units,
+                                     "conversion": part.conversion}
+            if band in DERIVED_BANDS:
+                d = DERIVED_BANDS[band]
+                if d.fn.__name__ != "_ratio":
+                    raise ValueError(f"derived band {band} has no formula for exports")
+                entry["derived"] = {"op": "ratio", "inputs": list(d.inputs),
+                                    "min_abs_denominator": RATIO_DENOMINATOR_EPS}
+            entry.update(_steps(part.conversion, offset))  # a derived band's: of its inputs' raw values
+            entry.update(nodata=part.nodata, gsd=float(part.gsd[band]), mean=float(part.mean[band]),
+                         std=float(part.std[band]))
+            out.append(entry)
+    return out
+
+
 @dataclass
 class Normalisation:
     """How raw file values become model input: ``x = (convert(raw) - mean) / std`` per band.
 
     ``conversion`` names the rule of :mod:`common.bands` (``dn_to_reflectance``: DN / 10000 (+ offset); ``db``:
-    values already in dB; ``linear_to_db``: 10 log10 of linear power; ``none``).
+    values already in dB; ``linear_to_db``: 10 log10 of linear power; ``none``). ``bands``, ``nodata`` and
+    ``formula`` (:meth:`from_spec`) spell the rule out per band, so that a client needs nothing but the JSON (see the
+    module docstring); they are empty in exports written before they existed.
     """
 
     conversion: str
     mean: list[float]
     std: list[float]
     offset: float = 0.0  # DN offset added before the /10000 scaling (-1000 for S2 processing baseline >= 04.00)
+    bands: list[dict[str, Any]] = field(default_factory=list)  # band_conversions(): per-band arithmetic and stats
+    nodata: dict[str, Any] = field(default_factory=dict)  # NODATA_POLICY
+    formula: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: SensorSpec, offset: float = 0.0) -> "Normalisation":
+        """The normalisation of data described by ``spec`` (statistics included) with S2 DN offset ``offset``."""
+        return cls(conversion=spec.conversion, mean=[float(v) for v in spec.mean_array()],
+                   std=[float(v) for v in spec.std_array()], offset=float(offset),
+                   bands=band_conversions(spec, offset), nodata=dict(NODATA_POLICY), formula=NORMALISATION_FORMULA)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
@@ -145,8 +246,10 @@ def read_export_meta(path: str | os.PathLike, verify: bool = True) -> ExportMeta
     if raw.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{sidecar}: format {raw.get('format')!r} is not {EXPORT_FORMAT!r}")
     raw.pop("load_with", None)
-    raw["normalisation"] = Normalisation(**raw["normalisation"])
-    meta = ExportMeta(**raw)
+    norm_keys = {f.name for f in fields(Normalisation)}
+    raw["normalisation"] = Normalisation(**{k: v for k, v in raw["normalisation"].items() if k in norm_keys})
+    meta_keys = {f.name for f in fields(ExportMeta)}
+    meta = ExportMeta(**{k: v for k, v in raw.items() if k in meta_keys})  # keys of later additions are skipped
     if verify and meta.sha256 and sha256_file(weights) != meta.sha256:
         raise ValueError(f"{weights}: checksum does not match {sidecar} (file modified or truncated)")
     return meta

@@ -400,7 +400,13 @@ def make_evaluate(val_ds, data: SegDataConfig, ev: EvalConfig, spec: SensorSpec)
 
 def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, inputs: ResolvedInputs,
                      method: str, eval_prefix: str) -> None:
-    """``<run>/model.json``: everything :mod:`finetune.predict` needs to rebuild and feed the model."""
+    """``<run>/model.json``: everything :mod:`finetune.predict` needs to rebuild and feed the model; its
+    ``normalisation`` spells out per band how raw file values become model input (units, scale, offset, dB step, mean,
+    std) and the nodata policy, as an export's (:meth:`common.weights.Normalisation.from_spec`)."""
+    from dataclasses import asdict
+
+    from common.weights import Normalisation
+
     spec = inputs.spec
     atomic_write_json(run_dir / "model.json", {
         "method": method,
@@ -414,8 +420,7 @@ def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, 
         "bands": list(spec.bands),
         "sensor_parts": [{"sensor": p.name, "bands": list(p.bands), "conversion": p.conversion, "units": p.units}
                          for p in spec.parts],
-        "normalisation": {"conversion": spec.conversion, "mean": [float(v) for v in spec.mean_array()],
-                          "std": [float(v) for v in spec.std_array()], "offset": float(data.offset)},
+        "normalisation": asdict(Normalisation.from_spec(spec, float(data.offset))),
         "state_dict_prefix": eval_prefix,
         "weights_init": inputs.weights,
     })

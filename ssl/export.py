@@ -4,8 +4,9 @@
 
 Writes ``<out>.safetensors`` (the teacher backbone's ``state_dict``, without the DINO head: exactly the keys of
 ``timm.create_model(arch, in_chans=C, num_classes=0)``) and ``<out>.json``: architecture, in_chans, band names in
-order, the normalisation from raw file values to model input, the DINO settings, epoch/step and a SHA-256 of the
-weights. Load it with one call::
+order, the normalisation from raw file values to model input (per band: units, scale, offset, dB step, mean, std,
+and the nodata policy, enough to prepare inputs without this project: :mod:`common.weights`), the DINO settings,
+epoch/step and a SHA-256 of the weights. Both files get the usual mode (``0666 & ~umask``). Load it with one call::
 
     timm.create_model(arch, in_chans=C, num_classes=0, checkpoint_path="backbone.safetensors")
     timm.create_model(arch, in_chans=C, num_classes=0, pretrained=True,
@@ -87,8 +88,7 @@ def export_run(run: str | Path, out: str | Path | None = None,
         in_chans=len(spec.bands),
         bands=list(spec.bands),
         sensor=spec.name,
-        normalisation=Normalisation(conversion=spec.conversion, mean=[float(v) for v in spec.mean_array()],
-                                    std=[float(v) for v in spec.std_array()], offset=float(data.get("offset", 0.0))),
+        normalisation=Normalisation.from_spec(spec, float(data.get("offset", 0.0))),  # per-band formula + nodata
         num_features=_num_features(cfg["model"]["arch"]),
         sensor_parts=[{"sensor": p.name, "bands": list(p.bands), "conversion": p.conversion, "units": p.units}
                       for p in spec.parts],
