@@ -14,24 +14,32 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["EpochSampler", "AugmentedDataset", "sample_rng", "seed_worker"]
+__all__ = ["EpochSampler", "AugmentedDataset", "CachedDataset", "sample_rng", "seed_worker", "weighted_epoch_indices"]
 
 
 class EpochSampler(Sampler[int]):
     """Shuffles with a generator seeded by ``(seed, epoch)``; call :meth:`set_epoch` before each epoch.
 
-    Every process draws the same permutation; Accelerate shards the batches across processes.
+    Every process draws the same permutation; Accelerate shards the batches across processes. With ``weights_fn``
+    (class-aware sampling: rare-class sampling, class-balanced picks) an epoch is ``length`` indices drawn with
+    replacement with probability proportional to ``weights_fn(epoch)`` (``None``: a plain permutation), from a
+    generator seeded by ``(seed, epoch)``: still a pure function of the epoch, so resume stays exact.
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, with_epoch: bool = False):
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, with_epoch: bool = False,
+                 weights_fn: Callable[[int], np.ndarray | None] | None = None):
         self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
         self.with_epoch = with_epoch  # yield (epoch, index): the epoch travels to persistent DataLoader workers
+        self.weights_fn = weights_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Any]:
-        if not self.shuffle:
+        weights = self.weights_fn(self.epoch) if self.weights_fn is not None else None
+        if weights is not None:
+            order = weighted_epoch_indices(weights, self.seed, self.epoch, self.length)
+        elif not self.shuffle:
             order = list(range(self.length))
         else:
             g = torch.Generator()
@@ -43,6 +51,16 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.length
+
+
+def weighted_epoch_indices(weights: np.ndarray, seed: int, epoch: int, length: int | None = None) -> list[int]:
+    """``length`` indices drawn with replacement, with probability proportional to ``weights``, from a generator
+    seeded by ``(seed, epoch)``."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError("sampling weights must be a 1-D array of finite non-negative values with a positive sum")
+    rng = np.random.default_rng([seed, epoch, 7919])
+    return rng.choice(len(w), size=len(w) if length is None else length, replace=True, p=w / w.sum()).tolist()
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

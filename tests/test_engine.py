@@ -14,6 +14,7 @@ import torch
 from common.checkpoint import latest_checkpoint, list_checkpoints
 from common.engine import (
     NonFiniteLossError,
+    RunDirError,
     clip_gradients,
     clip_gradients_per_parameter,
     compile_in_place,
@@ -65,8 +66,18 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(RunDirError, match="no checkpoint"):
         run(str(tmp_path), resume=True)
+
+
+def test_rerunning_into_a_run_directory_is_refused_without_overwrite(tmp_path):
+    """A second run into a directory holding a run used to retrain silently (duplicate steps in metrics.jsonl)."""
+    run(str(tmp_path), max_steps=4)
+    with pytest.raises(RunDirError, match="already holds a run.*--resume.*--overwrite"):
+        run(str(tmp_path), max_steps=4)
+    run(str(tmp_path), max_steps=4, overwrite=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(4) == 2 and steps.count(2) == 1  # one train log at 2 and at 4 (+ the evaluation at 4)
 
 
 def test_mixed_precision_falls_back_on_cpu():
@@ -78,23 +89,15 @@ def test_mixed_precision_falls_back_on_cpu():
 
 @pytest.mark.parametrize("mode", ["global_norm", "per_parameter"])
 def test_clipping_unscales_fp16_gradients_once(mode):
-    """fp16 runs (CUDA only) have a GradScaler that refuses a second unscale_ before the step; the engine must unscale
-    once in both clip modes. A real torch GradScaler on the CPU stands in for Accelerate's."""
+    """fp16 runs (CUDA only) have a GradScaler per optimiser that refuses a second unscale_ before the step; the engine
+    must unscale once in both clip modes. A real torch GradScaler on the CPU."""
 
     p = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([p], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     scaler.scale((p * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum()).backward()  # grads 8x [1, 2, 3, 4]
 
-    class Acc:  # Accelerator's two calls, as accelerate implements them for a GradScaler
-        def unscale_gradients(self, optimizer):
-            scaler.unscale_(optimizer)
-
-        def clip_grad_norm_(self, params, max_norm):
-            self.unscale_gradients(opt)
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    clip_gradients(Acc(), opt, [p], 1.0, mode)  # raised "unscale_() has already been called" before the fix
+    clip_gradients(scaler, opt, [p], 1.0, mode)  # raised "unscale_() has already been called" before the fix
     expected = torch.tensor([1.0, 2.0, 3.0, 4.0]) / 30**0.5  # unscaled, then norm 1 (one parameter: same result)
     torch.testing.assert_close(p.grad, expected)
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.engine import Engine, LoaderSpec, TrainerConfig
+from common.method import Method
 from common.optim import OptimConfig, param_groups_no_wd_for_norm_and_bias
 
 
@@ -35,8 +36,13 @@ class ToyData(Dataset):
         return {"x": self.x[i] + 0.01 * torch.randn(self.x.shape[1], generator=g), "y": self.y[i], "index": i}
 
 
-class ToyMethod(nn.Module):
+class ToyMethod(Method):
     """Linear student with dropout (uses the global RNG) and an EMA teacher buffer-free copy."""
+
+    name = "toy"
+    streams = ("main",)
+    trainable = ("student",)
+    eval_prefix = "student."
 
     def __init__(self, dim: int = 4, fail_at_step: int | None = None, nan_at_step: int | None = None):
         super().__init__()
@@ -50,13 +56,13 @@ class ToyMethod(nn.Module):
     def param_groups(self) -> list[dict]:
         return param_groups_no_wd_for_norm_and_bias(self.student.named_parameters())
 
-    def forward(self, batch: dict, step: int, epoch: int) -> dict:
-        if self.fail_at_step is not None and step == self.fail_at_step:
+    def training_step(self, batch: dict, ctx) -> dict:
+        if self.fail_at_step is not None and ctx.step == self.fail_at_step:
             raise KeyboardInterrupt("simulated crash")
         b = batch["main"]
-        pred = self.student(b["x"]).squeeze(-1)
+        pred = self.wrapped("student")(b["x"]).squeeze(-1)
         loss = ((pred - b["y"]) ** 2).mean()
-        if self.nan_at_step is not None and step >= self.nan_at_step:
+        if self.nan_at_step is not None and ctx.step >= self.nan_at_step:
             loss = loss * float("nan")
         return {"loss": loss, "mse": loss.detach()}
 
@@ -70,10 +76,10 @@ class ToyMethod(nn.Module):
 
 def run(run_dir: str, max_steps: int = 8, resume: bool = False, fail_at_step: int | None = None,
         nan_at_step: int | None = None, checkpoint_every: int = 4, grad_accum: int = 1, seed: int = 0,
-        clip_mode: str = "global_norm") -> tuple[ToyMethod, dict]:
+        clip_mode: str = "global_norm", overwrite: bool = False) -> tuple[ToyMethod, dict]:
     cfg = TrainerConfig(seed=seed, max_steps=max_steps, log_every=2, checkpoint_every=checkpoint_every,
                         progress_bar=False, grad_accum_steps=grad_accum, clip_grad=1.0, clip_mode=clip_mode)
-    engine = Engine(cfg, run_dir, config=cfg, resume=resume)
+    engine = Engine(cfg, run_dir, config=cfg, resume=resume, overwrite=overwrite)
     method = ToyMethod(fail_at_step=fail_at_step, nan_at_step=nan_at_step)
     optim = OptimConfig(name="adamw", lr=0.05, warmup_steps=2, weight_decay=0.01, weight_decay_end=0.1)
     engine.fit(method, {"main": LoaderSpec(ToyData(), batch_size=4)}, optim,
