@@ -12,6 +12,15 @@ Every dataset in this project hands the model images in *model units*:
 * Quad-pol SAR (``SAR4``, SpaceNet-6-like HH, HV, VH, VV): files hold linear intensity which is converted to dB
   with ``10 * log10(max(x, floor))``.
 
+What the *files* hold is declared, not guessed (:data:`INPUT_UNITS`, config ``data.input_units`` or the
+``input_units`` of a ``data.sensor`` mapping): ``dn`` (digital numbers scaled to reflectance), ``reflectance``,
+``linear_power`` (intensity), ``amplitude``, ``db`` or ``complex`` (single-look complex, ``|z|^2`` then dB, or ``|z|``
+when the sensor's model units are amplitude). :meth:`SensorSpec.with_input_units` picks the conversion that gives the
+sensor's model units from them; :func:`check_raw_values` refuses values that contradict the declared units (negative
+linear power, dB above 100, reflectance above 10, complex pixels for a real conversion ...) with a message naming the
+file, the band and the config key. Sensors outside the registry come from the config as a :class:`SensorDef`
+(band names in file order, units and scale/offset, nodata, gsd, statistics, preview bands).
+
 Normalisation ``(x - mean) / std`` is *not* done here; it belongs to the transform pipeline, with mean/std from the
 sensor's reference statistics (:attr:`SensorSpec.mean`/:attr:`SensorSpec.std`) or from a stats file written by
 ``python -m common.stats`` (:class:`BandStats`).
@@ -24,9 +33,11 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
+
+from common.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -36,6 +47,12 @@ __all__ = [
     "DB_FLOOR",
     "DERIVED_BANDS",
     "SensorSpec",
+    "SensorDef",
+    "INPUT_UNITS",
+    "COMPLEX_CONVERSIONS",
+    "check_raw_values",
+    "check_dtypes",
+    "UnknownSensorError",
     "BandStats",
     "SENSORS",
     "get_sensor",
@@ -49,13 +66,66 @@ __all__ = [
     "stack_sensors",
     "file_band_names",
     "resolve_sensors",
+    "resolve_sensor",
 ]
+
+
+class UnknownSensorError(DataError, KeyError):
+    """An unknown sensor name (a :class:`~common.errors.DataError`, and a ``KeyError`` as before)."""
+
+    __str__ = BaseException.__str__  # no quotes around the message (KeyError's str adds them)
 
 IGNORE_INDEX = 255
 """Mask value ignored by losses and metrics (invalid pixels, unlabelled pixels)."""
 
-CONVERSIONS = ("dn_to_reflectance", "db", "linear_to_db", "complex_to_intensity_db", "none")
-"""Allowed values of :attr:`SensorSpec.conversion` (a stack's is its parts' joined with ``+``)."""
+CONVERSIONS = ("dn_to_reflectance", "db", "linear_to_db", "complex_to_intensity_db", "none", "scale_offset",
+               "amplitude_to_db", "complex_to_amplitude")
+"""Allowed values of :attr:`SensorSpec.conversion` (a stack's is its parts' joined with ``+``): ``dn_to_reflectance``
+(Sentinel-2 ``(DN + offset) / 10000``), ``db`` (files in dB, identity), ``linear_to_db`` (``10 log10`` of linear
+power), ``complex_to_intensity_db`` (``10 log10 |z|^2``), ``none`` (identity), ``scale_offset`` (``raw *
+scale_factor + add_offset`` of a custom sensor), ``amplitude_to_db`` (``10 log10 a^2``), ``complex_to_amplitude``
+(``|z|``)."""
+
+COMPLEX_CONVERSIONS = ("complex_to_intensity_db", "complex_to_amplitude")
+"""Conversions that take complex (single-look complex) pixels; every other conversion refuses them."""
+
+INPUT_UNITS = ("dn", "reflectance", "linear_power", "amplitude", "db", "complex")
+"""What the files of a sensor hold (``data.input_units``): digital numbers scaled to reflectance, reflectance,
+linear power (intensity, sigma0/beta0 in linear scale), linear amplitude, dB, or complex amplitude (SLC)."""
+
+InputUnits = Literal["dn", "reflectance", "linear_power", "amplitude", "db", "complex"]
+ModelUnits = Literal["reflectance", "dB", "amplitude", "other"]
+
+_INPUT_UNITS_OF = {"dn_to_reflectance": "dn", "scale_offset": "dn", "db": "db", "linear_to_db": "linear_power",
+                   "amplitude_to_db": "amplitude", "complex_to_intensity_db": "complex",
+                   "complex_to_amplitude": "complex"}
+# (model units, input units) -> conversion
+_CONVERSION_FOR = {
+    ("reflectance", "dn"): "dn_to_reflectance", ("reflectance", "reflectance"): "none",
+    ("dB", "db"): "db", ("dB", "linear_power"): "linear_to_db", ("dB", "amplitude"): "amplitude_to_db",
+    ("dB", "complex"): "complex_to_intensity_db",
+    ("amplitude", "amplitude"): "none", ("amplitude", "complex"): "complex_to_amplitude",
+}  # fmt: skip
+
+UNITS_KEY = "data.input_units"
+"""The config key declaring what the files hold (for a ``data.sensor`` mapping: its ``input_units``; for a stacked
+sensor: the ``input_units`` of its ``data.stack`` entry)."""
+
+MAX_DB = 100.0
+"""Largest plausible backscatter in dB: larger values are linear power, amplitude or digital numbers."""
+
+MAX_REFLECTANCE = 10.0
+"""Largest plausible reflectance (bright clouds reach ~2): larger values are digital numbers."""
+
+MIN_REFLECTANCE = -1.0
+"""Smallest plausible reflectance (offset products give small negatives): smaller values are not reflectance."""
+
+MAX_UNNAMED_LINEAR_DB = 20.0
+"""For files whose bands are not named: a median linear power above this (in dB, i.e. 100 linear) contradicts
+backscatter (optical digital numbers read as SAR)."""
+
+MIN_CHECK_PIXELS = 16
+"""Fewest valid pixels for the value-range checks of :func:`check_raw_values` (fewer: not checked)."""
 
 STACK_SEPARATOR = "+"
 """Joins the sensor names (``"S2L2A+S1"``) and conversions (``"dn_to_reflectance+db"``) of a sensor stack."""
@@ -176,6 +246,11 @@ class SensorSpec:
             build it with :func:`stack_sensors` or ``get_sensor("S2L2A+S1")``): the spec of each sensor, in channel
             order. Each part keeps its own conversion, nodata and statistics; ``conversion`` is theirs joined with
             ``+``. Empty for a single sensor.
+        file_bands: Band names of a file without band descriptions, in file order: the registry sensor's full band
+            list, a custom sensor's declared bands (:class:`SensorDef`), a stack's parts' one after the other.
+            Default: the raw bands.
+        scale_factor: ``scale_offset`` conversion: ``raw * scale_factor + add_offset``.
+        add_offset: See ``scale_factor``.
     """
 
     name: str
@@ -190,8 +265,16 @@ class SensorSpec:
     derived: tuple[str, ...] = ()
     description: str = ""
     parts: tuple["SensorSpec", ...] = ()
+    file_bands: tuple[str, ...] = ()
+    scale_factor: float = 1.0
+    add_offset: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.file_bands:
+            fb = tuple(b for p in self.parts for b in p.file_bands) if self.parts else self.raw_bands
+            object.__setattr__(self, "file_bands", fb)
+        if self.conversion != "scale_offset" and not self.parts and (self.scale_factor != 1.0 or self.add_offset):
+            raise ValueError(f"sensor {self.name}: scale_factor/add_offset need the conversion 'scale_offset'")
         if self.parts:
             expected = STACK_SEPARATOR.join(p.conversion for p in self.parts)
             if self.conversion != expected:
@@ -241,7 +324,43 @@ class SensorSpec:
         """True for SAR sensors (dB model units); for a stack, True when every part is SAR."""
         if self.parts:
             return all(p.is_sar for p in self.parts)
-        return self.conversion in ("db", "linear_to_db", "complex_to_intensity_db")
+        return self.conversion in ("db", "linear_to_db", "complex_to_intensity_db", "amplitude_to_db") or (
+            self.conversion == "none" and self.units == "dB")
+
+    @property
+    def input_units(self) -> str:
+        """What the files hold (one of :data:`INPUT_UNITS`, or ``"model"`` for identity in other units); a stack's
+        are its parts' joined with ``+``."""
+        if self.parts:
+            return STACK_SEPARATOR.join(p.input_units for p in self.parts)
+        if self.conversion == "none":
+            return {"reflectance": "reflectance", "amplitude": "amplitude", "dB": "db"}.get(self.units, "model")
+        return _INPUT_UNITS_OF[self.conversion]
+
+    def with_input_units(self, units: str | None, key: str = UNITS_KEY) -> "SensorSpec":
+        """The spec whose conversion takes files holding ``units`` (:data:`INPUT_UNITS`) to this sensor's model
+        units (``None``: unchanged). E.g. ``SAR4`` with ``"db"``: conversion ``db`` instead of ``linear_to_db``;
+        ``S2L2A`` with ``"reflectance"``: ``none``; a dB sensor with ``"complex"``: ``complex_to_intensity_db``.
+
+        Raises:
+            DataError: units unknown, or that cannot give the sensor's model units (names ``key``).
+        """
+        if units is None or units == self.input_units:
+            return self
+        if self.parts:
+            raise DataError(f"{key}: sensor stack {self.name} takes input units per sensor (set them on each "
+                            f"data.stack entry), not {units!r} for all")
+        if units not in INPUT_UNITS:
+            raise DataError(f"{key}: {units!r} is not one of {', '.join(INPUT_UNITS)}")
+        if self.conversion == "scale_offset":
+            raise DataError(f"{key}: sensor {self.name} declares its own scale_factor/add_offset; change its "
+                            f"input_units in the data.sensor mapping instead")
+        conversion = _CONVERSION_FOR.get((self.units, units))
+        if conversion is None:
+            valid = [u for (m, u) in _CONVERSION_FOR if m == self.units]
+            raise DataError(f"{key}: {units!r} files cannot give sensor {self.name}'s model units {self.units!r}; "
+                            f"valid input units: {', '.join(valid) or 'none'}")
+        return replace(self, conversion=conversion)
 
     @property
     def is_stack(self) -> bool:
@@ -274,17 +393,17 @@ class SensorSpec:
         """
         bands = tuple(bands)
         if not bands:
-            raise ValueError(f"sensor {self.name}: empty band selection")
+            raise DataError(f"sensor {self.name}: empty band selection")
         if self.parts:
             return self._subset_stack(bands)
         valid = self.available_bands
         missing = [b for b in bands if b not in valid]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"sensor {self.name} has no band(s) {missing}; valid bands: {', '.join(valid)}"
             )
         if len(set(bands)) != len(bands):
-            raise ValueError(f"sensor {self.name}: duplicate bands in selection {list(bands)}")
+            raise DataError(f"sensor {self.name}: duplicate bands in selection {list(bands)}")
         rgb = _preview_bands(self.name, bands, self.rgb)
         return replace(self, bands=bands, rgb=rgb)
 
@@ -295,13 +414,13 @@ class SensorSpec:
                 owner.setdefault(b, i)
         missing = [b for b in bands if b not in owner]
         if missing:
-            raise ValueError(f"sensor stack {self.name} has no band(s) {missing}; valid bands: {', '.join(owner)}")
+            raise DataError(f"sensor stack {self.name} has no band(s) {missing}; valid bands: {', '.join(owner)}")
         if len(set(bands)) != len(bands):
-            raise ValueError(f"sensor stack {self.name}: duplicate bands in selection {list(bands)}")
+            raise DataError(f"sensor stack {self.name}: duplicate bands in selection {list(bands)}")
         order = [owner[b] for b in bands]
         if order != sorted(order):
             want = [b for i in sorted(set(order)) for b in bands if owner[b] == i]
-            raise ValueError(
+            raise DataError(
                 f"sensor stack {self.name}: bands {list(bands)} mix the sensors' bands; list each sensor's bands "
                 f"together, in the stack's sensor order ({', '.join(p.name for p in self.parts)}), e.g. {want}")
         parts = [p.subset([b for b in bands if owner[b] == i]) for i, p in enumerate(self.parts) if i in order]
@@ -350,14 +469,33 @@ class SensorSpec:
             "units": self.units,
             "derived": [b for b in self.derived if b in self.bands],
             "description": self.description,
+            "file_bands": list(self.file_bands),
+            "scale_factor": self.scale_factor,
+            "add_offset": self.add_offset,
             **({"parts": [p.to_dict() for p in self.parts]} if self.parts else {}),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SensorSpec":
-        """Rebuild a spec written by :meth:`to_dict` (e.g. from a checkpoint)."""
+        """Rebuild a spec written by :meth:`to_dict` (e.g. from a checkpoint, an export or a model card); specs
+        written before ``file_bands`` existed get the registry sensor's (or their raw bands).
+
+        Raises:
+            DataError: a key is missing or a value is invalid.
+        """
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(f"invalid sensor definition {dict(d)!r}: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, d: Mapping[str, Any]) -> "SensorSpec":
         if d.get("parts"):
-            return stack_sensors(*(cls.from_dict(p) for p in d["parts"]))
+            return stack_sensors(*(cls._from_dict(p) for p in d["parts"]))
+        base = SENSORS.get(d["name"])
+        file_bands = d.get("file_bands") or (base.file_bands if base is not None else ())
         return cls(
             name=d["name"],
             bands=tuple(d["bands"]),
@@ -370,6 +508,9 @@ class SensorSpec:
             units=d.get("units", ""),
             derived=tuple(d.get("derived", ())),
             description=d.get("description", ""),
+            file_bands=tuple(file_bands),
+            scale_factor=float(d.get("scale_factor", 1.0)),
+            add_offset=float(d.get("add_offset", 0.0)),
         )
 
     def describe(self) -> str:
@@ -378,7 +519,9 @@ class SensorSpec:
             return "\n".join([f"{self.name}: {self.description}"] + [p.describe() for p in self.parts])
         lines = [
             f"{self.name}: {self.description}".rstrip(": "),
-            f"  conversion={self.conversion} units={self.units} nodata={self.nodata} rgb={','.join(self.rgb)}",
+            f"  conversion={self.conversion} units={self.units} nodata={self.nodata} rgb={','.join(self.rgb)}"
+            + (f" scale_factor={self.scale_factor:g} add_offset={self.add_offset:g}"
+               if self.conversion == "scale_offset" else ""),
             f"  {'band':<7}{'gsd_m':>7}{'mean':>12}{'std':>12}",
         ]
         for b in self.bands:
@@ -471,15 +614,196 @@ def get_sensor(name: str | SensorSpec, bands: Iterable[str] | None = None) -> Se
     """
     if isinstance(name, SensorSpec):
         spec = name
+    elif isinstance(name, SensorDef):
+        spec = name.to_spec()
     elif STACK_SEPARATOR in str(name):
         spec = stack_sensors(*(get_sensor(n.strip()) for n in str(name).split(STACK_SEPARATOR)))
     else:
         key = {k.upper(): k for k in SENSORS}.get(str(name).upper())
         if key is None:
-            raise KeyError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)} (a stack of co-registered "
-                           f"sensors joins names with {STACK_SEPARATOR!r}, e.g. 'S2L2A+S1')")
+            raise UnknownSensorError(
+                f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)} (a stack of co-registered sensors "
+                f"joins names with {STACK_SEPARATOR!r}, e.g. 'S2L2A+S1'; another sensor is defined in the config as "
+                f"a mapping: data.sensor: {{name, bands, input_units, ...}}, see README 'Your own data')")
         spec = SENSORS[key]
     return spec.subset(bands) if bands is not None else spec
+
+
+_MODEL_UNITS_DEFAULT = {"dn": "reflectance", "reflectance": "reflectance", "linear_power": "dB", "amplitude": "dB",
+                        "db": "dB", "complex": "dB"}
+
+
+@dataclass(frozen=True)
+class SensorDef:
+    """A sensor defined in the config (``data.sensor`` as a mapping; also ``data.stack[].sensor``), for data outside
+    the registry: HLS, Landsat, PlanetScope, complex SAR, or a registry sensor's band subset stored without band
+    descriptions (``base``).
+
+    Examples (YAML)::
+
+        sensor: {name: HLS, bands: [B02, B03, B04, B8A, B11, B12], input_units: dn, scale_factor: 0.0001,
+                 nodata: -9999, gsd: 30, stats_file: hls_stats.json}
+        sensor: {base: S2L2A, name: S2-10, bands: [B02, B03, B04, B05, B06, B07, B08, B8A, B11, B12]}
+        sensor: {name: SLC, bands: [HH, HV, VH, VV], input_units: complex, model_units: dB, gsd: 0.5,
+                 mean: {...}, std: {...}}
+
+    Attributes:
+        name: Sensor name recorded in exports and model cards (not a registry name, unless ``base`` is that sensor).
+        bands: Band names in *file order* (multi-band files without band descriptions are read with these names).
+        base: A registry sensor whose conversion, nodata, gsd and statistics the bands (a subset of its bands)
+            take; the fields below then stay unset, except ``input_units``, ``nodata``, ``stats_file`` and ``rgb``.
+        input_units: What the files hold (:data:`INPUT_UNITS`); required without ``base``.
+        model_units: Units the model sees: ``reflectance`` (``dn``/``reflectance`` input), ``dB`` (SAR; ``complex``:
+            ``10 log10 |z|^2``), ``amplitude`` (``amplitude`` or ``complex`` input: ``|z|``) or ``other`` (``dn``
+            input scaled to anything else); default: reflectance for optical inputs, dB for SAR inputs.
+        scale_factor: ``dn`` input: ``model = raw * scale_factor + add_offset`` (e.g. HLS 0.0001; Landsat Collection
+            2 Level-2 0.0000275 with add_offset -0.2). Required with ``dn``, refused otherwise.
+        add_offset: See ``scale_factor``.
+        nodata: Raw no-data value of files that declare none (``null``: only NaN/inf are invalid).
+        gsd: Ground sampling distance in metres, one for all bands or per band.
+        mean: Reference mean per band in model units (with ``std``); or give ``stats_file`` (here or as
+            ``data.stats_file``) written by ``python -m common.stats --sensor <this config>``.
+        std: Reference standard deviation per band in model units.
+        stats_file: Statistics file (as ``data.stats_file``).
+        rgb: Three band names for previews (default: the S2 red/green/blue names when present, else the first three).
+        description: One line for datasheets.
+    """
+
+    name: str
+    bands: tuple[str, ...]
+    base: str | None = None
+    input_units: InputUnits | None = None
+    model_units: ModelUnits | None = None
+    scale_factor: float | None = None
+    add_offset: float | None = None
+    nodata: float | None = None
+    gsd: float | dict[str, float] | None = None
+    mean: dict[str, float] | None = None
+    std: dict[str, float] | None = None
+    stats_file: str | None = None
+    rgb: tuple[str, str, str] | None = None
+    description: str = ""
+
+    def validate(self) -> None:
+        """Refuse an incomplete or contradictory definition (the message names the key)."""
+        where = f"sensor {self.name!r}"
+        if not self.name or STACK_SEPARATOR in self.name:
+            raise DataError(f"sensor name {self.name!r} must be non-empty and without {STACK_SEPARATOR!r}")
+        bands = tuple(self.bands)
+        if not bands or len(set(bands)) != len(bands) or any(not b or STACK_SEPARATOR in b for b in bands):
+            raise DataError(f"{where}: bands must be distinct non-empty names in file order, got {list(bands)}")
+        derived = [b for b in bands if b in DERIVED_BANDS]
+        if derived:
+            raise DataError(f"{where}: {derived} are derived bands, computed rather than read; list the bands the "
+                            f"files hold (select derived bands with data.bands)")
+        if self.rgb is not None and any(b not in bands for b in self.rgb):
+            raise DataError(f"{where}: rgb {list(self.rgb)} must name bands of {list(bands)}")
+        if self.base is not None:
+            base = get_sensor(self.base)
+            if base.is_stack:
+                raise DataError(f"{where}: base must be one registry sensor, not the stack {self.base!r}")
+            unknown = [b for b in bands if b not in base.raw_bands and b not in base.gsd]
+            if unknown:
+                raise DataError(f"{where}: band(s) {unknown} are not bands of the base sensor {base.name} "
+                                f"({', '.join(base.file_bands)})")
+            extra = [k for k in ("model_units", "scale_factor", "add_offset", "gsd", "mean", "std")
+                     if getattr(self, k) is not None]
+            if extra:
+                raise DataError(f"{where}: {', '.join(extra)} come from the base sensor {base.name}; leave them out "
+                                f"(other statistics: stats_file)")
+            if self.name.upper() in {k.upper() for k in SENSORS} and self.name.upper() != base.name.upper():
+                raise DataError(f"{where}: the name of a registry sensor other than the base {base.name}")
+            base.with_input_units(self.input_units, key=f"{where}: input_units")
+            return
+        if self.name.upper() in {k.upper() for k in SENSORS}:
+            raise DataError(f"{where}: a registry sensor's name; give another name, or set base: {self.name} to read "
+                            f"a band subset of it")
+        if self.input_units is None:
+            raise DataError(f"{where}: input_units is required (what the files hold: {', '.join(INPUT_UNITS)})")
+        model = self.model_units or _MODEL_UNITS_DEFAULT[self.input_units]
+        if self.input_units == "dn":
+            if self.scale_factor is None or not math.isfinite(self.scale_factor) or self.scale_factor == 0:
+                raise DataError(f"{where}: input_units dn needs scale_factor (model value = raw * scale_factor + "
+                                f"add_offset, e.g. 0.0001 for HLS/PlanetScope reflectance)")
+            if self.add_offset is not None and not math.isfinite(self.add_offset):
+                raise DataError(f"{where}: add_offset must be finite")
+            if model not in ("reflectance", "other"):
+                raise DataError(f"{where}: input_units dn gives model_units reflectance or other, not {model!r}")
+        else:
+            if self.scale_factor is not None or self.add_offset is not None:
+                raise DataError(f"{where}: scale_factor/add_offset apply to input_units dn only, not "
+                                f"{self.input_units!r}")
+            if (model, self.input_units) not in {(m, u) for (m, u) in _CONVERSION_FOR}:
+                valid = [m for (m, u) in _CONVERSION_FOR if u == self.input_units]
+                raise DataError(f"{where}: input_units {self.input_units!r} cannot give model_units {model!r}; "
+                                f"choose {' or '.join(valid)}")
+        if self.gsd is None:
+            raise DataError(f"{where}: gsd is required (metres, one number or one per band)")
+        gsd = self._gsd()
+        bad = [b for b in bands if b not in gsd or not (math.isfinite(gsd[b]) and gsd[b] > 0)]
+        if bad:
+            raise DataError(f"{where}: gsd lacks bands or is not positive for {bad}")
+        if (self.mean is None) != (self.std is None):
+            raise DataError(f"{where}: give mean and std together (or stats_file)")
+        if self.mean is not None and self.std is not None:
+            for key, d in (("mean", self.mean), ("std", self.std)):
+                if set(d) != set(bands):
+                    raise DataError(f"{where}: {key} must have one value per band {list(bands)}, got {sorted(d)}")
+                if not all(math.isfinite(v) for v in d.values()):
+                    raise DataError(f"{where}: {key} holds non-finite values")
+            if any(v <= 0 for v in self.std.values()):
+                raise DataError(f"{where}: std must be positive")
+
+    def _gsd(self) -> dict[str, float]:
+        if isinstance(self.gsd, Mapping):
+            return {str(k): float(v) for k, v in self.gsd.items()}
+        return {b: float(self.gsd) for b in self.bands} if self.gsd is not None else {}
+
+    def to_spec(self, require_stats: bool = True) -> "SensorSpec":
+        """The :class:`SensorSpec` (all bands in file order; ``file_bands`` the declared bands).
+
+        Args:
+            require_stats: Refuse a definition without statistics (``mean``/``std`` or ``stats_file``); with False
+                such a spec gets mean 0 / std 1 placeholders (only for computing statistics with
+                :mod:`common.stats`, which works before normalisation).
+
+        Raises:
+            DataError: invalid definition, or no statistics (the message names the keys to set).
+        """
+        self.validate()
+        bands = tuple(self.bands)
+        if self.base is not None:
+            spec = get_sensor(self.base).with_input_units(self.input_units, key=f"sensor {self.name!r}: input_units")
+            spec = spec.subset(bands)
+            spec = replace(spec, name=self.name, file_bands=bands,
+                           nodata=self.nodata if self.nodata is not None else spec.nodata,
+                           rgb=tuple(self.rgb) if self.rgb else spec.rgb,  # type: ignore[arg-type]
+                           description=self.description or f"{spec.description} (bands {', '.join(bands)})")
+        else:
+            model = self.model_units or _MODEL_UNITS_DEFAULT[str(self.input_units)]
+            if self.input_units == "dn":
+                conversion = "scale_offset"
+            else:
+                conversion = _CONVERSION_FOR[(model, str(self.input_units))]
+            if self.mean is not None and self.std is not None:
+                mean, std = {b: float(self.mean[b]) for b in bands}, {b: float(self.std[b]) for b in bands}
+            elif self.stats_file is None and require_stats:
+                raise DataError(
+                    f"sensor {self.name!r} has no statistics: give mean and std per band in the data.sensor mapping, "
+                    f"or stats_file (data.stats_file), computed with `python -m common.stats --root <tiles> --sensor "
+                    f"<this config.yaml> --out stats.json`")
+            else:
+                mean, std = dict.fromkeys(bands, 0.0), dict.fromkeys(bands, 1.0)
+            spec = SensorSpec(
+                name=self.name, bands=bands, gsd=self._gsd(), mean=mean, std=std, nodata=self.nodata,
+                rgb=tuple(self.rgb) if self.rgb else _preview_bands(self.name, bands, _RGB_S2),  # type: ignore[arg-type]
+                conversion=conversion, units=model, description=self.description or f"custom sensor {self.name}",
+                file_bands=bands, scale_factor=float(self.scale_factor) if conversion == "scale_offset" else 1.0,
+                add_offset=float(self.add_offset or 0.0) if conversion == "scale_offset" else 0.0,
+            )  # fmt: skip
+        if self.stats_file is not None:
+            spec = spec.with_stats(BandStats.from_json(self.stats_file))
+        return spec
 
 
 def stack_sensors(*specs: SensorSpec) -> SensorSpec:
@@ -609,6 +933,8 @@ def to_model_units(
 
     Raises:
         ValueError: Channel count does not match ``raw_bands``, or a needed band is missing from ``raw_bands``.
+        DataError: complex pixels for a conversion of real values, or real pixels for a complex conversion
+            (:func:`check_dtypes`).
     """
     raw_bands = tuple(spec.raw_bands if raw_bands is None else raw_bands)
     raw = np.asarray(raw)
@@ -625,12 +951,21 @@ def to_model_units(
                                             offset=offset, floor=floor))
         return np.concatenate(out_parts, axis=0)
     conv = spec.conversion
+    check_dtypes(raw.dtype, spec, raw_bands, "raw array")
     if conv == "dn_to_reflectance":
         phys = dn_to_reflectance(raw, offset)
+    elif conv == "scale_offset":
+        phys = raw.astype(np.float32) * np.float32(spec.scale_factor)
+        if spec.add_offset:
+            phys += np.float32(spec.add_offset)
     elif conv == "linear_to_db":
         phys = linear_to_db(raw, floor)
+    elif conv == "amplitude_to_db":
+        phys = linear_to_db(np.square(raw.astype(np.float32)), floor)
     elif conv == "complex_to_intensity_db":
         phys = linear_to_db(complex_to_intensity(raw), floor)
+    elif conv == "complex_to_amplitude":
+        phys = np.sqrt(complex_to_intensity(raw))
     else:  # "db" (files already in dB) and "none"
         phys = raw.astype(np.float32, copy=False)
     by_name = {b: phys[i] for i, b in enumerate(raw_bands)}
@@ -647,6 +982,154 @@ def to_model_units(
         else:
             raise ValueError(f"band {b} of sensor {spec.name} is not among raw bands {raw_bands}")
     return out
+
+
+# ---------------------------------------------------------------------- input checks
+def _part_of(spec: SensorSpec, band: str) -> SensorSpec:
+    """The part of a stack (or the sensor) a raw band belongs to."""
+    for p in spec.parts or (spec,):
+        if band in p.file_bands or band in p.raw_bands:
+            return p
+    return spec
+
+
+def _units_hint(spec: SensorSpec, part: SensorSpec, units: str) -> str:
+    if part.conversion == "scale_offset":
+        return f"check input_units/scale_factor/add_offset of the data.sensor mapping {part.name!r}"
+    if part.name.upper() not in {k.upper() for k in SENSORS}:
+        return f"set input_units: {units} in the sensor mapping {part.name!r} (data.sensor or its data.stack entry)"
+    if spec.parts and part is not spec.parts[0]:
+        return f"set input_units: {units} on the data.stack entry of {part.name}"
+    return f"set {UNITS_KEY}: {units}"
+
+
+def check_dtypes(dtypes: Any, spec: SensorSpec, raw_bands: Sequence[str], where: str | os.PathLike) -> None:
+    """Refuse complex pixels for a conversion of real values and real pixels for a complex conversion.
+
+    Args:
+        dtypes: One dtype for all bands, or one per band of ``raw_bands`` (numpy or rasterio names, e.g.
+            ``"complex_int16"``).
+        spec: The sensor (stack).
+        raw_bands: Names of the bands.
+        where: File named in the message.
+
+    Raises:
+        DataError: naming the file, band, dtype and the config key (``data.input_units``) to set.
+    """
+    if isinstance(dtypes, (str, np.dtype)) or not isinstance(dtypes, Sequence):
+        dtypes = [dtypes] * len(raw_bands)
+    for band, dt in zip(raw_bands, dtypes):
+        is_complex = "complex" in str(dt)
+        part = _part_of(spec, band)
+        if is_complex and part.conversion not in COMPLEX_CONVERSIONS:
+            model = "amplitude" if part.units == "amplitude" else "intensity |z|^2 in dB"
+            fix = (_units_hint(spec, part, "complex") + f" (converted to {model})"
+                   if (part.units, "complex") in _CONVERSION_FOR else
+                   f"sensor {part.name} has model units {part.units!r}, which complex pixels cannot give; define the "
+                   f"sensor as a data.sensor mapping with input_units: complex")
+            raise DataError(f"{where}: band {band} holds complex pixels ({dt}: single-look complex SAR?) but sensor "
+                            f"{part.name} reads {part.input_units} values with the conversion {part.conversion!r}, "
+                            f"which would keep only the real part; {fix}")
+        if not is_complex and part.conversion in COMPLEX_CONVERSIONS:
+            raise DataError(f"{where}: band {band} holds real {dt} pixels but sensor {part.name} declares complex "
+                            f"input (conversion {part.conversion!r}); set {UNITS_KEY} to what the file holds "
+                            f"(linear_power, amplitude or db)")
+
+
+def _band_ranges(raw: np.ndarray, valid: np.ndarray | None) -> list[np.ndarray | None]:
+    """Valid, finite values of every band (None for a band with fewer than :data:`MIN_CHECK_PIXELS`)."""
+    out: list[np.ndarray | None] = []
+    for band in raw:
+        x = band[valid] if valid is not None else band.ravel()
+        if np.issubdtype(x.dtype, np.floating):
+            x = x[np.isfinite(x)]
+        out.append(x if x.size >= MIN_CHECK_PIXELS else None)
+    return out
+
+
+def check_raw_values(
+    raw: np.ndarray,
+    valid: np.ndarray | None,
+    spec: SensorSpec,
+    raw_bands: Sequence[str],
+    where: str | os.PathLike,
+    *,
+    sampled: bool = False,
+    unnamed: bool = False,
+) -> None:
+    """Refuse raw values that contradict the declared input units (cheap: min/max per band, a median on samples).
+
+    Always (every read): negative linear power or amplitude (dB data?), dB values above :data:`MAX_DB` (linear or
+    digital numbers?), negative Sentinel-2 digital numbers, reflectance outside [:data:`MIN_REFLECTANCE`,
+    :data:`MAX_REFLECTANCE`] (digital numbers, or dB?), a ``scale_offset`` sensor whose reflectance falls outside that
+    range. With ``sampled`` (construction-time samples): also float digital numbers that all lie in [0, 2] (already
+    reflectance), and dB bands whose values all lie in [0, 2] (linear power or reflectance). With ``unnamed`` (the
+    file's bands were not named by descriptions): also linear power whose median is above
+    :data:`MAX_UNNAMED_LINEAR_DB` dB (optical digital numbers read as SAR).
+
+    Args:
+        raw: ``(C, H, W)`` raw values in the order of ``raw_bands``.
+        valid: ``(H, W)`` valid pixels (None: all); checks use valid finite pixels only, and skip a band with fewer
+            than :data:`MIN_CHECK_PIXELS`.
+        spec: The sensor (stack) the values are read for.
+        raw_bands: Band names of ``raw``'s channels.
+        where: File named in messages.
+
+    Raises:
+        DataError: naming the file, the band, the values seen and the config key to set.
+    """
+    check_dtypes([raw.dtype] * len(raw_bands), spec, raw_bands, where)
+    if np.iscomplexobj(raw):
+        return
+    for band, x in zip(raw_bands, _band_ranges(np.asarray(raw), valid)):
+        if x is None:
+            continue
+        part = _part_of(spec, band)
+        units, conv = part.input_units, part.conversion
+        lo, hi = float(x.min()), float(x.max())
+        seen = f"values {lo:.6g}..{hi:.6g}"
+        head = f"{where}: band {band} holds {seen}"
+        if unnamed:
+            head += " (its bands are not named by band descriptions; they were assumed to be in the sensor's order)"
+        problem = fix = None
+        if units in ("linear_power", "amplitude") and lo < 0:
+            name = "linear power" if units == "linear_power" else "amplitude"
+            problem, fix = f"negative values cannot be {name} (the file is probably in dB)", "db"
+        elif units == "db" and hi > MAX_DB:
+            problem, fix = f"values above {MAX_DB:g} dB are not backscatter (linear power, amplitude or digital " \
+                           f"numbers?)", "linear_power (or amplitude)"
+        elif conv == "dn_to_reflectance" and lo < 0:
+            problem, fix = "Sentinel-2 digital numbers are never negative (dB or reflectance data?)", "reflectance"
+        elif units == "reflectance" and (hi > MAX_REFLECTANCE or lo < MIN_REFLECTANCE):
+            problem = (f"reflectance lies in [{MIN_REFLECTANCE:g}, {MAX_REFLECTANCE:g}] (digital numbers, or dB "
+                       f"values?)")
+            fix = "dn"
+        elif conv == "scale_offset" and part.units == "reflectance":
+            rlo, rhi = lo * part.scale_factor + part.add_offset, hi * part.scale_factor + part.add_offset
+            rlo, rhi = min(rlo, rhi), max(rlo, rhi)
+            if rhi > MAX_REFLECTANCE or rlo < MIN_REFLECTANCE:
+                problem = (f"scaled with scale_factor {part.scale_factor:g} and add_offset {part.add_offset:g} they "
+                           f"give reflectance {rlo:.4g}..{rhi:.4g}, outside [{MIN_REFLECTANCE:g}, "
+                           f"{MAX_REFLECTANCE:g}]")
+                fix = "reflectance"
+        if problem is None and sampled:
+            if units == "dn" and np.issubdtype(x.dtype, np.floating) and lo >= 0 and hi <= 2:
+                problem = "digital numbers all in [0, 2]: the file already holds reflectance"
+                fix = "reflectance"
+            elif units == "db" and lo >= 0 and hi <= 2:
+                problem = "dB backscatter all in [0, 2] dB: the file probably holds linear power"
+                fix = "linear_power"
+        if problem is None and unnamed and units == "linear_power":
+            med = float(np.median(x))
+            if med > 10 ** (MAX_UNNAMED_LINEAR_DB / 10):
+                problem = (f"a median of {med:.6g} ({10 * math.log10(med):.1f} dB) is not plausible backscatter "
+                           f"(optical digital numbers?)")
+                fix = "the file's units"
+        if problem is not None:
+            hint = _units_hint(spec, part, fix) if fix != "the file's units" else (
+                f"name the bands (band descriptions, or a data.sensor mapping listing them in file order) and check "
+                f"data.sensor and {UNITS_KEY}")
+            raise DataError(f"{head} but sensor {part.name} reads {units} values: {problem}; {hint}")
 
 
 # ---------------------------------------------------------------------- statistics files
@@ -704,10 +1187,10 @@ class BandStats:
         missing = [b for b in bands if b not in self.mean or b not in self.std]
         if missing:
             where = self.path or "band statistics"
-            raise ValueError(f"{where}: no statistics for band(s) {missing}; it has {list(self.mean)}")
+            raise DataError(f"{where}: no statistics for band(s) {missing}; it has {list(self.mean)}")
         std = np.array([self.std[b] for b in bands], dtype=np.float32)
         if np.any(~np.isfinite(std)) or np.any(std <= 0):
-            raise ValueError(f"{self.path or 'band statistics'}: non-positive std for bands {list(bands)}: {std}")
+            raise DataError(f"{self.path or 'band statistics'}: non-positive std for bands {list(bands)}: {std}")
         return np.array([self.mean[b] for b in bands], dtype=np.float32), std
 
     def to_dict(self) -> dict[str, Any]:
@@ -747,19 +1230,19 @@ class BandStats:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError as exc:
-            raise ValueError(f"{path}: band statistics file does not exist") from exc
+            raise DataError(f"{path}: band statistics file does not exist") from exc
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            raise DataError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(d, dict) or not isinstance(d.get("mean"), dict) or not isinstance(d.get("std"), dict):
-            raise ValueError(f"{path}: band statistics need 'mean' and 'std' objects keyed by band name")
+            raise DataError(f"{path}: band statistics need 'mean' and 'std' objects keyed by band name")
         if set(d["mean"]) != set(d["std"]):
-            raise ValueError(
+            raise DataError(
                 f"{path}: 'mean' and 'std' name different bands: {sorted(d['mean'])} vs {sorted(d['std'])}"
             )
         for key in ("mean", "std"):
             bad = [b for b, v in d[key].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
             if bad:
-                raise ValueError(f"{path}: non-finite or non-numeric {key} for bands {bad}")
+                raise DataError(f"{path}: non-finite or non-numeric {key} for bands {bad}")
         return cls(
             mean={k: float(v) for k, v in d["mean"].items()},
             std={k: float(v) for k, v in d["std"].items()},
@@ -772,23 +1255,43 @@ class BandStats:
         )
 
 
-def resolve_sensors(sources: Sequence[tuple[str | SensorSpec, Iterable[str] | None, str | os.PathLike | None]]
-                    ) -> SensorSpec:
-    """The spec of a run's data: one ``(sensor, bands, stats_file)`` source (:func:`resolve_sensor`), or the stack
-    (:func:`stack_sensors`) of several co-registered ones in channel order (``data.sensor`` then ``data.stack``)."""
+SensorSource = Sequence[Any]
+"""``(sensor, bands, stats_file[, input_units])``: a sensor name, :class:`SensorSpec` or :class:`SensorDef`, the band
+selection, a stats file and what the files hold (:data:`INPUT_UNITS`)."""
+
+
+def resolve_sensors(sources: Sequence[SensorSource]) -> SensorSpec:
+    """The spec of a run's data: one ``(sensor, bands, stats_file[, input_units])`` source (:func:`resolve_sensor`),
+    or the stack (:func:`stack_sensors`) of several co-registered ones in channel order (``data.sensor`` then
+    ``data.stack``)."""
     specs = [resolve_sensor(*src) for src in sources]
     return specs[0] if len(specs) == 1 else stack_sensors(*specs)
 
 
-def resolve_sensor(sensor: str | SensorSpec, bands: Iterable[str] | None = None,
-                   stats_file: str | os.PathLike | None = None) -> SensorSpec:
-    """The spec a run uses: ``sensor`` restricted to ``bands`` (in that order) with the statistics of
-    ``stats_file`` (written by ``python -m common.stats``) when given, else the registry's reference statistics.
+def resolve_sensor(sensor: "str | SensorSpec | SensorDef", bands: Iterable[str] | None = None,
+                   stats_file: str | os.PathLike | None = None, input_units: str | None = None) -> SensorSpec:
+    """The spec a run uses: ``sensor`` (a registry name, a spec, or a :class:`SensorDef` from the config) reading
+    files that hold ``input_units`` (default: the sensor's), restricted to ``bands`` (in that order) with the
+    statistics of ``stats_file`` (written by ``python -m common.stats``) when given, else the sensor's.
 
     Raises:
-        KeyError / ValueError: unknown sensor, unknown band, or a stats file lacking a band (messages name them).
+        DataError (``UnknownSensorError`` is also a KeyError): unknown sensor, unknown band, input units the sensor
+            cannot convert, input units given twice, a custom sensor without statistics, or a stats file lacking a
+            band (messages name them).
     """
-    spec = get_sensor(sensor, bands)
+    if isinstance(sensor, SensorDef):
+        if input_units is not None and sensor.input_units is not None and input_units != sensor.input_units:
+            raise DataError(f"{UNITS_KEY}={input_units!r} contradicts input_units {sensor.input_units!r} of the "
+                            f"data.sensor mapping {sensor.name!r}; set it in one place")
+        if sensor.stats_file is not None and stats_file is not None:
+            raise DataError(f"sensor {sensor.name!r}: stats_file is set in the data.sensor mapping and as "
+                            f"data.stats_file; set it in one place")
+        spec = sensor.to_spec(require_stats=stats_file is None)
+    else:
+        spec = get_sensor(sensor)
+    spec = spec.with_input_units(input_units)
+    if bands is not None:
+        spec = spec.subset(bands)
     if stats_file is not None:
         spec = spec.with_stats(BandStats.from_json(stats_file))
     return spec

@@ -10,7 +10,11 @@ Conventions:
   ``(a, b, c, d, e, f)``: ``x = a*col + b*row + c``, ``y = d*col + e*row + f`` (not GDAL's geotransform order).
 * Band indexes given as ints are **1-based**, as in rasterio/GDAL. Band *names* come from the band descriptions,
   or from ``default_band_names`` for files that have none.
-* Every failure is a :class:`RasterError` whose message starts with the file name, then states the problem.
+* Every failure is a :class:`RasterError` (a :class:`~common.errors.DataError`) whose message starts with the file
+  name, then states the problem.
+* Complex pixels (single-look complex SAR: ``complex64``, ``complex128``, GDAL ``CInt16``/``CInt32`` read as
+  ``complex64``/``complex128``) are returned as complex arrays, never cast to their real part; they are not
+  resampled (interpolating phase is meaningless): a complex file or band file must lie on the output grid.
 * No dataset handle outlives a call, so these functions are safe in DataLoader workers.
 """
 
@@ -31,6 +35,8 @@ from rasterio.errors import RasterioError
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
+from common.errors import DataError
+
 __all__ = [
     "RasterError",
     "RasterInfo",
@@ -38,6 +44,7 @@ __all__ = [
     "Tile",
     "GEOTIFF_SUFFIXES",
     "raster_info",
+    "fill_band_names",
     "read_raster",
     "find_band_files",
     "read_band_files",
@@ -67,8 +74,16 @@ DEFAULT_COMPRESSION = "deflate"
 """Compression of GeoTIFFs written by :func:`write_geotiff`."""
 
 
-class RasterError(ValueError):
+class RasterError(DataError):
     """A raster file cannot be used; the message names the file and the problem."""
+
+
+_COMPLEX_INT = {"complex_int16": np.complex64, "complex_int32": np.complex128}
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype rasterio reads a band dtype as (GDAL's complex integers become complex floats)."""
+    return np.dtype(_COMPLEX_INT.get(str(dtype), dtype))
 
 
 def _err(path: str | os.PathLike, problem: str) -> RasterError:
@@ -151,7 +166,7 @@ def resampling_method(method: str | Resampling) -> Resampling:
         return Resampling[str(method).lower()]
     except KeyError:
         valid = ", ".join(r.name for r in Resampling if r.value <= Resampling.sum.value)
-        raise ValueError(f"unknown resampling {method!r}; valid: {valid}") from None
+        raise DataError(f"unknown resampling {method!r}; valid: {valid}") from None
 
 
 # ---------------------------------------------------------------------- headers
@@ -202,24 +217,39 @@ class RasterInfo:
         return (min(xs), min(ys), max(xs), max(ys))
 
 
+def fill_band_names(
+    path: str | os.PathLike, descriptions: Sequence[str | None], default_band_names: Sequence[str] | None
+) -> tuple[str | None, ...]:
+    """Band names of a file: its band descriptions, the gaps filled from ``default_band_names`` (the names assumed
+    in file order for files without descriptions).
+
+    Raises:
+        RasterError: a band-count mismatch with ``default_band_names`` (the message says how to name the bands
+            from the config), or partial descriptions that contradict the assumed order.
+    """
+    desc = tuple(d if d else None for d in descriptions)
+    count = len(desc)
+    if all(d is not None for d in desc) or default_band_names is None:
+        return desc
+    if len(default_band_names) != count:
+        raise _err(
+            path,
+            f"has {count} band(s) and no band descriptions, but {len(default_band_names)} bands were expected "
+            f"({', '.join(default_band_names)}); name the file's bands in the config with a data.sensor mapping "
+            f"(e.g. data.sensor: {{base: <sensor>, name: <name>, bands: [<the {count} band names in file order>]}}, "
+            f"or name/input_units/gsd/... for another sensor; see README 'Your own data'), or write band "
+            f"descriptions into the file",
+        )
+    clash = [(i, d, n) for i, (d, n) in enumerate(zip(desc, default_band_names), start=1) if d not in (None, n)]
+    if clash:  # some bands described, and not as the assumed order says: filling the gaps would mislabel bands
+        i, d, n = clash[0]
+        raise _err(path, f"describes only some of its {count} bands, and band {i} is {d!r} where the assumed "
+                         f"order ({', '.join(default_band_names)}) has {n!r}; describe every band, or none")
+    return tuple(d if d is not None else n for d, n in zip(desc, default_band_names))
+
+
 def _band_names(src: Any, default_band_names: Sequence[str] | None, path: Path) -> tuple[str | None, ...]:
-    desc = tuple(d if d else None for d in src.descriptions)
-    if all(d is not None for d in desc):
-        return desc  # type: ignore[return-value]
-    if default_band_names is not None:
-        if len(default_band_names) != src.count:
-            raise _err(
-                path,
-                f"has {src.count} band(s) and no band descriptions, but {len(default_band_names)} bands were expected "
-                f"({', '.join(default_band_names)}); write band descriptions or select bands by 1-based index",
-            )
-        clash = [(i, d, n) for i, (d, n) in enumerate(zip(desc, default_band_names), start=1) if d not in (None, n)]
-        if clash:  # some bands described, and not as the assumed order says: filling the gaps would mislabel bands
-            i, d, n = clash[0]
-            raise _err(path, f"describes only some of its {src.count} bands, and band {i} is {d!r} where the assumed "
-                             f"order ({', '.join(default_band_names)}) has {n!r}; describe every band, or none")
-        return tuple(d if d is not None else n for d, n in zip(desc, default_band_names))
-    return desc
+    return fill_band_names(path, src.descriptions, default_band_names)
 
 
 def _open_error(path: Path, exc: Exception) -> RasterError:
@@ -443,7 +473,7 @@ def read_raster(
             raise _err(path, f"window {win} extends beyond the raster ({src.height}x{src.width}); use boundless=True")
         win = _round_window(win)
         nodata = [src.nodatavals[i - 1] if src.nodatavals[i - 1] is not None else fallback_nodata for i in indexes]
-        data = np.zeros((len(indexes), int(win.height), int(win.width)), dtype=src.dtypes[indexes[0] - 1])
+        data = np.zeros((len(indexes), int(win.height), int(win.width)), dtype=numpy_dtype(src.dtypes[indexes[0] - 1]))
         invalid = np.ones(data.shape[1:], dtype=bool)
         if inside is not None:
             r0, c0 = int(inside.row_off - win.row_off), int(inside.col_off - win.col_off)
@@ -463,6 +493,9 @@ def read_raster(
         transform = _window_transform(src.transform, win)
         crs = src.crs
     if out_shape is not None and tuple(out_shape) != data.shape[1:]:
+        if np.iscomplexobj(data):
+            raise _err(path, f"holds complex pixels ({data.dtype}), which are not resampled (to {tuple(out_shape)}); "
+                             f"read it on its own grid")
         h, w = (int(v) for v in out_shape)
         dst_transform = _scaled(transform, data.shape[2] / w, data.shape[1] / h)
         data, valid = _resample(data, invalid, transform, dst_transform, (h, w), crs, resampling_method(resampling))
@@ -564,7 +597,8 @@ def read_band_files(
         check_alignment: Check that all files share the CRS and footprint.
 
     Returns:
-        :class:`RasterSample` with a float32 array ``(len(bands), H, W)``.
+        :class:`RasterSample` with a float32 array ``(len(bands), H, W)`` (complex64/128 when a band file holds
+        complex pixels; those are not resampled).
 
     Raises:
         RasterError: Missing band file, unreadable file, multi-band file, CRS or footprint mismatch.
@@ -603,7 +637,10 @@ def read_band_files(
         dst_shape = (int(round((top - bottom) / resolution)), int(round((right - left) / resolution)))
         dst_transform = Affine(resolution, 0.0, left, 0.0, -resolution, top)
     crs = to_crs(ref.crs)
-    out = np.empty((len(bands),) + tuple(dst_shape), dtype=np.float32)
+    complex_bands = [b for b in bands if "complex" in infos[b].dtypes[0]]
+    out_dtype = np.complex128 if any("128" in infos[b].dtypes[0] or "int32" in infos[b].dtypes[0]
+                                     for b in complex_bands) else np.complex64 if complex_bands else np.float32
+    out = np.empty((len(bands),) + tuple(dst_shape), dtype=out_dtype)
     valid = np.ones(dst_shape, dtype=bool)
     for i, b in enumerate(bands):
         s = read_raster(files[b], fallback_nodata=fallback_nodata)
@@ -613,6 +650,9 @@ def read_band_files(
         if same_grid:
             out[i] = s.array[0]
             valid &= s.valid
+        elif b in complex_bands:
+            raise _err(files[b], f"band file for {b} holds complex pixels ({infos[b].dtypes[0]}) on another grid than "
+                                 f"{files[ref_band].name}; complex pixels are not resampled")
         else:
             arr, ok = _resample(s.array, ~s.valid, to_affine(s.transform), dst_transform, dst_shape, crs, method)
             out[i] = arr[0]
@@ -670,11 +710,11 @@ def tile_windows(
     th, tw = (tile, tile) if isinstance(tile, (int, np.integer)) else tile
     oh, ow = (overlap, overlap) if isinstance(overlap, (int, np.integer)) else overlap
     if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
+        raise DataError(f"image size must be positive, got {height}x{width}")
     if th <= 0 or tw <= 0:
-        raise ValueError(f"tile size must be positive, got {tile}")
+        raise DataError(f"tile size must be positive, got {tile}")
     if not (0 <= oh < th and 0 <= ow < tw):
-        raise ValueError(f"overlap {overlap} must be >= 0 and smaller than the tile {tile}")
+        raise DataError(f"overlap {overlap} must be >= 0 and smaller than the tile {tile}")
     rows = _offsets(height, th, th - oh)
     cols = _offsets(width, tw, tw - ow)
     return [Tile(r, c, min(th, height), min(tw, width)) for r in rows for c in cols]
