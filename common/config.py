@@ -9,6 +9,19 @@ Rules (every violation raises :class:`ConfigError` naming the dotted key and the
 * wrong types (``int`` where a ``float`` is expected is accepted; ``bool`` is never taken for a number),
 * values outside a ``Literal[...]`` list, and impossible values reported by a dataclass's ``validate()``.
 
+Overrides: ``key.sub=value``, the value parsed as YAML (``data.bands=[B02,B03]``, ``trainer.epochs=null``). A value
+that is not valid YAML, or that starts with ``*``, ``&`` or ``!`` (a YAML alias, anchor or tag: ``data.glob=*.tif``),
+is taken as the plain string it is written as where the target field takes a string (elsewhere it is refused with
+the YAML problem).
+
+Interpolation: ``${dotted.key}`` inside a string value of the file or of an override is replaced by the value of that key of the *final*
+configuration (file + overrides + defaults), after the overrides are merged: ``probe.root: ${data.root}/s2/source``
+follows ``data.root=/elsewhere`` given on the command line. A value that is exactly ``${key}`` takes the key's value
+with its type; inside a longer string the value is inserted as text. The key may be left at its dataclass default;
+defaults themselves are never interpolated. Keys may address list items
+(``${data.stack[0].root}``) and may themselves hold interpolations; an unknown key, a null, a mapping or list, or a
+cycle raise :class:`ConfigError` naming the key. The loaded (and saved) config holds the resolved values.
+
 Configs are frozen after loading: derived values are computed where they are used, never written back.
 """
 
@@ -25,13 +38,28 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "build_config", "config_to_dict", "save_config", "parse_overrides"]
+from common.errors import UserInputError
+
+__all__ = ["ConfigError", "load_config", "build_config", "config_to_dict", "save_config", "parse_overrides",
+           "resolve_interpolations"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A configuration problem, with the dotted key and the file it came from."""
+
+
+class _RawOverride(str):
+    """An override value kept as written because YAML cannot take it (``problem`` says why); :func:`_convert` accepts
+    it where the target takes a string and refuses it, with the YAML problem, elsewhere."""
+
+    problem: str
+
+    def __new__(cls, text: str, problem: str) -> "_RawOverride":
+        obj = super().__new__(cls, text)
+        obj.problem = problem
+        return obj
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -114,9 +142,27 @@ def _key_path(key: str, item: str) -> list[str | int]:
     return path
 
 
+_YAML_INDICATORS = ("*", "&", "!")
+"""First characters that make YAML read an alias, an anchor or a tag instead of a plain string."""
+
+
+def _parse_override_value(item: str, raw: str) -> Any:
+    if not raw.strip():
+        return ""
+    if raw.lstrip().startswith(_YAML_INDICATORS):
+        return _RawOverride(raw, f"a YAML alias, anchor or tag (it starts with {raw.lstrip()[0]!r})")
+    try:
+        return yaml.load(raw, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        return _RawOverride(raw, "not valid YAML (" + " ".join(str(exc).split()) + ")")
+
+
 def parse_overrides(overrides: list[str] | None) -> dict:
     """Turn ``["optim.lr=0.01", "data.bands=[B02,B03]", "data.stack[0].root=/x"]`` into a nested dict (values parsed
-    as YAML scalars; an item of a list is addressed as ``name[index]`` and becomes an integer key)."""
+    as YAML scalars; an item of a list is addressed as ``name[index]`` and becomes an integer key).
+
+    A value that YAML cannot parse, or that starts with ``*``/``&``/``!`` (``data.glob=*.tif``), is kept as the
+    string written: the config accepts it for string fields only (see the module docstring)."""
     nested: dict = {}
     for item in overrides or []:
         if "=" not in item:
@@ -125,10 +171,7 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key part")
-        try:
-            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        value = _parse_override_value(item, raw)
         node = nested
         parts = _key_path(key, item)
         for part in parts[:-1]:
@@ -173,6 +216,11 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert containers; raise ConfigError on mismatch."""
     where = f"{key!r} in {source}"
     origin = get_origin(tp)
+    if isinstance(value, _RawOverride):
+        if _takes_string(tp, value):
+            return str(value)
+        raise ConfigError(f"{where}: the override value {str(value)!r} is {value.problem}, and {key!r} expects "
+                          f"{_type_name(tp)}; write a value YAML reads as that")
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -233,6 +281,18 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
+def _takes_string(tp: Any, value: str) -> bool:
+    """Whether a field annotated ``tp`` accepts the string ``value`` as it is."""
+    origin = get_origin(tp)
+    if tp is str or tp is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_takes_string(a, value) for a in get_args(tp))
+    return False
+
+
 def _build(cls: type[T], data: dict, prefix: str, source: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -276,8 +336,112 @@ def _build(cls: type[T], data: dict, prefix: str, source: str) -> T:
 
 
 def build_config(cls: type[T], data: dict, source: str = "<dict>") -> T:
-    """Build a (nested) dataclass config from plain data, strictly."""
-    return _build(cls, data, "", source)
+    """Build a (nested) dataclass config from plain data, strictly (``${key}`` interpolations resolved)."""
+    return _build(cls, resolve_interpolations(cls, data, source), "", source)
+
+
+# ---------------------------------------------------------------------------------------------- interpolation
+_INTERPOLATION = re.compile(r"\$\{([^{}]*)\}")
+
+
+def _defaults_dict(cls: type) -> dict:
+    """Plain data of every field default of ``cls`` (fields without a default are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.init and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING):
+            out[f.name] = config_to_dict(_field_default(f))
+    return out
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass of an annotation (``X``, ``X | None``), else ``None``."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        for a in get_args(tp):
+            if dataclasses.is_dataclass(a):
+                return a
+    return None
+
+
+def resolve_interpolations(cls: type, data: dict, source: str = "<dict>") -> dict:
+    """Return a copy of the plain config ``data`` with every ``${dotted.key}`` in its strings resolved against
+    ``data`` completed with the field defaults of ``cls`` (see the module docstring).
+
+    Raises:
+        ConfigError: an unknown key (with the valid keys of its section), a null / mapping / list inserted into a
+            string, or a cycle; the message names the key holding the interpolation and ``source``.
+    """
+    missing = object()
+
+    def lookup(ref: str, where: str) -> Any:
+        """The value of ``ref``: from ``data`` where it is set there, else the default ``_build`` would use."""
+        try:
+            path = _key_path(ref.strip(), "${" + ref + "}")
+        except ConfigError as exc:
+            raise ConfigError(f"{where!r} in {source}: interpolation ${{{ref}}}: {exc}") from None
+        node, dflt, tp, done = data, _defaults_dict(cls), cls, ""
+        for part in path:
+            if isinstance(part, int):  # a list is replaced as a whole: index the list that is in force
+                items = node if node is not missing else dflt
+                if not isinstance(items, (list, tuple)) or part >= len(items):
+                    size = len(items) if isinstance(items, (list, tuple)) else "no"
+                    raise ConfigError(f"{where!r} in {source}: unknown interpolation key ${{{ref}}}: {done!r} has "
+                                      f"{size} item(s)")
+                node, dflt = items[part], missing
+                args = get_args(tp) if get_origin(tp) in (list, tuple) else ()
+                tp, done = (args[0] if args else Any), f"{done}[{part}]"
+                continue
+            sub = _dataclass_in(tp)
+            fields = {f.name: f for f in dataclasses.fields(sub) if f.init} if sub is not None else {}
+            user = node.get(part, missing) if isinstance(node, dict) else missing
+            default = dflt.get(part, missing) if isinstance(dflt, dict) else missing
+            if default is missing and part in fields:  # a list item leaves this field at its class default
+                default = config_to_dict(_field_default(fields[part]))
+            if user is missing and default is missing:
+                valid = list(fields) or [str(k) for k in (node if isinstance(node, dict) else {})]
+                close = difflib.get_close_matches(str(part), valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                section = f"section {done!r}" if done else "the top level"
+                raise ConfigError(f"{where!r} in {source}: unknown interpolation key ${{{ref.strip()}}}: no {part!r} "
+                                  f"in {section}{hint}; valid keys: {', '.join(valid) or 'none'}")
+            node, dflt = user, default
+            tp = get_type_hints(sub)[part] if sub is not None else Any
+            done = f"{done}.{part}" if done else part
+        return node if node is not missing else dflt
+
+    def resolve_value(value: Any, where: str, stack: tuple[str, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: resolve_value(v, f"{where}.{k}" if where else str(k), stack) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve_value(v, f"{where}[{i}]", stack) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+
+        def target(ref: str) -> Any:
+            key = ref.strip()
+            if key in stack:
+                raise ConfigError(f"{where!r} in {source}: interpolation cycle "
+                                  f"{' -> '.join('${' + k + '}' for k in (*stack, key))}")
+            return resolve_value(lookup(ref, where), key, (*stack, key))
+
+        whole = _INTERPOLATION.fullmatch(value)
+        if whole:  # exactly ${key}: the value with its type
+            return target(whole[1])
+
+        def text(m: re.Match) -> str:
+            v = target(m[1])
+            if v is None or isinstance(v, (dict, list, tuple)):
+                raise ConfigError(f"{where!r} in {source}: ${{{m[1].strip()}}} is {v!r}, which cannot be inserted "
+                                  f"into the string {value!r}; set {m[1].strip()!r} to a value")
+            return str(v)
+
+        out = _INTERPOLATION.sub(text, value)
+        if "${" in out:
+            raise ConfigError(f"{where!r} in {source}: unterminated interpolation in {value!r} (write ${{key}})")
+        return out
+
+    return resolve_value(data, "", ())
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
@@ -299,7 +463,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         _check_keys(cls, over, "", "command-line override")
         _fill_indexed_defaults(cls, data, over)
         source = f"{source} + command-line overrides"
-    return _build(cls, _merge(data, over), "", source)
+    return _build(cls, resolve_interpolations(cls, _merge(data, over), source), "", source)
 
 
 def _field_default(f: dataclasses.Field) -> Any:

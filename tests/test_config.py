@@ -143,3 +143,95 @@ def test_yaml_yes_no_are_strings_and_floats_without_dot(tmp_path):
     cfg_file = tmp_path / "t.yaml"
     cfg_file.write_text("epochs: 1\nmixed_precision: no\n")
     assert load_config(TrainerConfig, cfg_file, ["mixed_precision=no"]).mixed_precision == "no"
+
+
+# ---------------------------------------------------------------------------------------------- errors, raw values
+def test_config_error_is_a_user_input_error():
+    from common.errors import UserInputError
+
+    assert issubclass(ConfigError, UserInputError) and issubclass(ConfigError, ValueError)
+
+
+@dataclass(frozen=True)
+class Globbed:
+    glob: str = "*.tif"
+    maybe: str | None = None
+    size: int = 3
+    bands: tuple[str, ...] = ()
+
+
+@pytest.mark.parametrize("value", ["*.tif", "*/images/*.tif", "&x", "!not-a-tag", "a: b: c", "[x", "*"])
+def test_override_values_yaml_cannot_take_are_plain_strings_for_string_fields(value):
+    """``data.glob=*.tif`` was parsed as YAML and failed as an alias; taken as written for string fields."""
+    cfg = load_config(Globbed, None, [f"glob={value}", f"maybe={value}"])
+    assert cfg.glob == value and cfg.maybe == value and type(cfg.glob) is str
+
+
+def test_override_values_yaml_cannot_take_are_refused_for_other_fields():
+    with pytest.raises(ConfigError, match=r"'size'.*'\*3'.*alias.*expects int"):
+        load_config(Globbed, None, ["size=*3"])
+    with pytest.raises(ConfigError, match=r"'bands'.*'\[B02,'.*not valid YAML"):
+        load_config(Globbed, None, ["bands=[B02,"])
+    # valid YAML keeps its meaning: a quoted glob, a list, a number
+    cfg = load_config(Globbed, None, ["glob='*.jp2'", "bands=[B02, B03]", "size=4"])
+    assert cfg.glob == "*.jp2" and cfg.bands == ("B02", "B03") and cfg.size == 4
+
+
+# ---------------------------------------------------------------------------------------------- interpolation
+@dataclass(frozen=True)
+class Probe:
+    root: str | None = None
+    k: int = 20
+
+
+@dataclass(frozen=True)
+class Interp:
+    data: Data = field(default_factory=Data)
+    probe: Probe = field(default_factory=Probe)
+    sources: tuple[Source, ...] = ()
+    extra: tuple[str, ...] = ()
+    note: str | None = None
+
+
+def test_interpolation_follows_the_final_value_after_overrides(tmp_path):
+    p = _write(tmp_path, "data:\n  root: /data/a\nprobe:\n  root: ${data.root}/s2/source\n"
+                         "extra: ['${data.root}/x.txt', '${ data.root }/y.txt']\n"
+                         "sources:\n  - {root: '${data.root}/../s1'}\n")
+    cfg = load_config(Interp, p)
+    assert cfg.probe.root == "/data/a/s2/source" and cfg.extra == ("/data/a/x.txt", "/data/a/y.txt")
+    assert cfg.sources[0].root == "/data/a/../s1"
+    cfg = load_config(Interp, p, ["data.root=/elsewhere"])  # one override moves every path under the root
+    assert cfg.probe.root == "/elsewhere/s2/source" and cfg.extra[0] == "/elsewhere/x.txt"
+    assert cfg.sources[0].root == "/elsewhere/../s1"
+    # an explicit override of the dependent key still wins; the saved config holds resolved values
+    cfg = load_config(Interp, p, ["data.root=/elsewhere", "probe.root=/p"])
+    assert cfg.probe.root == "/p"
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert "${" not in (tmp_path / "saved.yaml").read_text()
+
+
+def test_interpolation_of_defaults_types_chains_and_list_items(tmp_path):
+    # the interpolated key left at its dataclass default
+    assert load_config(Interp, None, ["probe.root=${data.root}/probe"]).probe.root == "data/demo/probe"
+    # exactly ${key} keeps the type; inside a string it becomes text; chains resolve; list items are addressable
+    p = _write(tmp_path, "data:\n  batch_size: 6\nprobe:\n  k: ${data.batch_size}\n  root: ${note}\n"
+                         "note: ${sources[1].root}/n${data.batch_size}\n"
+                         "sources:\n  - {root: a}\n  - {root: b}\n")
+    cfg = load_config(Interp, p)
+    assert cfg.probe.k == 6 and cfg.note == "b/n6" and cfg.probe.root == "b/n6"
+    # a list item's field left at its class default
+    cfg = load_config(Interp, p, ["note=${sources[0].sensor}"])
+    assert cfg.note == "S1"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("probe.root=${data.rot}/x", r"'probe\.root'.*unknown interpolation key \$\{data\.rot\}.*did you mean 'root'"),
+    ("probe.root=${nope}", r"unknown interpolation key \$\{nope\}.*valid keys: data, probe"),
+    ("note=${sources[2].root}", r"unknown interpolation key \$\{sources\[2\]\.root\}.*'sources' has 0 item"),
+    ("probe.root=${note}/x", r"'probe\.root'.*\$\{note\} is None.*set 'note'"),
+    ("note=${probe.root}", r"interpolation cycle"),
+    ("note=${data.root", r"unterminated interpolation"),
+])
+def test_interpolation_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Interp, None, [override, "probe.root=${note}"] if "cycle" in match else [override])

@@ -93,3 +93,44 @@ def test_spacenet6_config_on_demo_sar(tiny_demo):
     assert spec.bands == ("HH", "HV", "VH", "VV") and spec.conversion == "linear_to_db"
     assert len(ds) == len(list((tiny_demo / "sar" / "images").glob("*.tif"))) * 4  # 32 px tiles -> 2 x 2 tiles
     assert tuple(crops[0].shape) == (2, 4, 16, 16) and all(torch.isfinite(c).all() for c in crops)
+
+
+def _strings(value, key=""):
+    """(dotted key, string) of every string in a loaded config."""
+    from common.config import config_to_dict
+
+    value = config_to_dict(value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(value, str):
+        yield key, value
+
+
+@pytest.mark.parametrize("path", PRETRAIN + FINETUNE, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_one_data_root_override_moves_every_path_under_it(path, tmp_path):
+    """Paths under the data root are written ``${data.root}/...``: after ``data.root=<elsewhere>`` no value may still
+    point into the shipped root (the demo's probe.root did, and a moved demo died with "dataset root does not
+    exist")."""
+    cls = PretrainConfig if path.parent.name == "pretrain" else FinetuneConfig
+    shipped = load_config(cls, path).data.root.rstrip("/")
+    moved = load_config(cls, path, [f"data.root={tmp_path / 'elsewhere'}"])
+    stale = [(k, v) for k, v in _strings(moved) if v == shipped or v.startswith(shipped + "/")]
+    assert not stale, f"{path.name}: still under the shipped data root {shipped}: {stale}"
+
+
+def test_moved_demo_copy_probe_and_excluded_splits_follow(tiny_demo, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_demo, copy)
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo.yaml", [f"data.root={copy}"])
+    assert cfg.probe.root == f"{copy}/s2/source" and Path(cfg.probe.root, "splits").is_dir()
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo_long.yaml", [f"data.root={copy}"])
+    assert cfg.probe.root == f"{copy}/s2/source" and all(Path(p).is_file() for p in cfg.data.exclude_ids_from)
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo_s2s1.yaml", [f"data.root={copy / 's2'}"])
+    assert Path(cfg.probe.root).resolve() == (copy / "s2" / "source").resolve()
+    assert Path(cfg.data.stack[0].root).resolve() == (copy / "s1").resolve()
