@@ -23,7 +23,8 @@ The sidecar's ``normalisation`` says how a raw file value becomes model input wi
 order (``normalisation.bands``)::
 
     value = raw * scale + add_offset          # S2: scale 1e-4, add_offset = DN offset / 10000; SAR: 1, 0
-    value = value ** 2                        # only if "squared_magnitude" (|z|^2 of complex SAR amplitude)
+    value = abs(value) ** abs_power           # only if "abs_power" is not null: 2 = |z|^2 of complex or real
+                                              # amplitude (intensity), 1 = |z| of complex amplitude
     value = 10 * log10(max(value, db_floor))  # only if "to_db" (linear intensity -> dB)
     x = (value - mean) / std                  # model input
 
@@ -80,7 +81,7 @@ class ExportMismatchError(ValueError):
 
 
 NORMALISATION_FORMULA = (
-    "per band: value = raw * scale + add_offset; if squared_magnitude: value = value**2; if to_db: "
+    "per band: value = raw * scale + add_offset; if abs_power: value = abs(value)**abs_power; if to_db: "
     "value = 10*log10(max(value, db_floor)); derived bands from their inputs' values (see 'derived'); "
     "x = (value - mean) / std; invalid pixels (see 'nodata'): x = 0 in every band"
 )
@@ -99,24 +100,30 @@ NODATA_POLICY: dict[str, Any] = {
 normalisation, as the datasets and prediction do."""
 
 
-def _steps(conversion: str, offset: float) -> dict[str, Any]:
-    """The per-band arithmetic of one conversion of :data:`common.bands.CONVERSIONS`."""
+def _steps(part: SensorSpec, offset: float) -> dict[str, Any]:
+    """The per-band arithmetic of a (single) sensor's conversion (:data:`common.bands.CONVERSIONS`)."""
+    conversion = part.conversion
+    scale, add, power, to_db = 1.0, 0.0, None, False
     if conversion == "dn_to_reflectance":
-        return {"scale": 1.0 / S2_REFLECTANCE_SCALE, "add_offset": float(offset) / S2_REFLECTANCE_SCALE,
-                "squared_magnitude": False, "to_db": False, "db_floor": None}
-    if conversion == "linear_to_db":
-        return {"scale": 1.0, "add_offset": 0.0, "squared_magnitude": False, "to_db": True, "db_floor": DB_FLOOR}
-    if conversion == "complex_to_intensity_db":
-        return {"scale": 1.0, "add_offset": 0.0, "squared_magnitude": True, "to_db": True, "db_floor": DB_FLOOR}
-    if conversion in ("db", "none"):
-        return {"scale": 1.0, "add_offset": 0.0, "squared_magnitude": False, "to_db": False, "db_floor": None}
-    raise ValueError(f"conversion {conversion!r} has no per-band formula")
+        scale, add = 1.0 / S2_REFLECTANCE_SCALE, float(offset) / S2_REFLECTANCE_SCALE
+    elif conversion == "scale_offset":
+        scale, add = float(part.scale_factor), float(part.add_offset)
+    elif conversion == "linear_to_db":
+        to_db = True
+    elif conversion in ("amplitude_to_db", "complex_to_intensity_db"):
+        power, to_db = 2, True
+    elif conversion == "complex_to_amplitude":
+        power = 1
+    elif conversion not in ("db", "none"):
+        raise ValueError(f"sensor {part.name}: conversion {conversion!r} has no per-band formula for exports")
+    return {"scale": scale, "add_offset": add, "abs_power": power, "to_db": to_db,
+            "db_floor": DB_FLOOR if to_db else None}
 
 
 def band_conversions(spec: SensorSpec, offset: float = 0.0) -> list[dict[str, Any]]:
     """One entry per band of ``spec`` (model channel order, every part of a stack with its own conversion): name,
-    sensor, units, conversion, the arithmetic of the module docstring (``scale``, ``add_offset``,
-    ``squared_magnitude``, ``to_db``, ``db_floor``; for a derived band also ``derived``), the raw nodata value
+    sensor, units, conversion, the arithmetic of the module docstring (``scale``, ``add_offset``, ``abs_power``,
+    ``to_db``, ``db_floor``; for a derived band also ``derived``), the raw nodata value
     assumed for files that declare none, ground sampling distance, mean and std.
 
     Args:
@@ -134,7 +141,7 @@ def band_conversions(spec: SensorSpec, offset: float = 0.0) -> list[dict[str, An
                     raise ValueError(f"derived band {band} has no formula for exports")
                 entry["derived"] = {"op": "ratio", "inputs": list(d.inputs),
                                     "min_abs_denominator": RATIO_DENOMINATOR_EPS}
-            entry.update(_steps(part.conversion, offset))  # a derived band's: of its inputs' raw values
+            entry.update(_steps(part, offset))  # a derived band's: of its inputs' raw values
             entry.update(nodata=part.nodata, gsd=float(part.gsd[band]), mean=float(part.mean[band]),
                          std=float(part.std[band]))
             out.append(entry)

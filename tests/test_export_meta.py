@@ -9,6 +9,7 @@ timm, and sidecars written before these keys existed still read.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import timm
 import torch
 import yaml
 
+from common.bands import COMPLEX_CONVERSIONS, CONVERSIONS, SensorSpec, to_model_units
 from common.datasets import UnlabelledTiles
 from common.raster import read_band_files
 from common.weights import Normalisation, read_export_meta
@@ -49,9 +51,10 @@ def client_model_input(norm: dict, raw: dict[str, np.ndarray], file_nodata: dict
     invalid = np.zeros(shape, bool) if reader_valid is None else ~reader_valid
 
     def convert(entry: dict, values: np.ndarray) -> np.ndarray:
-        v = values.astype(np.float64) * entry["scale"] + entry["add_offset"]
-        if entry["squared_magnitude"]:
-            v = v * v
+        v = values.astype(np.complex128 if np.iscomplexobj(values) else np.float64)
+        v = v * entry["scale"] + entry["add_offset"]
+        if entry["abs_power"] is not None:
+            v = np.abs(v) ** entry["abs_power"]
         if entry["to_db"]:
             v = 10.0 * np.log10(np.maximum(v, entry["db_floor"]))
         return v
@@ -144,7 +147,7 @@ def test_backbone_json_alone_prepares_a_real_bigearthnet_patch(tmp_path, s2_patc
     assert [e["band"] for e in norm["bands"]] == list(S2L2A_BANDS) == meta["bands"]
     for e in norm["bands"]:
         assert (e["units"], e["scale"], e["add_offset"], e["nodata"]) == ("reflectance", 1e-4, 0.0, 0)
-        assert not e["to_db"] and not e["squared_magnitude"]
+        assert not e["to_db"] and e["abs_power"] is None
     assert norm["formula"] and "band_mean" == norm["nodata"]["fill"]
     # bilinear resampling of the 20/60 m band files onto the 10 m grid is the reader's (stated in nodata.band_files);
     # from the raw DN on that grid on, the client uses the JSON only
@@ -210,7 +213,7 @@ def test_backbone_json_alone_prepares_generated_tiles(tmp_path, sensor, bands, o
     units = {"SAR4": "dB", "S1": "dB", "S2L2A": "reflectance"}[sensor]
     assert {e["units"] for e in norm["bands"]} == {units}
     if sensor == "SAR4":
-        assert all(e["to_db"] and e["db_floor"] == 1e-6 for e in norm["bands"])
+        assert all(e["to_db"] and e["db_floor"] == 1e-6 and e["abs_power"] is None for e in norm["bands"])
     if sensor == "S2L2A":
         assert all(e["add_offset"] == pytest.approx(-0.1) for e in norm["bands"])
     raw, nodata = _file_raw(tile)
@@ -287,3 +290,25 @@ def test_normalisation_round_trips_through_the_sidecar(tmp_path):
     assert m.normalisation.bands == meta["normalisation"]["bands"]
     assert m.normalisation.bands[2]["derived"] == {"op": "ratio", "inputs": ["VV", "VH"],
                                                    "min_abs_denominator": 1e-3}
+
+
+@pytest.mark.parametrize("conversion", CONVERSIONS)
+def test_every_conversion_is_spelled_out(conversion):
+    """Each conversion of the registry, on a sensor of three bands (complex pixels for the complex ones): the
+    client's value from the JSON entries equals ``to_model_units``."""
+    kw = {"scale_factor": 2.75e-5, "add_offset": -0.2} if conversion == "scale_offset" else {}
+    spec = SensorSpec(name="X", bands=("a", "b", "c"), gsd=dict.fromkeys("abc", 10.0),
+                      mean={"a": 0.1, "b": -3.0, "c": 5.0}, std={"a": 0.5, "b": 2.0, "c": 4.0}, nodata=None,
+                      rgb=("a", "b", "c"), conversion=conversion, units="other", **kw)
+    rng = np.random.default_rng(3)
+    raw = rng.gamma(2.0, 300.0, size=(3, 8, 9)).astype(np.float32)
+    if conversion in COMPLEX_CONVERSIONS:
+        raw = (raw + 1j * rng.normal(0, 200.0, raw.shape)).astype(np.complex64)
+    raw[0, 0, 0] = 0.0  # the dB floor where a log is taken
+    offset = -1000.0 if conversion == "dn_to_reflectance" else 0.0
+    norm = asdict(Normalisation.from_spec(spec, offset))
+    x_client, ok = client_model_input(norm, {b: raw[i] for i, b in enumerate(spec.bands)}, {})
+    assert ok.all()
+    model = to_model_units(raw, spec, offset=offset)
+    expect = (model - spec.mean_array()[:, None, None]) / spec.std_array()[:, None, None]
+    np.testing.assert_allclose(x_client, expect, rtol=1e-5, atol=2e-5)
