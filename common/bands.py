@@ -1063,7 +1063,8 @@ def check_raw_values(
     digital numbers?), negative Sentinel-2 digital numbers, reflectance outside [:data:`MIN_REFLECTANCE`,
     :data:`MAX_REFLECTANCE`] (digital numbers, or dB?), a ``scale_offset`` sensor whose reflectance falls outside that
     range. With ``sampled`` (construction-time samples): also float digital numbers that all lie in [0, 2] (already
-    reflectance), and dB bands whose values all lie in [0, 2] (linear power or reflectance). With ``unnamed`` (the
+    reflectance), and dB bands whose values all lie in [0, 2] (linear power or reflectance); a constant band (fill)
+    passes these two. With ``unnamed`` (the
     file's bands were not named by descriptions): also linear power whose median is above
     :data:`MAX_UNNAMED_LINEAR_DB` dB (optical digital numbers read as SAR).
 
@@ -1113,10 +1114,10 @@ def check_raw_values(
                            f"{MAX_REFLECTANCE:g}]")
                 fix = "reflectance"
         if problem is None and sampled:
-            if units == "dn" and np.issubdtype(x.dtype, np.floating) and lo >= 0 and hi <= 2:
+            if units == "dn" and np.issubdtype(x.dtype, np.floating) and 0 <= lo < hi <= 2:
                 problem = "digital numbers all in [0, 2]: the file already holds reflectance"
                 fix = "reflectance"
-            elif units == "db" and lo >= 0 and hi <= 2:
+            elif units == "db" and 0 <= lo < hi <= 2:
                 problem = "dB backscatter all in [0, 2] dB: the file probably holds linear power"
                 fix = "linear_power"
         if problem is None and unnamed and units == "linear_power":

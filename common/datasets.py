@@ -17,11 +17,23 @@ Common behaviour (the sample contract of ``docs/CONTRACTS.md``):
 * Construction validates the inputs up front, with one error per problem naming the file (``validate="full"``:
   every file opens, has the expected bands and readable pixel data (truncation), masks match image size/CRS and
   carry no label outside the class list; ``"header"``: skip the pixel-data read; ``"none"``: only file existence).
+  Errors a user causes and fixes are :class:`~common.errors.DataError` (``RasterError`` is one).
+* Units (``"header"`` and ``"full"``): the band dtypes must fit the sensor's declared input units (complex pixels only
+  for ``input_units: complex``, and then only complex pixels), and a small centre window of a few files (the first
+  file without band descriptions among them) must hold values those units allow
+  (:func:`common.bands.check_raw_values` with ``sampled``). Every read checks the hard limits again (negative linear
+  power, dB above 100, ...): no value is converted silently in the wrong units.
+* Files without band descriptions hold the sensor's file bands in order (:attr:`SensorSpec.file_bands`: a registry
+  sensor's full list, a ``data.sensor`` mapping's ``bands``); a file with exactly as many bands as the selection's raw
+  bands (``data.bands``) holds those, in that order. Either way the dataset says so once in the log (a warning naming
+  a file and the names assumed), and such files also get the stricter value checks of ``unnamed``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -31,12 +43,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.bands import IGNORE_INDEX, SensorSpec, file_band_names, get_sensor, stack_sensors, to_model_units
+from common.bands import (
+    IGNORE_INDEX,
+    SensorDef,
+    SensorSpec,
+    check_dtypes,
+    check_raw_values,
+    file_band_names,
+    get_sensor,
+    stack_sensors,
+    to_model_units,
+)
+from common.errors import DataError
 from common.raster import (
     GEOTIFF_SUFFIXES,
     RasterError,
     RasterInfo,
     Tile,
+    fill_band_names,
     find_band_files,
     raster_info,
     read_band_files,
@@ -46,6 +70,8 @@ from common.raster import (
     to_crs,
 )
 from common.splits import read_ids
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "VALIDATE_MODES",
@@ -80,6 +106,12 @@ SPLITS_DIR = "splits"
 
 SPLIT_SUFFIX = ".txt"
 """Suffix of split files."""
+
+VALUE_CHECK_FILES = 4
+"""Files (evenly spaced, plus the first file without band descriptions) whose values are checked at construction."""
+
+VALUE_CHECK_WINDOW = 64
+"""Side of the centre window read from each of them."""
 
 BIGEARTHNET_METADATA_SUFFIX = "_labels_metadata.json"
 """Suffix of the per-patch BigEarthNet label file."""
@@ -137,6 +169,12 @@ class RasterGrid(NamedTuple):
         return f"{self.path} ({self.height}x{self.width} px, CRS {self.crs}, transform {tuple(self.transform[:6])})"
 
 
+def _centre_window(info: RasterInfo) -> tuple[int, int, int, int]:
+    """``(row_off, col_off, height, width)`` of the centre :data:`VALUE_CHECK_WINDOW` square of a file."""
+    h, w = min(VALUE_CHECK_WINDOW, info.height), min(VALUE_CHECK_WINDOW, info.width)
+    return ((info.height - h) // 2, (info.width - w) // 2, h, w)
+
+
 def _grid_of(info: RasterInfo, tile: Tile | None = None, tile_size: int | None = None) -> RasterGrid:
     if tile is None:
         return RasterGrid(info.crs, tuple(info.transform), info.height, info.width, info.path)
@@ -162,7 +200,7 @@ def _bigearthnet_pair_name(folder: Path) -> str:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{meta_path}: cannot read labels metadata ({exc})") from exc
+        raise DataError(f"{meta_path}: cannot read labels metadata ({exc})") from exc
     partner = meta.get("corresponding_s2_patch") if isinstance(meta, dict) else None
     return str(partner) if partner else folder.name
 
@@ -175,7 +213,7 @@ def _check_mode(name: str, value: str, allowed: Sequence[str]) -> None:
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
     if pattern.count("{id}") != 1:
-        raise ValueError(f"file pattern {pattern!r} must contain '{{id}}' exactly once")
+        raise DataError(f"file pattern {pattern!r} must contain '{{id}}' exactly once")
     head, tail = pattern.split("{id}")
     return re.compile(re.escape(head) + r"(?P<id>.+)" + re.escape(tail) + r"$")
 
@@ -183,7 +221,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 def _ids_in_dir(directory: Path, pattern: str) -> list[str]:
     rx = _pattern_regex(pattern)
     if not directory.is_dir():
-        raise ValueError(f"{directory}: directory does not exist")
+        raise DataError(f"{directory}: directory does not exist")
     return sorted(m.group("id") for p in directory.iterdir() if p.is_file() and (m := rx.match(p.name)))
 
 
@@ -196,13 +234,26 @@ def _resolve_split(
     if not isinstance(split, (str, os.PathLike)):
         ids = [str(i) for i in split]
         if len(set(ids)) != len(ids):
-            raise ValueError("split list repeats ids")
+            raise DataError("split list repeats ids")
+        if not ids:
+            raise DataError("the split list holds no tile ids; give at least one id")
         return ids, "split list"
     candidates = [Path(split), root / splits_dir / str(split), root / splits_dir / f"{split}{SPLIT_SUFFIX}"]
     for c in candidates:
         if c.is_file():
-            return read_ids(c), str(c)
-    raise ValueError(f"split {str(split)!r} not found; tried {', '.join(str(c) for c in candidates)}")
+            return _read_split_file(c), str(c)
+    raise DataError(f"split {str(split)!r} not found; tried {', '.join(str(c) for c in candidates)}")
+
+
+def _read_split_file(path: Path) -> list[str]:
+    """Ids of a split file, refusing an empty one (naming it)."""
+    ids = read_ids(path)
+    if not ids:
+        raise DataError(
+            f"{path}: split file holds no tile ids (one id per line; blank lines and '#' comments are skipped); list "
+            f"the tiles of this split in it, or point the config's split key (data.labelled_split, "
+            f"data.unlabelled_split, data.val_split, probe.train_split, probe.val_split) at a split file that lists some")
+    return ids
 
 
 def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
@@ -223,11 +274,11 @@ def _check_label_values(mask: np.ndarray, num_classes: int, where: str | Path) -
         if np.issubdtype(mask.dtype, np.floating):
             finite = mask[np.isfinite(mask)]
             if np.any(finite != np.round(finite)):
-                raise ValueError(f"{where}: mask holds non-integer label values")
+                raise DataError(f"{where}: mask holds non-integer label values")
         present = np.unique(mask[np.isfinite(mask)] if np.issubdtype(mask.dtype, np.floating) else mask)
     bad = [int(v) for v in present if not (0 <= v < num_classes or v == IGNORE_INDEX)]
     if bad:
-        raise ValueError(
+        raise DataError(
             f"{where}: label value(s) {bad[:10]} outside the class list 0..{num_classes - 1} "
             f"(ignore value {IGNORE_INDEX})"
         )
@@ -246,13 +297,18 @@ class _RasterDataset(Dataset):
         fill_value: str | float | None,
         offset: float,
         validate: str,
+        input_units: str | None = None,
     ) -> None:
         _check_mode("validate", validate, VALIDATE_MODES)
         if isinstance(fill_value, str) and fill_value != "mean":
             raise ValueError(f"fill_value must be 'mean', a number or None, got {fill_value!r}")
-        self.spec: SensorSpec = get_sensor(sensor, bands)
-        # Names assumed for multi-band files without band descriptions: the sensor's full raw band list.
+        spec = get_sensor(sensor).with_input_units(input_units)
+        self.spec: SensorSpec = spec.subset(bands) if bands is not None else spec
+        # Names assumed for multi-band files without band descriptions: the sensor's file bands (registry: its full
+        # band list; a data.sensor mapping: its bands), or the selection's raw bands for a file with that many bands.
         self.file_bands: tuple[str, ...] = file_band_names(self.spec)
+        self._file_names: dict[str, tuple[str, ...]] = {}  # names assumed for files without descriptions
+        self._unnamed_warned = False
         self.transform = transform
         self.return_georef = return_georef
         self.fill_value = fill_value
@@ -264,9 +320,75 @@ class _RasterDataset(Dataset):
         """Channel names of ``image``."""
         return self.spec.bands
 
+    # -- band names and units
+    def _defaults_for(self, count: int) -> tuple[str, ...]:
+        """Names assumed for a file of ``count`` bands without descriptions."""
+        raw = tuple(self.spec.raw_bands)
+        if count != len(self.file_bands) and count == len(raw):
+            return raw
+        return self.file_bands
+
+    def _header(self, path: str | os.PathLike, check_data: bool = False) -> RasterInfo:
+        """The header of a multi-band file with its band names (descriptions, else the assumed names)."""
+        info = raster_info(path, check_data=check_data)
+        if any(n is None for n in info.band_names):
+            defaults = self._defaults_for(info.count)
+            info = dataclasses.replace(info, band_names=fill_band_names(path, info.band_names, defaults))
+            self._file_names[str(path)] = defaults
+            self._warn_unnamed(path, defaults)
+        return info
+
+    def _names_for(self, path: str | os.PathLike) -> tuple[str, ...]:
+        """``default_band_names`` for reading ``path`` (the header is read once for a file not seen yet)."""
+        key = str(path)
+        if key not in self._file_names and self.validate == "none":
+            self._header(path)
+        return self._file_names.get(key, self.file_bands)
+
+    def _warn_unnamed(self, path: str | os.PathLike, names: Sequence[str]) -> None:
+        if self._unnamed_warned:
+            return
+        self._unnamed_warned = True
+        logger.warning(
+            "%s: no band descriptions; its bands (and those of every such file of this %s dataset) are taken to be "
+            "%s in this order. Write band descriptions, or list the bands in file order with a data.sensor mapping "
+            "(README 'Your own data'), if that is not what the files hold.",
+            path, self.spec.name, ", ".join(names))
+
+    def _check_header(self, path: str | os.PathLike, info: RasterInfo) -> None:
+        """The raw bands are present and their dtypes fit the declared units (complex or not)."""
+        raw = list(self.spec.raw_bands)
+        present = [n for n in info.band_names if n is not None]
+        missing = [b for b in raw if b not in present]
+        if missing:
+            raise RasterError(f"{path}: band(s) {missing} not found; bands present: {', '.join(present)}")
+        names = list(info.band_names)
+        check_dtypes([info.dtypes[names.index(b)] for b in raw], self.spec, raw, path)
+
+    def _check_values(self, sources: Sequence[Path], band_folders: bool = False) -> None:
+        """Value-range check (:func:`common.bands.check_raw_values`, ``sampled``) of the centre window of a few
+        sources: evenly spaced ones and the first file without band descriptions."""
+        if self.validate == "none" or not sources:
+            return
+        picks = [sources[int(i)] for i in np.linspace(0, len(sources) - 1, min(len(sources), VALUE_CHECK_FILES))]
+        unnamed = [p for p in sources if str(p) in self._file_names][:1]
+        for src in dict.fromkeys(unnamed + picks):
+            if band_folders:
+                for band, f in find_band_files(src, self.spec.raw_bands).items():
+                    r = read_raster(f, window=_centre_window(raster_info(f, check_data=False)),
+                                    fallback_nodata=self.spec.nodata)
+                    check_raw_values(r.array, r.valid, self.spec, [band], f, sampled=True)
+            else:
+                raw = list(self.spec.raw_bands)
+                r = read_raster(src, bands=raw, window=_centre_window(raster_info(src, check_data=False)),
+                                default_band_names=self._names_for(src), fallback_nodata=self.spec.nodata)
+                check_raw_values(r.array, r.valid, self.spec, raw, src, sampled=True,
+                                 unnamed=str(src) in self._file_names)
+
     def _model_image(
-        self, raw: np.ndarray, raw_bands: Sequence[str], valid: np.ndarray
+        self, raw: np.ndarray, raw_bands: Sequence[str], valid: np.ndarray, where: str | os.PathLike = "input"
     ) -> tuple[np.ndarray, np.ndarray]:
+        check_raw_values(raw, valid, self.spec, raw_bands, where)
         image = to_model_units(raw, self.spec, raw_bands=raw_bands, offset=self.offset)
         valid = valid & np.isfinite(image).all(axis=0)
         if self.fill_value is not None and not valid.all():
@@ -328,6 +450,7 @@ class UnlabelledTiles(_RasterDataset):
         offset: Sentinel-2 radiometric offset in DN (-1000 for baseline >= 04.00).
         resampling: Resampling of coarser band files (band-folder layout).
         exclude_ids: Ids (file stems or band-folder names) left out, e.g. the validation tiles of a split file.
+        input_units: What the files hold (:data:`common.bands.INPUT_UNITS`; default: the sensor's).
 
     Raises:
         ValueError / RasterError: No inputs, or an invalid input (the message names the file and the problem).
@@ -338,7 +461,7 @@ class UnlabelledTiles(_RasterDataset):
     def __init__(
         self,
         root: str | os.PathLike | Sequence[str | os.PathLike],
-        sensor: str | SensorSpec = "S2L2A",
+        sensor: str | SensorSpec | SensorDef = "S2L2A",
         bands: Sequence[str] | None = None,
         transform: Transform | None = None,
         *,
@@ -352,8 +475,9 @@ class UnlabelledTiles(_RasterDataset):
         offset: float = 0,
         resampling: str = "bilinear",
         exclude_ids: Collection[str] = (),
+        input_units: str | None = None,
     ) -> None:
-        super().__init__(sensor, bands, transform, return_georef, fill_value, offset, validate)
+        super().__init__(sensor, bands, transform, return_georef, fill_value, offset, validate, input_units)
         _check_mode("layout", layout, self.LAYOUTS)
         self.resampling = resampling
         self.tile_size = tile_size
@@ -361,15 +485,15 @@ class UnlabelledTiles(_RasterDataset):
         self.root: Path | None = Path(root) if isinstance(root, (str, os.PathLike)) and Path(root).is_dir() else None
         sources, self.layout = self._discover(root, glob, layout)
         if not sources:
-            raise ValueError(f"{root}: no input rasters found (glob {glob!r}, layout {layout!r})")
+            raise DataError(f"{root}: no input rasters found (glob {glob!r}, layout {layout!r})")
         if exclude_ids:
             excluded = set(exclude_ids)
             sources = [p for p in sources if self._source_id(p) not in excluded]
             if not sources:
-                raise ValueError(f"{root}: every input raster (glob {glob!r}) is among the excluded ids")
+                raise DataError(f"{root}: every input raster (glob {glob!r}) is among the excluded ids")
         self.sources: list[Path] = sources
         if self.layout == "band_files" and tile_size is not None:
-            raise ValueError("tile_size is only supported for multi-band files, not band folders")
+            raise DataError("tile_size is only supported for multi-band files, not band folders")
         infos = self._validate_sources()
         self.items: list[tuple[int, Tile | None]] = []
         for si, src in enumerate(self.sources):
@@ -388,18 +512,18 @@ class UnlabelledTiles(_RasterDataset):
             elif root.is_dir():
                 files = sorted(p for p in root.glob(glob) if p.is_file() and p.suffix in GEOTIFF_SUFFIXES)
             else:
-                raise ValueError(f"{root}: input path does not exist")
+                raise DataError(f"{root}: input path does not exist")
             entries: list[Path] = files
         else:
             entries = [Path(p) for p in root]
             missing = [str(p) for p in entries if not p.exists()]
             if missing:
-                raise ValueError(f"input path(s) do not exist: {missing[:5]}")
+                raise DataError(f"input path(s) do not exist: {missing[:5]}")
             files = [p for p in entries if p.is_file()]
         dirs_given = [p for p in entries if p.is_dir()]
         if layout == "multiband":
             if dirs_given:
-                raise ValueError(f"{dirs_given[0]}: a directory given with layout='multiband'")
+                raise DataError(f"{dirs_given[0]}: a directory given with layout='multiband'")
             return files, layout
         if layout == "band_files" or dirs_given:
             folders = sorted(set(dirs_given) | {p.parent for p in files})
@@ -432,13 +556,12 @@ class UnlabelledTiles(_RasterDataset):
                     info = raster_info(f, check_data=check)
                     if info.count != 1:
                         raise RasterError(f"{f}: band file for {b} has {info.count} bands, expected 1")
+                    check_dtypes(info.dtypes, self.spec, [b], f)
             else:
-                info = raster_info(src, default_band_names=self.file_bands, check_data=check)
-                present = [n for n in info.band_names if n is not None]
-                missing = [b for b in raw if b not in present]
-                if missing:
-                    raise RasterError(f"{src}: band(s) {missing} not found; bands present: {', '.join(present)}")
+                info = self._header(src, check_data=check)
+                self._check_header(src, info)
                 infos[i] = info
+        self._check_values(self.sources, band_folders=self.layout == "band_files")
         return infos
 
     def _source_id(self, src: Path) -> str:
@@ -468,7 +591,7 @@ class UnlabelledTiles(_RasterDataset):
         src = self.sources[si]
         if self.layout == "band_files":
             return _band_folder_grid(src, self.spec)
-        return _grid_of(raster_info(src, default_band_names=self.file_bands, check_data=False), tile, self.tile_size)
+        return _grid_of(self._header(src), tile, self.tile_size)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -484,11 +607,11 @@ class UnlabelledTiles(_RasterDataset):
         else:
             window = None if tile is None else Tile(tile.row_off, tile.col_off, self.tile_size, self.tile_size)
             r = read_raster(
-                src, bands=raw, window=window, default_band_names=self.file_bands,
+                src, bands=raw, window=window, default_band_names=self._names_for(src),
                 fallback_nodata=self.spec.nodata, boundless=tile is not None,
             )  # fmt: skip
             sample_id = src.stem
-        image, valid = self._model_image(r.array, raw, r.valid)
+        image, valid = self._model_image(r.array, raw, r.valid, src)
         sample: dict[str, Any] = {"image": image, "valid": valid, "index": index, "id": sample_id}
         if tile is not None:
             sample["tile"] = np.array([tile.row_off, tile.col_off, tile.height, tile.width], dtype=np.int64)
@@ -532,6 +655,7 @@ class SegmentationDataset(_RasterDataset):
         fill_value: Fill of invalid pixels (``"mean"``, a float or None).
         offset: Sentinel-2 radiometric offset in DN.
         class_names: Optional class names (length ``num_classes``).
+        input_units: What the image files hold (:data:`common.bands.INPUT_UNITS`; default: the sensor's).
     """
 
     def __init__(
@@ -541,7 +665,7 @@ class SegmentationDataset(_RasterDataset):
         image_dir: str = "images",
         mask_dir: str = "masks",
         bands: Sequence[str] | None = None,
-        sensor: str | SensorSpec = "S2L2A",
+        sensor: str | SensorSpec | SensorDef = "S2L2A",
         num_classes: int | None = None,
         transform: Transform | None = None,
         *,
@@ -554,18 +678,19 @@ class SegmentationDataset(_RasterDataset):
         fill_value: str | float | None = "mean",
         offset: float = 0,
         class_names: Sequence[str] | None = None,
+        input_units: str | None = None,
     ) -> None:
-        super().__init__(sensor, bands, transform, return_georef, fill_value, offset, validate)
+        super().__init__(sensor, bands, transform, return_georef, fill_value, offset, validate, input_units)
         _check_mode("label_check", label_check, LABEL_CHECK_MODES)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ValueError(f"{self.root}: dataset root does not exist")
+            raise DataError(f"{self.root}: dataset root does not exist")
         if labelled and (num_classes is None or num_classes < 1):
-            raise ValueError(f"{self.root}: num_classes is required for a labelled segmentation dataset")
+            raise DataError(f"{self.root}: num_classes is required for a labelled segmentation dataset")
         if num_classes is not None and num_classes > IGNORE_INDEX:
-            raise ValueError(f"num_classes={num_classes} collides with the ignore value {IGNORE_INDEX}")
+            raise DataError(f"num_classes={num_classes} collides with the ignore value {IGNORE_INDEX}")
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
+            raise DataError(f"{len(class_names)} class names for num_classes={num_classes}")
         self.num_classes = num_classes
         self.class_names = tuple(class_names) if class_names is not None else None
         self.labelled = labelled
@@ -578,11 +703,11 @@ class SegmentationDataset(_RasterDataset):
         if ids is None:
             ids = _ids_in_dir(self.image_dir, image_pattern)
             if not ids:
-                raise ValueError(f"{self.image_dir}: no images matching {image_pattern!r}")
+                raise DataError(f"{self.image_dir}: no images matching {image_pattern!r}")
         self.ids: list[str] = ids
         missing = [i for i in ids if not self.image_path(i).is_file()]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{self.split_source}: {len(missing)} id(s) have no image in {self.image_dir} "
                 f"(pattern {image_pattern!r}), e.g. {missing[:5]}"
             )
@@ -609,23 +734,18 @@ class SegmentationDataset(_RasterDataset):
             for i in self.ids:
                 problem = self._label_sources_missing(i)
                 if problem:
-                    raise ValueError(problem)
+                    raise DataError(problem)
         if self.validate == "none":
             self._check_labels_on_access = self.labelled
             return
         check = self.validate == "full"
-        raw = list(self.spec.raw_bands)
         total_mask_pixels = 0
         for i in self.ids:
-            info = raster_info(self.image_path(i), default_band_names=self.file_bands, check_data=check)
-            present = [n for n in info.band_names if n is not None]
-            missing = [b for b in raw if b not in present]
-            if missing:
-                raise RasterError(
-                    f"{self.image_path(i)}: band(s) {missing} not found; bands present: {', '.join(present)}"
-                )
+            info = self._header(self.image_path(i), check_data=check)
+            self._check_header(self.image_path(i), info)
             if self.labelled:
                 total_mask_pixels += self._validate_label_header(i, info, check)
+        self._check_values([self.image_path(i) for i in self.ids])
         if not self.labelled:
             return
         read_now = label_check == "construction" or (
@@ -681,8 +801,7 @@ class SegmentationDataset(_RasterDataset):
 
     def sample_grid(self, index: int) -> RasterGrid:
         """The pixel grid of a sample, from the image header."""
-        return _grid_of(raster_info(self.image_path(self.ids[self._index(index)]),
-                                    default_band_names=self.file_bands, check_data=False))
+        return _grid_of(self._header(self.image_path(self.ids[self._index(index)])))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -691,10 +810,9 @@ class SegmentationDataset(_RasterDataset):
         index = self._index(index)
         sample_id = self.ids[index]
         raw = list(self.spec.raw_bands)
-        r = read_raster(
-            self.image_path(sample_id), bands=raw, default_band_names=self.file_bands, fallback_nodata=self.spec.nodata
-        )
-        image, valid = self._model_image(r.array, raw, r.valid)
+        path = self.image_path(sample_id)
+        r = read_raster(path, bands=raw, default_band_names=self._names_for(path), fallback_nodata=self.spec.nodata)
+        image, valid = self._model_image(r.array, raw, r.valid, path)
         sample: dict[str, Any] = {"image": image, "valid": valid, "index": index, "id": sample_id}
         if self.labelled:
             mask = self._load_mask(sample_id, self._check_labels_on_access, image.shape[1:], r.georef())
@@ -733,7 +851,7 @@ class SpaceNet6Tiles(SegmentationDataset):
         geojson_dir: str = "geojson",
         mask_dir: str = "masks",
         bands: Sequence[str] | None = None,
-        sensor: str | SensorSpec = "SAR4",
+        sensor: str | SensorSpec | SensorDef = "SAR4",
         transform: Transform | None = None,
         *,
         labelled: bool = True,
@@ -746,6 +864,7 @@ class SpaceNet6Tiles(SegmentationDataset):
         validate: str = "full",
         label_check: str = "auto",
         fill_value: str | float | None = "mean",
+        input_units: str | None = None,
     ) -> None:
         self.geojson_dir = Path(root) / geojson_dir
         self.geojson_pattern = geojson_pattern
@@ -756,7 +875,7 @@ class SpaceNet6Tiles(SegmentationDataset):
             root, split, image_dir=image_dir, mask_dir=mask_dir, bands=bands, sensor=sensor,
             num_classes=len(SPACENET6_CLASSES), transform=transform, labelled=labelled,
             return_georef=return_georef, image_pattern=image_pattern, mask_pattern=mask_pattern, validate=validate,
-            label_check=label_check, fill_value=fill_value, class_names=SPACENET6_CLASSES,
+            label_check=label_check, fill_value=fill_value, class_names=SPACENET6_CLASSES, input_units=input_units,
         )  # fmt: skip
 
     def geojson_path(self, sample_id: str) -> Path:
@@ -780,14 +899,14 @@ class SpaceNet6Tiles(SegmentationDataset):
         try:
             doc = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not valid GeoJSON ({exc})") from exc
+            raise DataError(f"{path}: not valid GeoJSON ({exc})") from exc
         if not isinstance(doc, dict) or doc.get("type") not in ("FeatureCollection", "Feature"):
-            raise ValueError(f"{path}: expected a GeoJSON FeatureCollection or Feature")
+            raise DataError(f"{path}: expected a GeoJSON FeatureCollection or Feature")
         feats = doc.get("features", []) if doc["type"] == "FeatureCollection" else [doc]
         for k, f in enumerate(feats):
             geom = (f or {}).get("geometry")
             if geom is not None and geom.get("type") not in ("Polygon", "MultiPolygon"):
-                raise ValueError(f"{path}: feature {k} has geometry type {geom.get('type')}, expected (Multi)Polygon")
+                raise DataError(f"{path}: feature {k} has geometry type {geom.get('type')}, expected (Multi)Polygon")
         return doc
 
     def _geojson_crs(
@@ -909,7 +1028,7 @@ class BigEarthNetPatches(_RasterDataset):
         super().__init__(sensor, bands, transform, return_georef, fill_value, 0, validate)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ValueError(f"{self.root}: BigEarthNet root does not exist")
+            raise DataError(f"{self.root}: BigEarthNet root does not exist")
         self.resampling = resampling
         self.classes = tuple(classes)
         self._class_index = {c: i for i, c in enumerate(self.classes)}
@@ -918,13 +1037,15 @@ class BigEarthNetPatches(_RasterDataset):
         )
         if patches is None:
             if not found:
-                raise ValueError(f"{self.root}: no BigEarthNet patch folders (with *{BIGEARTHNET_METADATA_SUFFIX})")
+                raise DataError(f"{self.root}: no BigEarthNet patch folders (with *{BIGEARTHNET_METADATA_SUFFIX})")
             self.patches = found
         else:
-            names = read_ids(patches) if isinstance(patches, (str, os.PathLike)) else list(patches)
+            names = _read_split_file(Path(patches)) if isinstance(patches, (str, os.PathLike)) else list(patches)
+            if not names:
+                raise DataError(f"{self.root}: the patch list holds no patch names")
             missing = [n for n in names if not (self.root / n / f"{n}{BIGEARTHNET_METADATA_SUFFIX}").is_file()]
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"{self.root}: {len(missing)} patch(es) not found (no labels metadata), e.g. {missing[:5]}"
                 )
             self.patches = [self.root / n for n in names]
@@ -937,19 +1058,21 @@ class BigEarthNetPatches(_RasterDataset):
                     info = raster_info(f, check_data=validate == "full")
                     if info.count != 1:
                         raise RasterError(f"{f}: band file for {b} has {info.count} bands, expected 1")
+                    check_dtypes(info.dtypes, self.spec, [b], f)
+            self._check_values(self.patches, band_folders=True)
 
     def _read_labels(self, patch: Path) -> tuple[str, ...]:
         path = patch / f"{patch.name}{BIGEARTHNET_METADATA_SUFFIX}"
         try:
             meta = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read labels metadata ({exc})") from exc
+            raise DataError(f"{path}: cannot read labels metadata ({exc})") from exc
         labels = meta.get("labels") if isinstance(meta, dict) else None
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise ValueError(f"{path}: 'labels' must be a list of class names")
+            raise DataError(f"{path}: 'labels' must be a list of class names")
         unknown = [x for x in labels if x not in self._class_index]
         if unknown:
-            raise ValueError(f"{path}: label(s) {unknown} not in the class list ({len(self.classes)} classes)")
+            raise DataError(f"{path}: label(s) {unknown} not in the class list ({len(self.classes)} classes)")
         return tuple(labels)
 
     def label_names(self, index: int) -> tuple[str, ...]:
@@ -974,7 +1097,7 @@ class BigEarthNetPatches(_RasterDataset):
         patch = self.patches[index]
         raw = list(self.spec.raw_bands)
         r = read_band_files(patch, raw, resampling=self.resampling, fallback_nodata=self.spec.nodata)
-        image, valid = self._model_image(r.array, raw, r.valid)
+        image, valid = self._model_image(r.array, raw, r.valid, patch)
         labels = np.zeros(len(self.classes), dtype=np.float32)
         labels[[self._class_index[c] for c in self.label_lists[index]]] = 1.0
         sample: dict[str, Any] = {
@@ -1044,7 +1167,7 @@ class StackedDataset(Dataset):
         if any(len(row) != len(parts) for row in self.index):
             raise ValueError(f"every index row needs one entry per part ({len(parts)})")
         if not self.index:
-            raise ValueError("empty stack: no sample pairs")
+            raise DataError("empty stack: no sample pairs")
         self.transform = transform
         self.return_georef = return_georef
         self.fill_value = fill_value
@@ -1085,7 +1208,7 @@ class StackedDataset(Dataset):
             for i in range(len(p)):
                 k = p.sample_key(i, match)
                 if k in keys:
-                    raise ValueError(f"sensor {p.spec.name}: two samples share the key {k!r} (match={match!r}); "
+                    raise DataError(f"sensor {p.spec.name}: two samples share the key {k!r} (match={match!r}); "
                                      f"use match='path' or give distinct file names")
                 keys[k] = i
             lookups.append(keys)
@@ -1099,7 +1222,7 @@ class StackedDataset(Dataset):
                 rows.append((i, *partners))
         names = " and ".join(p.spec.name for p in parts[1:])
         if lost and (missing == "error" or not rows):
-            raise ValueError(
+            raise DataError(
                 f"{len(lost)} of {len(parts[0])} {parts[0].spec.name} samples have no {names} partner (paired by "
                 f"{match}), e.g. {lost[:3]}" + ("; set missing='skip' (config: data.stack_missing: skip) to leave "
                                                 "them out" if rows else ""))
@@ -1198,11 +1321,11 @@ def stacked_segmentation_dataset(
     """
     parts = spec.parts or (spec,)
     if len(image_dirs) != len(parts):
-        raise ValueError(f"sensor {spec.name} needs {len(parts)} image director{'ies' if len(parts) > 1 else 'y'} "
+        raise DataError(f"sensor {spec.name} needs {len(parts)} image director{'ies' if len(parts) > 1 else 'y'} "
                          f"(one per sensor), got {list(image_dirs)}")
     patterns = list(image_patterns) if image_patterns is not None else [_DEFAULT_IMAGE_PATTERN] * len(parts)
     if len(patterns) != len(parts):
-        raise ValueError(f"sensor {spec.name} needs {len(parts)} image patterns, got {patterns}")
+        raise DataError(f"sensor {spec.name} needs {len(parts)} image patterns, got {patterns}")
     if not spec.parts:
         return SegmentationDataset(root, split, image_dir=image_dirs[0], image_pattern=patterns[0], sensor=spec,
                                    bands=spec.bands, transform=transform, labelled=labelled,
