@@ -32,6 +32,11 @@ gap of about half the study's between source-trained and target-trained models o
 Splits (``splits/*.txt``, one id per line): per S2 domain ``train_all``, ``labelled_1_8`` (a deterministic eighth
 of ``train_all``), ``unlabelled_1_8`` (the rest) and ``val``; for SAR ``train_all`` and ``val``.
 
+Statistics (``s2/stats.json``, ``s1/stats.json``, ``sar/stats.json``): per-band mean/std in model units computed with
+:mod:`common.stats` over every image tile of the sensor (both domains, all splits); the demo configs point
+``data.stats_file`` at them, so demo inputs are normalised to mean ~0 and std ~1 per band (the registry's
+BigEarthNet reference statistics do not fit the synthetic spectra: demo B09 came out at mean -0.9).
+
 How it is generated
 -------------------
 Land cover (per tile, independently): warped Voronoi parcels whose class prior is tilted by smooth "urban" and
@@ -1026,6 +1031,31 @@ _OWNED = ("s2", "s1", "sar", "dataset.json")
 """What :func:`generate` writes under ``out`` (and removes first when overwriting)."""
 
 
+STATS_FILES = {"s2": "s2/stats.json", "s1": "s1/stats.json", "sar": "sar/stats.json"}
+"""Per-sensor band statistics written by :func:`generate` (relative to its ``out``), for ``data.stats_file``."""
+
+_STATS_SOURCES = {"s2": ("S2L2A", "*/images/*.tif"), "s1": ("S1", "*/images/*.tif"), "sar": ("SAR4", "images/*.tif")}
+"""Sensor and image glob (under ``out/<name>``) of each statistics file: every image tile of both domains."""
+
+
+def write_stats(out: str | Path) -> dict[str, Path]:
+    """Compute the per-band statistics of each demo sensor with :func:`common.stats.compute_band_stats` (model units,
+    invalid pixels skipped, over every image tile of both domains, training and validation) and write them to
+    :data:`STATS_FILES` under ``out``, so that the demo configs normalise with the statistics of the data they
+    train on (``data.stats_file``). Returns the written paths by sensor folder."""
+    from common.stats import compute_band_stats
+
+    out = Path(out)
+    written = {}
+    for name, rel in STATS_FILES.items():
+        sensor, pattern = _STATS_SOURCES[name]
+        stats = compute_band_stats(out / name, sensor, glob=pattern, layout="multiband")
+        stats.source = {**stats.source, "root": name, "generator": "python -m common.demo_data"}
+        stats.to_json(out / rel)
+        written[name] = out / rel
+    return written
+
+
 def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes: Any) -> dict:
     """Generate the demo dataset under ``out``.
 
@@ -1037,6 +1067,9 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
             raises.
         **sizes: Fields of :class:`DemoSettings` (``tiles``, ``val_tiles``, ``size``, ``sar_scenes``, ``sar_grid``,
             ``sar_size``, ``sar_overlap``, ``sar_val_scenes``, ``shift``).
+
+    Also writes the per-sensor band statistics :data:`STATS_FILES` (:func:`write_stats`; added to a kept dataset
+    that lacks them).
 
     Returns:
         The content of ``dataset.json``.
@@ -1056,6 +1089,8 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
     if meta_path.exists() and not overwrite:
         old = json.loads(meta_path.read_text())
         if old.get("format") == FORMAT and old.get("seed") == seed and old.get("settings") == asdict(settings):
+            if not all((out / f).is_file() for f in STATS_FILES.values()):  # a dataset from before the stats files
+                write_stats(out)
             return old
         raise FileExistsError(f"{out} already holds a demo dataset with another seed or settings; pass overwrite=True "
                               "(--overwrite) to replace it")  # fmt: skip
@@ -1070,6 +1105,7 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
     specs = domain_specs(seed, settings.shift)
     domains = {name: _land_cover(out, seed, settings, k, specs[name]) for k, name in enumerate(DOMAINS)}
     sar = _sar(out, seed, settings)
+    write_stats(out)
     meta = {
         "format": FORMAT,
         "name": "eoseg built-in demo data",
@@ -1092,6 +1128,7 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
         },  # fmt: skip
         "domains": domains,
         "sar": sar,
+        "stats_files": dict(STATS_FILES),
     }
     text = json.dumps(meta, indent=1, sort_keys=True)
     meta_path.write_text(text + "\n")
