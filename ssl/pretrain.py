@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import create_embedding_backbone
-from common.bands import SensorSpec, resolve_sensors
+from common.bands import InputUnits, SensorDef, SensorSpec, resolve_sensors
 from common.cli import parse_training_args, training_parser
 from common.datasets import StackedDataset, UnlabelledTiles, stacked_segmentation_dataset
 from common.ema import ema_update_
@@ -59,11 +59,12 @@ class StackSourceConfig:
     Sentinel-1 tiles of Sentinel-2 tiles. Its tiles are paired with the primary tiles by ``data.stack_match``."""
 
     root: str  # directory searched with `glob` (or BigEarthNet patch folders)
-    sensor: str  # S1, S2L2A, ... (common/bands.py); band names must differ from the other sensors'
+    sensor: str | SensorDef  # S1, S2L2A, ... (common/bands.py) or a mapping as data.sensor; band names must differ
     glob: str = "**/*.tif"
     layout: Literal["auto", "multiband", "band_files"] = "auto"
     bands: tuple[str, ...] | None = None  # default: all bands of the sensor
     stats_file: str | None = None  # this sensor's statistics (default: reference stats)
+    input_units: InputUnits | None = None  # what this sensor's files hold (as data.input_units)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,11 @@ class PretrainDataConfig:
     root: str = "data/demo"  # directory searched with `glob` (or BigEarthNet patch folders)
     glob: str = "**/*.tif"  # file pattern under root
     layout: Literal["auto", "multiband", "band_files"] = "auto"  # band_files: one GeoTIFF per band (BigEarthNet)
-    sensor: str = "S2L2A"  # S2L1C, S2L2A, S1, SAR4 (common/bands.py)
+    sensor: str | SensorDef = "S2L2A"  # S2L1C, S2L2A, S1, SAR4 (common/bands.py), or a mapping defining another
+    #                                   sensor: {name, bands (file order), input_units, scale_factor, add_offset,
+    #                                   model_units, nodata, gsd, mean, std, stats_file, rgb} or {base, name, bands}
+    input_units: InputUnits | None = None  # what the files hold: dn, reflectance, linear_power, amplitude, db,
+    #                                        complex (default: the sensor's; SAR4 linear_power, S1 db, S2 dn)
     bands: tuple[str, ...] | None = None  # band names in channel order (default: all bands of the sensor)
     stats_file: str | None = None  # per-band mean/std from `python -m common.stats` (default: reference stats)
     offset: float = 0.0  # S2 DN offset (-1000 for processing baseline >= 04.00)
@@ -302,7 +307,8 @@ def build_probe_sets(cfg: PretrainConfig, spec: SensorSpec):
 # ---------------------------------------------------------------------------------------------- entry point
 def resolve_data_sensor(d: PretrainDataConfig) -> SensorSpec:
     """The run's sensor spec: ``data.sensor`` (bands, statistics), stacked with the ``data.stack`` sensors."""
-    return resolve_sensors([(d.sensor, d.bands, d.stats_file)] + [(x.sensor, x.bands, x.stats_file) for x in d.stack])
+    return resolve_sensors([(d.sensor, d.bands, d.stats_file, d.input_units)]
+                           + [(x.sensor, x.bands, x.stats_file, x.input_units) for x in d.stack])
 
 
 def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
