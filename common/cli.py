@@ -7,6 +7,7 @@ import sys
 from typing import Sequence, TypeVar
 
 from common.config import ConfigError, load_config
+from common.errors import debug_requested, is_main_process
 
 T = TypeVar("T")
 
@@ -25,6 +26,10 @@ def training_parser(description: str, prog: str | None = None) -> argparse.Argum
     parser.add_argument("--output-dir", required=True, help="run directory (created; holds config.yaml, "
                         "metrics.jsonl, metrics.json, tb/, checkpoints/)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --output-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output-dir that holds a run (its metrics, logs and checkpoints go)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of input errors (also EOSEG_DEBUG=1)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
@@ -34,9 +39,14 @@ def parse_training_args(cls: type[T], parser: argparse.ArgumentParser,
                         argv: Sequence[str] | None = None) -> tuple[T, argparse.Namespace]:
     """Parse the command line and load the config; a config error exits with status 2 and one clear message."""
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
     try:
         cfg = load_config(cls, args.config, args.overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if args.debug or debug_requested([]):
+            raise
+        if is_main_process():
+            print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return cfg, args

@@ -13,7 +13,7 @@ A *method* (:class:`common.method.Method`, its contract) says what one step comp
 * periodic evaluation with best/last bookkeeping (oracle selection labelled as such), atomic checkpoints and exact
   resume.
 
-Resume: ``checkpoints/step_XXXXXXXX`` holds ``method.safetensors`` (the method's whole ``state_dict``: students,
+Resume: ``checkpoints/step_XXXXXXXX`` holds ``model.safetensors`` (the method's whole ``state_dict``: students,
 teachers, centers, banks), Accelerate's state (optimisers and GradScalers as registered objects, RNG states of every
 process) and ``engine_state.json`` (step, batches consumed per loader, best metric). We name checkpoint directories
 ourselves, so Accelerate's automatic checkpoint counter (which ``load_state`` does not restore) is never used. Data
@@ -388,7 +388,7 @@ class Engine:
         acc.save_state(str(tmp), safe_serialization=True)  # optimisers, GradScalers, RNG states of every process
         acc.wait_for_everyone()
         if self.is_main:
-            atomic_save_safetensors(_state_tensors(method), tmp / "method.safetensors")
+            atomic_save_safetensors(_state_tensors(method), tmp / "model.safetensors")
             atomic_write_json(tmp / "engine_state.json", state)
             apply_default_modes(tmp)
             if final.exists():
@@ -399,7 +399,7 @@ class Engine:
 
     def _load(self, method: Method, ckpt: Path) -> dict:
         self.accelerator.load_state(str(ckpt))
-        method.load_state_dict(load_safetensors(ckpt / "method.safetensors"), strict=True)
+        method.load_state_dict(load_safetensors(ckpt / "model.safetensors"), strict=True)
         return json.loads((ckpt / "engine_state.json").read_text())
 
     def _save_weights(self, method: nn.Module, name: str, extra: dict | None = None) -> None:

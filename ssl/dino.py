@@ -30,8 +30,8 @@ Equation map (paper -> code):
   weight-normalised linear layer to ``K`` -> :class:`DINOHead`.
 * Multi-crop forward: one backbone pass per run of equal-resolution views -> :class:`MultiCropWrapper`.
 
-Training step (``main_dino.train_one_epoch``). In this project the method's ``forward`` does 1-3, its
-``on_after_backward`` hook the last-layer freeze of 4, the engine the clipping of 4 (``trainer.clip_grad=3.0``,
+Training step (``main_dino.train_one_epoch``). In this project :class:`DINOMethod`'s ``training_step`` does 1-3,
+its ``before_optimizer_step`` hook the last-layer freeze of 4, the engine the clipping of 4 (``trainer.clip_grad=3.0``,
 ``trainer.clip_mode=per_parameter``) and the optimiser step 5, ``after_optimizer_step`` the EMA 6:
 
 1. ``t = teacher(views[:2])`` (global views only, no gradient), ``s = student(views)`` (all views);
@@ -77,11 +77,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from common.ema import ema_update_
+from common.method import Method
 from common.optim import clip_gradients_per_parameter, param_groups_no_wd_for_norm_and_bias  # re-exported here
 from common.schedules import cosine_schedule
 
 __all__ = [
     "DINOConfig",
+    "DINOMethod",
     "teacher_temperature_schedule",
     "teacher_momentum_schedule",
     "teacher_probs",
@@ -503,3 +506,85 @@ class DINOLoss(nn.Module):
                 "log_k": self._log_k(),
             }
         return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- the method
+class DINOMethod(Method):
+    """DINO as a :class:`common.method.Method`: student, EMA teacher and loss (with its center) in one module, so
+    one ``state_dict`` checkpoints all. Only the student is trained (and wrapped in DDP); the teacher and the
+    center stay outside DDP and are updated by the EMA and Eq. (4) identically on every process.
+
+    ``training_step`` = steps 1-3 of the module docstring, ``before_optimizer_step`` the last-layer freeze of 4,
+    the engine clips and steps (5), ``after_optimizer_step`` is the EMA (6).
+
+    Args:
+        cfg: the ``dino`` section.
+        student / teacher: two identical pooled backbones (``num_classes=0``), e.g. from
+            :func:`common.backbones.create_embedding_backbone`; the teacher starts as a copy of the student.
+        num_crops: views per tile (2 global + locals).
+        epochs / total_steps: the run's length (teacher-temperature and momentum schedules).
+        rgb: band indices shown in the logged multi-crop images.
+    """
+
+    name = "dino"
+    streams = ("tiles",)
+    trainable = ("student",)
+    sync_bn_modules = ("student", "teacher")
+    eval_prefix = "teacher.backbone."
+
+    def __init__(self, cfg: DINOConfig, student: nn.Module, teacher: nn.Module, num_crops: int, epochs: int,
+                 total_steps: int, rgb: tuple[int, int, int] = (0, 1, 2)):
+        super().__init__()
+        dim = student.embed_dim
+
+        def head(norm_last_layer: bool) -> DINOHead:
+            return DINOHead(dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers, cfg.use_bn_in_head,
+                            norm_last_layer)
+
+        self.student = MultiCropWrapper(student, head(cfg.norm_last_layer))
+        self.teacher = MultiCropWrapper(teacher, head(True))
+        self.teacher.load_state_dict(self.student.state_dict())  # teacher and student start equal
+        self.teacher.requires_grad_(False)
+        self.loss_fn = DINOLoss(cfg.out_dim, num_crops, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                cfg.warmup_teacher_temp_epochs, epochs, cfg.student_temp, cfg.center_momentum)
+        self.cfg = cfg
+        self.rgb = rgb
+        self.momentum = teacher_momentum_schedule(cfg.momentum_teacher, total_steps)
+        self.compile_modules = ("student", "teacher")
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.teacher.backbone
+
+    def param_groups(self) -> list[dict]:
+        return get_param_groups(self.student)
+
+    def train(self, mode: bool = True) -> "DINOMethod":
+        super().train(mode)
+        self.teacher.train(mode)  # the teacher's BatchNorm uses batch statistics in training, as the reference
+        return self
+
+    def training_step(self, batch: dict, ctx) -> dict[str, torch.Tensor]:
+        crops = batch["tiles"]
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:N_GLOBAL_CROPS])
+        student_out = self.wrapped("student")(crops)
+        loss, stats = self.loss_fn.loss_and_stats(student_out, teacher_out, ctx.epoch)  # loss and monitors
+        self.loss_fn.update_center(teacher_out)
+        return {"loss": loss, **stats}
+
+    def before_optimizer_step(self, name: str, step: int, epoch: int) -> None:
+        cancel_last_layer_gradients(epoch, self.student, self.cfg.freeze_last_layer)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, epoch: int) -> None:
+        ema_update_(self.teacher, self.student, float(self.momentum[min(step, len(self.momentum) - 1)]))
+
+    def log_values(self, step: int, epoch: int) -> dict[str, float]:
+        return {"momentum": float(self.momentum[min(step, len(self.momentum) - 1)]),
+                "teacher_temp": self.loss_fn.teacher_temp(min(epoch, len(self.loss_fn.teacher_temp_schedule) - 1))}
+
+    def log_images(self, batch: dict, step: int) -> dict[str, np.ndarray]:
+        from eo_ssl.multicrop import render_multicrop_grid
+
+        return {"train/crops": render_multicrop_grid(batch["tiles"], rgb=self.rgb, max_samples=4)}

@@ -32,24 +32,14 @@ from common.backbones import create_embedding_backbone
 from common.bands import InputUnits, SensorDef, SensorSpec, resolve_sensors
 from common.cli import parse_training_args, training_parser
 from common.datasets import StackedDataset, UnlabelledTiles, stacked_segmentation_dataset
-from common.ema import ema_update_
-from common.engine import Engine, LoaderSpec, TrainContext, TrainerConfig
+from common.engine import Engine, LoaderSpec, RunPlan, TrainerConfig
+from common.errors import UserInputError, cli_entry
 from common.optim import OptimConfig
 from common.sampling import AugmentedDataset, CachedDataset
-from eo_ssl.dino import (
-    N_GLOBAL_CROPS,
-    DINOConfig,
-    DINOHead,
-    DINOLoss,
-    MultiCropWrapper,
-    cancel_last_layer_gradients,
-    get_param_groups,
-    teacher_momentum_schedule,
-    teacher_temperature_schedule,
-)
-from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform, band_units, collate_multicrop, render_multicrop_grid
+from eo_ssl.dino import DINOConfig, DINOMethod
+from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform, band_units, collate_multicrop
 
-__all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe"]
+__all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe", "check_schedule"]
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -103,7 +93,6 @@ class PretrainModelConfig:
     arch: str = "resnet18"  # any timm architecture (resnet50, vit_small_patch16_224, convnext_tiny ...)
     drop_path_rate: float = 0.0  # stochastic depth of the student (DINO ViT-S: 0.1)
     init_file: str | None = None  # continue from local weights (a previous export or timm file), strict
-    sync_bn: bool = True  # SyncBatchNorm for multi-GPU runs (CUDA only; BN statistics over the global batch)
 
 
 @dataclass(frozen=True)
@@ -153,77 +142,6 @@ class PretrainConfig:
             raise ValueError("trainer.best_metric of a pretraining run can only be knn_top1 (with a probe) or null")
         if self.probe.root is None and self.trainer.best_metric is not None:
             raise ValueError("trainer.best_metric needs a probe (probe.root)")
-
-
-# ---------------------------------------------------------------------------------------------- method
-class DINOMethod(nn.Module):
-    """Student, EMA teacher and loss (with its center) in one module, so one ``state_dict`` checkpoints all."""
-
-    def __init__(self, cfg: PretrainConfig, in_chans: int, rgb: tuple[int, int, int] = (0, 1, 2)):
-        super().__init__()
-        d, m = cfg.dino, cfg.model
-        student = create_embedding_backbone(m.arch, in_chans, drop_path_rate=m.drop_path_rate,
-                                            pretrained_file=m.init_file)
-        teacher = create_embedding_backbone(m.arch, in_chans)
-        dim = student.embed_dim
-
-        def head(norm_last_layer: bool) -> DINOHead:
-            return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.use_bn_in_head,
-                            norm_last_layer)
-
-        self.student = MultiCropWrapper(student, head(d.norm_last_layer))
-        self.teacher = MultiCropWrapper(teacher, head(True))
-        self.teacher.load_state_dict(self.student.state_dict())  # teacher and student start equal
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.ncrops = cfg.augment.num_crops
-        # The temperature schedule needs the run length in epochs: replaced in on_train_start.
-        self.loss_fn = DINOLoss(d.out_dim, self.ncrops, d.warmup_teacher_temp, d.teacher_temp,
-                                0, 1, d.student_temp, d.center_momentum)
-        self.cfg = d
-        self.rgb = rgb
-        self.momentum = np.array([d.momentum_teacher])
-        self.compile_modules = ("student", "teacher")
-
-    def on_train_start(self, ctx: TrainContext) -> None:
-        d = self.cfg
-        if d.warmup_teacher_temp_epochs > ctx.epochs:
-            raise ValueError(f"dino.warmup_teacher_temp_epochs={d.warmup_teacher_temp_epochs} exceeds the run's "
-                             f"{ctx.epochs} epochs")
-        self.loss_fn.teacher_temp_schedule = teacher_temperature_schedule(
-            d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs, ctx.epochs)
-        self.momentum = teacher_momentum_schedule(d.momentum_teacher, ctx.total_steps)
-
-    def param_groups(self) -> list[dict]:
-        return get_param_groups(self.student)
-
-    def train(self, mode: bool = True) -> "DINOMethod":
-        super().train(mode)
-        self.teacher.train(mode)  # the teacher's BatchNorm uses batch statistics in training, as the reference
-        return self
-
-    def forward(self, batch: dict, step: int, epoch: int) -> dict[str, torch.Tensor]:
-        crops = batch["tiles"]
-        with torch.no_grad():
-            teacher_out = self.teacher(crops[:N_GLOBAL_CROPS])
-        student_out = self.student(crops)
-        loss, stats = self.loss_fn.loss_and_stats(student_out, teacher_out, epoch)  # loss and monitors, one pass
-        self.loss_fn.update_center(teacher_out)
-        return {"loss": loss, **stats}
-
-    def on_after_backward(self, step: int, epoch: int) -> None:
-        cancel_last_layer_gradients(epoch, self.student, self.cfg.freeze_last_layer)
-
-    @torch.no_grad()
-    def after_optimizer_step(self, step: int, epoch: int) -> None:
-        ema_update_(self.teacher, self.student, float(self.momentum[min(step, len(self.momentum) - 1)]))
-
-    def log_values(self, step: int, epoch: int) -> dict[str, float]:
-        return {"momentum": float(self.momentum[min(step, len(self.momentum) - 1)]),
-                "teacher_temp": self.loss_fn.teacher_temp(min(epoch, len(self.loss_fn.teacher_temp_schedule) - 1))}
-
-    def log_images(self, batch: dict, step: int) -> dict[str, np.ndarray]:
-        return {"train/crops": render_multicrop_grid(batch["tiles"], rgb=self.rgb, max_samples=4)}
 
 
 # ---------------------------------------------------------------------------------------------- k-NN probe
@@ -348,6 +266,7 @@ def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
     return AugmentedDataset(CachedDataset(tiles) if d.cache else tiles, transform, seed=cfg.trainer.seed)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = training_parser(__doc__.split("\n\n")[0], prog="ssl/pretrain.py")
     cfg, args = parse_training_args(PretrainConfig, parser, argv)
@@ -356,21 +275,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = build_dataset(cfg, spec)
     probe_sets = build_probe_sets(cfg, spec) if cfg.probe.root is not None else None
 
-    engine = Engine(cfg.trainer, args.output_dir, config=cfg, resume=args.resume, cpu=args.cpu)
+    engine = Engine(cfg.trainer, args.output_dir, config=cfg, resume=args.resume, cpu=args.cpu,
+                    overwrite=args.overwrite)
+    loaders = {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)}
+    plan = engine.plan(loaders)
+    check_schedule(cfg, plan)  # before any model is built
     engine.print(f"DINO pretraining: {cfg.model.arch} on {len(dataset.base)} tiles of {spec.name} "
-                 f"({len(spec.bands)} bands: {', '.join(spec.bands)}), {cfg.augment.num_crops} crops per tile")
-    method = DINOMethod(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices())
-    if cfg.model.sync_bn and engine.accelerator.num_processes > 1 and engine.device.type == "cuda":
-        method.student = nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
-        method.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(method.teacher)
+                 f"({len(spec.bands)} bands: {', '.join(spec.bands)}), {cfg.augment.num_crops} crops per tile, "
+                 f"{plan.total_steps} steps")
+    m = cfg.model
+    student = create_embedding_backbone(m.arch, len(spec.bands), drop_path_rate=m.drop_path_rate,
+                                        pretrained_file=m.init_file)
+    teacher = create_embedding_backbone(m.arch, len(spec.bands))
+    method = DINOMethod(cfg.dino, student, teacher, cfg.augment.num_crops, plan.epochs, plan.total_steps,
+                        rgb=spec.rgb_indices())
 
     evaluate = None
     if probe_sets is not None:
-        def evaluate(m: DINOMethod, eng: Engine) -> dict[str, float]:
-            return knn_probe(m.teacher.backbone, probe_sets[0], probe_sets[1], cfg.probe, eng.device)
+        def evaluate(method: DINOMethod, eng: Engine) -> dict[str, float]:
+            return knn_probe(method.eval_model, probe_sets[0], probe_sets[1], cfg.probe, eng.device)
 
-    engine.fit(method, {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)},
-               cfg.optim, evaluate=evaluate)
+    engine.fit(method, loaders, cfg.optim, evaluate=evaluate)
     extra: dict[str, Any] = {}
     if engine.is_main:
         from eo_ssl.export import export_run
@@ -380,6 +305,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine.print(f"exported teacher backbone to {weights}")
     engine.accelerator.wait_for_everyone()
     return engine.finish(extra)
+
+
+def check_schedule(cfg: PretrainConfig, plan: RunPlan) -> None:
+    """Schedules that the run's length cannot hold, refused before any model is built."""
+    d = cfg.dino
+    if d.warmup_teacher_temp_epochs > plan.epochs:
+        raise UserInputError(
+            f"dino.warmup_teacher_temp_epochs={d.warmup_teacher_temp_epochs} exceeds the run's {plan.epochs} epochs "
+            f"({plan.total_steps} steps of {plan.steps_per_epoch}); lower dino.warmup_teacher_temp_epochs or train "
+            f"longer (trainer.epochs / trainer.max_steps)")
+
 
 
 if __name__ == "__main__":
