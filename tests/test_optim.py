@@ -133,7 +133,7 @@ def _dino_like() -> nn.Module:
 def test_gradients_that_return_after_being_none(name, impl, monkeypatch):
     """DINO's last-layer freeze: the last layer's gradients are ``None`` for the first steps (so it has no optimiser
     state yet) and come back afterwards. torch's fused SGD with momentum failed at that first step with every
-    gradient (``TypeError: expected Tensor as element 2 in argument 2, but got NoneType``); every optimiser the
+    gradient (``TypeError: expected Tensor as element N in argument 2, but got NoneType``); every optimiser the
     factory builds must take it and give the numbers of torch's single-tensor reference (the reference loop for
     LARS, which has no other implementation)."""
     if impl == "foreach":
