@@ -852,13 +852,10 @@ def stack_sensors(*specs: SensorSpec) -> SensorSpec:
 
 
 def file_band_names(spec: SensorSpec) -> tuple[str, ...]:
-    """Band names assumed for a multi-band file without band descriptions: the registry sensor's full band list in
-    product order (a stack's: its sensors' lists one after the other, e.g. 12 S2L2A bands then VV, VH), or the spec's
-    raw bands for a sensor outside the registry."""
-    if spec.parts:
-        return tuple(b for p in spec.parts for b in file_band_names(p))
-    base = SENSORS.get(spec.name)
-    return base.bands if base is not None else spec.raw_bands
+    """Band names assumed for a multi-band file without band descriptions (:attr:`SensorSpec.file_bands`): the
+    registry sensor's full band list in product order (a stack's: its sensors' lists one after the other, e.g. 12
+    S2L2A bands then VV, VH), a :class:`SensorDef`'s declared bands, or the spec's raw bands otherwise."""
+    return spec.file_bands
 
 
 # ---------------------------------------------------------------------- conversions

@@ -2,6 +2,10 @@
 
 ``python -m common.stats --root DIR [--glob '**/*.tif'] --sensor S2L2A [--bands B02 B03 ...] --out stats.json``
 
+``--sensor`` also takes a YAML file: a config whose ``data.sensor`` (with ``data.input_units``) is used, e.g. a
+sensor defined as a mapping (HLS, Landsat, ...) that has no statistics yet, or a file holding such a mapping alone.
+``--input-units`` declares what the files hold (``data.input_units``).
+
 Pixels are converted to model units exactly as the datasets do (S2 reflectance, SAR dB, derived bands computed),
 invalid pixels (no-data, NaN, inf) are skipped, and every sample's per-band count/mean/sum of squared deviations are
 merged with Chan et al.'s parallel update in float64, so memory stays constant and the result does not suffer from
@@ -19,10 +23,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common.bands import BandStats, SensorSpec, get_sensor
+from common.bands import INPUT_UNITS, BandStats, SensorDef, SensorSpec, get_sensor
+from common.errors import DataError
 from common.raster import RasterError
 
-__all__ = ["RunningBandStats", "compute_band_stats", "main"]
+__all__ = ["RunningBandStats", "compute_band_stats", "sensor_from_argument", "main"]
 
 
 class RunningBandStats:
@@ -72,7 +77,7 @@ class RunningBandStats:
         """
         empty = [b for b, n in zip(self.bands, self.count) if n == 0]
         if empty:
-            raise ValueError(f"no valid pixels for band(s) {empty}")
+            raise DataError(f"no valid pixels for band(s) {empty}")
         std = np.sqrt(self.m2 / self.count)
         return BandStats(
             mean=dict(zip(self.bands, map(float, self.mean))),
@@ -98,6 +103,7 @@ def compute_band_stats(
     layout: str = "auto",
     max_samples: int | None = None,
     offset: float = 0,
+    input_units: str | None = None,
 ) -> BandStats:
     """Per-band statistics in model units over a dataset, a directory or a list of files.
 
@@ -112,6 +118,7 @@ def compute_band_stats(
         max_samples: Use only the first ``max_samples`` samples (evenly spaced subsample when smaller than the
             dataset).
         offset: Sentinel-2 radiometric offset in DN (file sources).
+        input_units: What the files hold (:data:`common.bands.INPUT_UNITS`; file sources; default: the sensor's).
 
     Returns:
         :class:`~common.bands.BandStats`.
@@ -128,7 +135,8 @@ def compute_band_stats(
         info["dataset"] = type(dataset).__name__
     else:
         dataset = UnlabelledTiles(
-            source, sensor, bands, glob=glob, layout=layout, validate="header", fill_value=None, offset=offset
+            source, sensor, bands, glob=glob, layout=layout, validate="header", fill_value=None, offset=offset,
+            input_units=input_units,
         )
         names = dataset.bands
         spec_name = dataset.spec.name
@@ -136,7 +144,7 @@ def compute_band_stats(
         info.update(root=root, glob=glob, layout=dataset.layout)
     n = len(dataset)
     if n == 0:
-        raise ValueError("no samples to compute statistics on")
+        raise DataError("no samples to compute statistics on")
     if max_samples is None or max_samples >= n:
         indices = np.arange(n)
     else:
@@ -149,12 +157,50 @@ def compute_band_stats(
     return running.result(sensor=spec_name, source=info)
 
 
+def sensor_from_argument(value: str, input_units: str | None = None) -> tuple[str | SensorSpec, str | None]:
+    """``--sensor``: a registry name, or a YAML file holding a config (its ``data.sensor`` and ``data.input_units``)
+    or a sensor mapping alone. A mapping becomes its spec without requiring statistics (they are computed here).
+
+    Returns:
+        ``(sensor, input_units)``.
+
+    Raises:
+        DataError / ConfigError: unreadable file, no sensor in it, or an invalid sensor mapping.
+    """
+    path = Path(value)
+    if not (path.suffix.lower() in (".yaml", ".yml", ".json") and path.is_file()):
+        return value, input_units
+    import yaml
+
+    from common.config import build_config
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({exc})") from None
+    data = doc.get("data", doc) if isinstance(doc, dict) else None
+    sensor = data.get("sensor", data if "bands" in data else None) if isinstance(data, dict) else None
+    if sensor is None:
+        raise DataError(f"{path}: holds neither data.sensor nor a sensor mapping (name, bands, input_units, ...)")
+    if isinstance(data, dict) and input_units is None and data is not sensor:
+        input_units = data.get("input_units")
+    if isinstance(sensor, str):
+        return sensor, input_units
+    sdef = build_config(SensorDef, sensor, source=f"{path} (data.sensor)")
+    spec = sdef.to_spec(require_stats=False)
+    return spec.with_input_units(input_units) if sdef.input_units is None else spec, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; see the module docstring."""
     ap = argparse.ArgumentParser(prog="python -m common.stats", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", required=True, help="directory with GeoTIFFs or BigEarthNet patch folders")
     ap.add_argument("--glob", default="**/*.tif", help="file pattern inside --root (default: **/*.tif)")
-    ap.add_argument("--sensor", default="S2L2A")
+    ap.add_argument("--sensor", default="S2L2A",
+                    help="registry name (S2L2A, S1, SAR4, ...) or a YAML config whose data.sensor (e.g. a sensor "
+                         "mapping) is used")
+    ap.add_argument("--input-units", default=None, choices=INPUT_UNITS,
+                    help="what the files hold (data.input_units; default: the sensor's)")
     ap.add_argument("--bands", nargs="+", default=None, help="band names (default: all bands of the sensor)")
     ap.add_argument("--out", required=True, help="output JSON (the data.stats_file of configs)")
     ap.add_argument("--layout", default="auto", choices=("auto", "multiband", "band_files"))
@@ -162,9 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--offset", type=float, default=0, help="Sentinel-2 DN offset (-1000 for baseline >= 04.00)")
     args = ap.parse_args(argv)
     try:
+        sensor, units = sensor_from_argument(args.sensor, args.input_units)
         stats = compute_band_stats(
-            args.root, args.sensor, args.bands, glob=args.glob, layout=args.layout, max_samples=args.max_files,
-            offset=args.offset,
+            args.root, sensor, args.bands, glob=args.glob, layout=args.layout, max_samples=args.max_files,
+            offset=args.offset, input_units=units,
         )  # fmt: skip
         stats.to_json(args.out)
     except (ValueError, KeyError, RasterError) as exc:
