@@ -58,6 +58,7 @@ from common.bands import (
     SensorSpec,
 )
 from common.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
+from common.errors import DataError
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -76,7 +77,7 @@ __all__ = [
 EXPORT_FORMAT = "eoseg-backbone/1"
 
 
-class ExportMismatchError(ValueError):
+class ExportMismatchError(DataError):
     """An export's bands or normalisation do not match the dataset it is used with."""
 
 
@@ -190,6 +191,8 @@ class ExportMeta:
     source: dict[str, Any] = field(default_factory=dict)  # DINO settings, epoch, step, run directory
     sensor_parts: list[dict[str, Any]] = field(default_factory=list)  # a sensor stack's sensors in channel order:
     #                                     {sensor, bands, conversion, units} each (empty for a single sensor)
+    sensor_def: dict[str, Any] | None = None  # the sensor (stack) as SensorSpec.to_dict(): conversion, file bands,
+    #                               scale/offset, nodata, gsd, statistics; fine-tuning re-creates a custom sensor from it
     format: str = EXPORT_FORMAT
     sha256: str = ""
     timm_version: str = ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,9 +19,11 @@ from torch import nn
 
 from common.bands import (
     IGNORE_INDEX,
+    SENSORS,
     BandStats,
+    InputUnits,
+    SensorDef,
     SensorSpec,
-    get_sensor,
     resolve_sensor,
     resolve_sensors,
     stack_sensors,
@@ -66,11 +68,12 @@ class SegStackConfig:
     """A co-registered sensor whose tiles are appended to the images' channels (an entry of ``data.stack``): the
     tile of id ``X`` is ``<image_dir>/<image_pattern with X>`` and must lie on the grid of the first sensor's."""
 
-    sensor: str  # S1, S2L2A, ... (common/bands.py); band names must differ from the other sensors'
+    sensor: str | SensorDef  # S1, S2L2A, ... (common/bands.py) or a mapping as data.sensor; band names must differ
     image_dir: str  # relative to data.root, or absolute (e.g. ../../s1/source/images)
     image_pattern: str = "{id}.tif"
     bands: tuple[str, ...] | None = None  # default: the export's bands with model.weights, else the sensor's
     stats_file: str | None = None  # this sensor's statistics (default: the export's / reference stats)
+    input_units: InputUnits | None = None  # what this sensor's files hold (as data.input_units)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,11 @@ class SegDataConfig:
     root: str = "data/demo/s2/source"  # holds <image_dir>/, <mask_dir>/ and splits/
     num_classes: int = 6
     class_names: tuple[str, ...] | None = None  # names in metrics and TensorBoard (default "0", "1", ...)
-    sensor: str = "S2L2A"  # S2L1C, S2L2A, S1, SAR4
+    sensor: str | SensorDef = "S2L2A"  # S2L1C, S2L2A, S1, SAR4, or a mapping defining another sensor (as the
+    #                                   pretraining data.sensor); with model.weights, the name of a sensor the
+    #                                   export defines re-creates it from the export
+    input_units: InputUnits | None = None  # what the files hold: dn, reflectance, linear_power, amplitude, db,
+    #                                        complex (default: the sensor's)
     bands: tuple[str, ...] | None = None  # default: the export's bands with model.weights, else the sensor's
     stats_file: str | None = None  # default: the export's normalisation with model.weights, else reference stats
     offset: float = 0.0  # S2 DN offset (-1000 for processing baseline >= 04.00)
@@ -187,25 +194,83 @@ def _export_meta(path: Path) -> ExportMeta | None:
     return read_export_meta(path)
 
 
-def data_sensor(data: SegDataConfig, bands: list[str] | tuple[str, ...] | None = None) -> SensorSpec:
-    """The sensor of ``data``: ``data.sensor`` stacked with the ``data.stack`` sensors, restricted to ``bands`` (over
-    the whole stack, e.g. an export's) or to each sensor's configured bands, with each sensor's stats file.
+def _sensor_name(sensor: str | SensorDef) -> str:
+    return sensor.name if isinstance(sensor, SensorDef) else str(sensor)
+
+
+def _known_sensor(sensor: str | SensorDef, known: dict[str, SensorSpec]) -> str | SensorDef | SensorSpec:
+    """A sensor name outside the registry that ``known`` (an export's sensors) defines becomes that definition; a
+    sensor mapping without statistics takes the export's statistics of its bands."""
+    if isinstance(sensor, str) and sensor.upper() not in {k.upper() for k in SENSORS} and sensor in known:
+        return known[sensor]
+    if isinstance(sensor, SensorDef) and sensor.mean is None and sensor.stats_file is None and sensor.name in known:
+        ref = known[sensor.name]
+        if all(b in ref.mean for b in sensor.bands):
+            return replace(sensor, mean={b: ref.mean[b] for b in sensor.bands}, std={b: ref.std[b] for b in sensor.bands})
+    return sensor
+
+
+def data_sensor(data: SegDataConfig, bands: list[str] | tuple[str, ...] | None = None,
+                known: dict[str, SensorSpec] | None = None) -> SensorSpec:
+    """The sensor of ``data``: ``data.sensor`` stacked with the ``data.stack`` sensors (each reading the files' declared
+    ``input_units``), restricted to ``bands`` (over the whole stack, e.g. an export's) or to each sensor's configured
+    bands, with each sensor's stats file. A sensor named but not in the registry is taken from ``known`` (the sensors
+    an export defines, :func:`export_sensors`).
 
     Raises:
-        KeyError / ValueError: unknown sensor or band, a stats file lacking a band, or ``bands`` that leave out a
-            stacked sensor entirely.
+        DataError (UnknownSensorError is also a KeyError): unknown sensor or band, a stats file lacking a band, or
+            ``bands`` that leave out a stacked sensor entirely.
     """
-    sources = [(data.sensor, data.bands, data.stats_file)] + [(x.sensor, x.bands, x.stats_file) for x in data.stack]
+    known = known or {}
+    sources = [(_known_sensor(data.sensor, known), data.bands, data.stats_file, data.input_units)] + [
+        (_known_sensor(x.sensor, known), x.bands, x.stats_file, x.input_units) for x in data.stack]
     if bands is None:
         return resolve_sensors(sources)
     if not data.stack:
-        return resolve_sensor(data.sensor, bands, data.stats_file)
-    spec = stack_sensors(*(get_sensor(name) for name, _, _ in sources)).subset(bands)
+        sensor, _, stats, units = sources[0]
+        return resolve_sensor(sensor, bands, stats, units)
+    full = [s.to_spec(require_stats=stats is None).with_input_units(u) if isinstance(s, SensorDef)
+            else resolve_sensor(s, None, None, u) for s, _, stats, u in sources]
+    spec = stack_sensors(*full).subset(bands)
     if len(spec.parts) != len(sources):
-        raise ValueError(f"bands {list(bands)} leave out a sensor of the data's stack "
-                         f"{'+'.join(name for name, _, _ in sources)}; remove it from data.stack or select its bands")
-    parts = [p.with_stats(BandStats.from_json(stats)) if stats else p for p, (_, _, stats) in zip(spec.parts, sources)]
+        raise ExportMismatchError(f"bands {list(bands)} leave out a sensor of the data's stack "
+                                  f"{'+'.join(p.name for p in full)}; remove it from data.stack or select its bands")
+    parts = [p.with_stats(BandStats.from_json(stats)) if stats else p for p, (_, _, stats, _) in zip(spec.parts, sources)]
     return stack_sensors(*parts)
+
+
+def export_sensors(meta: ExportMeta) -> dict[str, SensorSpec]:
+    """The sensors an export defines (from its ``sensor_def``), by name; empty for exports written before it."""
+    if not meta.sensor_def:
+        return {}
+    spec = SensorSpec.from_dict(meta.sensor_def)
+    return {p.name: p for p in (spec.parts or (spec,))}
+
+
+_MODEL_UNITS = {"dn_to_reflectance": "reflectance", "db": "dB", "linear_to_db": "dB", "amplitude_to_db": "dB",
+                "complex_to_intensity_db": "dB", "complex_to_amplitude": "amplitude"}
+
+
+def _check_sensor_definitions(meta: ExportMeta, spec: SensorSpec, source: str) -> str:
+    """The conversion to compare with the export's: the export's own when every sensor gives the same model units
+    from differently declared input units (e.g. SAR4 pretrained on linear power, fine-tuned on dB files), else the
+    data's. A custom sensor whose scale_factor/add_offset differ from the export's is refused."""
+    exported = export_sensors(meta)
+    for part in spec.parts or (spec,):
+        other = exported.get(part.name)
+        if other is not None and part.conversion == other.conversion == "scale_offset" and (
+                (part.scale_factor, part.add_offset) != (other.scale_factor, other.add_offset)):
+            raise ExportMismatchError(
+                f"sensor {part.name} of {source} scales raw values with scale_factor {part.scale_factor:g} and "
+                f"add_offset {part.add_offset:g}, the export's with {other.scale_factor:g} and {other.add_offset:g}: "
+                f"set them as the export's (or give data.sensor: {part.name} to re-create the export's definition)")
+    theirs = meta.normalisation.conversion.split("+")
+    ours = [p.conversion for p in spec.parts or (spec,)]
+    if len(theirs) == len(ours) and all(a == b or (_MODEL_UNITS.get(a) is not None and
+                                                   _MODEL_UNITS.get(a) == _MODEL_UNITS.get(b))
+                                        for a, b in zip(theirs, ours)):
+        return meta.normalisation.conversion
+    return spec.conversion
 
 
 def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "the config") -> ResolvedInputs:
@@ -232,23 +297,25 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
         notes.append(f"model.weights {path} has no export sidecar: bands and normalisation cannot be checked")
         return ResolvedInputs(spec, str(path), None, None, notes)
 
+    known = export_sensors(meta)
     explicit = data.bands is not None or any(x.bands is not None for x in data.stack)
-    bands = list(data_sensor(data).bands) if explicit else list(meta.bands)
+    bands = list(data_sensor(data, known=known).bands) if explicit else list(meta.bands)
     same_bands = bands == list(meta.bands)
     if not same_bands and not model.band_mapping:
         # names the differing bands and the keys that fix it
         check_compatible(meta, bands, meta.normalisation.conversion, [0.0] * len(bands), [1.0] * len(bands), source)
     try:
-        spec = data_sensor(data, bands)
+        spec = data_sensor(data, bands, known=known)
     except ValueError as exc:
-        sensors = "+".join([data.sensor, *(x.sensor for x in data.stack)])
+        sensors = "+".join([_sensor_name(data.sensor), *(_sensor_name(x.sensor) for x in data.stack)])
         raise ExportMismatchError(
             f"backbone export was trained on {meta.sensor} bands {meta.bands} but {source} reads {sensors}: {exc}. "
             f"Stack the missing sensor's tiles with data.stack (e.g. S1 tiles next to S2 tiles), or set data.bands "
             f"and model.band_mapping=true to map the first convolution by band name."
         ) from None
-    if spec.conversion != meta.normalisation.conversion:
-        check_compatible(meta, bands, spec.conversion, spec.mean_array(), spec.std_array(), source)
+    conversion = _check_sensor_definitions(meta, spec, source)
+    if conversion != meta.normalisation.conversion:
+        check_compatible(meta, bands, conversion, spec.mean_array(), spec.std_array(), source)
     stats_given = data.stats_file is not None or any(x.stats_file is not None for x in data.stack)
     if same_bands:
         if not stats_given:
@@ -256,7 +323,7 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
                                              std=dict(zip(bands, meta.normalisation.std))))
             notes.append("normalisation taken from the export")
         else:
-            check_compatible(meta, bands, spec.conversion, spec.mean_array(), spec.std_array(), source)
+            check_compatible(meta, bands, conversion, spec.mean_array(), spec.std_array(), source)
         if float(data.offset) != float(meta.normalisation.offset):
             raise ExportMismatchError(f"backbone export expects the S2 DN offset {meta.normalisation.offset} but "
                                       f"{source} sets data.offset={data.offset}")
@@ -420,6 +487,7 @@ def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, 
         "bands": list(spec.bands),
         "sensor_parts": [{"sensor": p.name, "bands": list(p.bands), "conversion": p.conversion, "units": p.units}
                          for p in spec.parts],
+        "sensor_def": spec.to_dict(),  # predict re-creates the sensor (custom ones too) from it
         "normalisation": asdict(Normalisation.from_spec(spec, float(data.offset))),
         "state_dict_prefix": eval_prefix,
         "weights_init": inputs.weights,

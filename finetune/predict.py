@@ -144,6 +144,9 @@ class ModelCard:
         offset: Sentinel-2 DN offset added before scaling.
         state_dict_prefix: prefix of the evaluated network's keys in the checkpoint (e.g. ``"model."``).
         weights_init: backbone weights the run started from (informative).
+        sensor_def: the sensor as :meth:`common.bands.SensorSpec.to_dict` (conversion, file band order, scale and
+            offset, nodata; custom sensors of the config too); cards written before it lack it and name a registry
+            sensor.
     """
 
     path: str
@@ -162,6 +165,7 @@ class ModelCard:
     offset: float
     state_dict_prefix: str
     weights_init: str | None = None
+    sensor_def: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelCard":
@@ -200,6 +204,7 @@ class ModelCard:
             conversion=str(norm["conversion"]), mean=tuple(float(v) for v in norm["mean"]),
             std=tuple(float(v) for v in norm["std"]), offset=float(norm["offset"]),
             state_dict_prefix=str(raw["state_dict_prefix"]), weights_init=raw.get("weights_init"),
+            sensor_def=raw.get("sensor_def") if isinstance(raw.get("sensor_def"), dict) else None,
         )  # fmt: skip
         card.validate()
         return card
@@ -220,13 +225,15 @@ class ModelCard:
                              f"std={self.std}")
 
     def sensor_spec(self) -> SensorSpec:
-        """The sensor restricted to the model's bands; its conversion must be the card's.
+        """The sensor restricted to the model's bands (re-created from ``sensor_def`` when the card has one, else
+        the registry's); its conversion must be the card's.
 
         Raises:
-            ValueError: unknown sensor / band, or a conversion that differs from the sensor registry's.
+            ValueError: unknown sensor / band, or a conversion that differs from the sensor's.
         """
         try:
-            spec = get_sensor(self.sensor, self.bands)
+            spec = (SensorSpec.from_dict(self.sensor_def).subset(self.bands) if self.sensor_def is not None
+                    else get_sensor(self.sensor, self.bands))
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{self.path}: {exc}") from None
         if spec.conversion != self.conversion:

@@ -92,6 +92,7 @@ def export_run(run: str | Path, out: str | Path | None = None,
         num_features=_num_features(cfg["model"]["arch"]),
         sensor_parts=[{"sensor": p.name, "bands": list(p.bands), "conversion": p.conversion, "units": p.units}
                       for p in spec.parts],
+        sensor_def=spec.to_dict(),  # fine-tuning checks, or re-creates, a sensor defined in the config from it
         source={"method": "dino", "run": str(run.resolve()), "checkpoint": str(weights.name), "step": step,
                 "epochs": trainer.get("epochs"), "max_steps": trainer.get("max_steps"), "dino": cfg["dino"],
                 "augment": {k: cfg["augment"][k] for k in ("global_size", "local_size", "local_number")},
