@@ -8,11 +8,20 @@ architecture, classes, sensor, bands in model order, normalisation, the ``state_
 network) and ``checkpoints/{best,last}.safetensors`` (the whole training method's ``state_dict``). The network is
 rebuilt from ``model.json`` and loaded strictly from the prefixed weights (safetensors only, never a pickle).
 
-Per input file:
+Inputs take every layout training reads (:class:`common.datasets.UnlabelledTiles`): multi-band GeoTIFFs, and
+BigEarthNet-style band folders ``<patch>/<patch>_B02.tif`` (one GeoTIFF per band, named ``*_<BAND>.tif``) whose
+20 m / 60 m bands are resampled (bilinear, :func:`common.raster.read_band_files`) onto the grid of the finest band,
+the 10 m grid, exactly as training reads them; a stacked model's other sensors come from files or band folders
+(``--stack-input``). ``--input`` names a file, a band folder, a directory (its GeoTIFFs and the band folders in it)
+or a glob (band files it matches stand for their folder).
+
+Per input:
     1. check its bands up front (:class:`common.datasets.UnlabelledTiles`, header only): bands are found by band
        description; files without descriptions are taken to hold the sensor's bands in registry order and must
-       have that many bands. Every input is checked before the first is predicted.
-    2. read one row of windows at a time (:func:`common.raster.read_raster`), convert raw values to model units
+       have that many bands; a band folder needs a file per band. Every input is checked before the first is
+       predicted.
+    2. read one row of windows at a time (:func:`common.raster.read_raster`; a band folder is read whole, once, with
+       :func:`common.raster.read_band_files`, and its rows taken from memory), convert raw values to model units
        (:func:`common.bands.to_model_units`: the sensor's conversion and the S2 DN offset), normalise with the
        run's mean/std (:func:`finetune.transforms.normalise`); nodata / NaN / inf pixels are invalid and 0 after
        normalisation, as in training.
@@ -29,18 +38,19 @@ Per input file:
        where the input is invalid; probabilities (``--probabilities``) = softmax of the blended logits (so the
        class map is their argmax), NaN (declared nodata) where the input is invalid.
     5. write the outputs atomically (:func:`common.raster.write_geotiff`) on the input's grid (its CRS object as
-       read by rasterio, transform, width and height): class map uint8, band description ``class``, class names
-       as tags (``class_names`` JSON list and ``class_<i>``), a colour table from
+       read by rasterio, transform, width and height; a band folder's: its finest band's): class map uint8, band
+       description ``class``, class names as tags (``class_names`` JSON list and ``class_<i>``), a colour table from
        :data:`finetune.common_setup.PALETTE` (cycled for more classes; 255 transparent); probabilities float32,
        one band per class named after it.
 
 Outputs: one input and an ``--output`` ending in ``.tif`` writes that file (probabilities next to it as
 ``<stem>_prob.tif``, ``_pred`` in the stem replaced); otherwise ``--output`` is a directory receiving
-``<input stem>_pred.tif`` (and ``<input stem>_prob.tif``).
+``<input stem>_pred.tif`` (and ``<input stem>_prob.tif``); a band folder's stem is its name.
 
 Memory: the class map (1 byte per pixel) and the validity mask (1 byte per pixel) of the whole scene are held,
 and with ``--probabilities`` the probability map (``4 K`` bytes per pixel): :func:`common.raster.write_geotiff`
-writes whole arrays.
+writes whole arrays. A band folder is held whole in model units (``4 C`` bytes per pixel), as training holds a
+sample.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import argparse
 import glob
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -62,10 +73,19 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from torch import nn
 
-from common.bands import IGNORE_INDEX, SensorSpec, file_band_names, get_sensor, to_model_units
+from common.bands import IGNORE_INDEX, SENSORS, SensorSpec, file_band_names, get_sensor, to_model_units
 from common.checkpoint import CHECKPOINT_DIR, load_safetensors
 from common.datasets import UnlabelledTiles
-from common.raster import GEOTIFF_SUFFIXES, RasterError, raster_info, read_raster, transform_to_tuple, write_geotiff
+from common.raster import (
+    GEOTIFF_SUFFIXES,
+    RasterError,
+    find_band_files,
+    raster_info,
+    read_band_files,
+    read_raster,
+    transform_to_tuple,
+    write_geotiff,
+)
 from finetune.common_setup import PALETTE, SegModelConfig, build_model
 from finetune.inference import blend_weights, window_starts
 from finetune.transforms import normalise
@@ -330,24 +350,77 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best") -> RunModel:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def find_inputs(pattern: str | Path) -> list[Path]:
-    """Input rasters: one file, every GeoTIFF directly in a directory, or the files a glob matches (sorted).
+_BAND_SUFFIX = re.compile(r"_([A-Za-z0-9]+)$")
+
+
+def _known_band_names() -> set[str]:
+    return {b.upper() for spec in SENSORS.values() for b in spec.bands}
+
+
+def _band_folder(directory: Path, bands: Sequence[str] | None) -> bool:
+    """Whether ``directory`` is a band folder (one GeoTIFF per band, ``*_<BAND>.tif``): with ``bands``, it holds a
+    file for each of them; without, each of its GeoTIFFs is named after a band of the registry.
 
     Raises:
-        FileNotFoundError: nothing matches (the message names the pattern).
+        RasterError: the folder is named like a band folder but lacks some of ``bands`` (the message names them).
+    """
+    tifs = [p for p in directory.iterdir() if p.is_file() and p.suffix in GEOTIFF_SUFFIXES]
+    if not tifs:
+        return False
+    known = _known_band_names() | {b.upper() for b in bands or ()}
+    suffixes = [m.group(1).upper() if (m := _BAND_SUFFIX.search(p.stem)) else None for p in tifs]
+    looks_like = all(x in known for x in suffixes)
+    if bands is None:
+        return looks_like
+    have = set(suffixes)
+    if all(b.upper() in have for b in bands):
+        return True
+    if looks_like:
+        find_band_files(directory, bands)  # raises, naming the missing bands and those found
+    return False
+
+
+def _input_stem(path: Path) -> str:
+    """A file's stem, a band folder's name."""
+    return path.name if path.is_dir() else path.stem
+
+
+def find_inputs(pattern: str | Path, bands: Sequence[str] | None = None) -> list[Path]:
+    """Inputs: GeoTIFFs and band folders. ``pattern`` is one file, one band folder, a directory (every GeoTIFF and
+    every band folder directly in it) or a glob (the files and band folders it matches, a band file standing for its
+    folder); sorted, without duplicates.
+
+    Args:
+        pattern: the ``--input`` argument.
+        bands: the raw bands an input must provide (default: a band folder is recognised by band names of the
+            registry).
+
+    Raises:
+        FileNotFoundError: nothing matches (the message names the pattern). RasterError: a band folder lacks a band.
     """
     path = Path(pattern)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in GEOTIFF_SUFFIXES)
+        if _band_folder(path, bands):
+            return [path]
+        files = sorted(p for p in path.iterdir() if (p.is_file() and p.suffix in GEOTIFF_SUFFIXES)
+                       or (p.is_dir() and _band_folder(p, bands)))
         if not files:
-            raise FileNotFoundError(f"{path}: no GeoTIFF ({', '.join(GEOTIFF_SUFFIXES)}) in this directory")
+            raise FileNotFoundError(f"{path}: no GeoTIFF ({', '.join(GEOTIFF_SUFFIXES)}) or band folder "
+                                    f"(<patch>/<patch>_<BAND>.tif) in this directory")
         return files
-    files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
-    if not files:
-        raise FileNotFoundError(f"no input file matches {str(pattern)!r}")
-    return files
+    found: set[Path] = set()
+    for p in map(Path, glob.glob(str(pattern), recursive=True)):
+        if p.is_dir():
+            if _band_folder(p, bands):
+                found.add(p)
+        elif p.is_file():
+            found.add(p.parent if _band_folder(p.parent, bands) else p)
+    if not found:
+        raise FileNotFoundError(f"no input file matches {str(pattern)!r} (GeoTIFFs, or band folders "
+                                f"<patch>/<patch>_<BAND>.tif)")
+    return sorted(found)
 
 
 def probabilities_path(mask_path: str | Path) -> Path:
@@ -372,7 +445,7 @@ def output_paths(inputs: Sequence[Path], output: str | Path) -> list[Path]:
             raise ValueError(f"--output {output} names one file but {len(inputs)} inputs match; give a directory")
         outs = [output]
     else:
-        outs = [output / f"{p.stem}{PRED_SUFFIX}.tif" for p in inputs]
+        outs = [output / f"{_input_stem(p)}{PRED_SUFFIX}.tif" for p in inputs]
         seen: dict[Path, Path] = {}
         for p, o in zip(inputs, outs):
             if o in seen:
@@ -387,11 +460,12 @@ def output_paths(inputs: Sequence[Path], output: str | Path) -> list[Path]:
 
 
 def stack_paths(input_path: str | Path, templates: Sequence[str]) -> list[Path]:
-    """The co-registered files of the other sensors of a stack for one input: each template formatted with the
-    input's ``{stem}``, ``{name}`` and ``{dir}`` (e.g. ``"s1/images/{stem}.tif"``)."""
+    """The co-registered files (or band folders) of the other sensors of a stack for one input: each template
+    formatted with the input's ``{stem}`` (a band folder's name), ``{name}`` and ``{dir}`` (e.g.
+    ``"s1/images/{stem}.tif"``)."""
     p = Path(input_path)
     try:
-        return [Path(t.format(stem=p.stem, name=p.name, dir=str(p.parent))) for t in templates]
+        return [Path(t.format(stem=_input_stem(p), name=p.name, dir=str(p.parent))) for t in templates]
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(f"--stack-input templates {list(templates)} may only use {{stem}}, {{name}} and {{dir}} "
                          f"({exc!r})") from None
@@ -412,23 +486,41 @@ def _source_specs(run: RunModel, stack_inputs: Sequence[str]) -> list[SensorSpec
     return list(spec.parts)
 
 
+def _checked_grids(paths: Sequence[Path], spec: SensorSpec, offset: float) -> tuple[list, tuple[str, ...]]:
+    """Check the bands of each input (files: multi-band layout; directories: band folders), header only, and return
+    each input's pixel grid (a band folder's: its finest band's, the grid it is resampled onto) and the band names
+    assumed for files without band descriptions."""
+    grids: list = [None] * len(paths)
+    file_bands = file_band_names(spec)
+    for layout, keep in (("multiband", lambda q: not q.is_dir()), ("band_files", lambda q: q.is_dir())):
+        idx = [i for i, q in enumerate(paths) if keep(q)]
+        if idx:
+            tiles = UnlabelledTiles([str(paths[i]) for i in idx], sensor=spec, layout=layout, validate="header",
+                                    offset=offset)
+            for j, i in enumerate(idx):
+                grids[i] = tiles.sample_grid(j)
+            if layout == "multiband":
+                file_bands = tiles.file_bands
+    return grids, file_bands
+
+
 def check_inputs(run: RunModel, inputs: Sequence[Path], stack_inputs: Sequence[str] = ()) -> tuple[str, ...]:
     """Check every input's bands against the model (header only) and return the band names assumed for files
     without band descriptions.
 
-    For a model of a sensor stack (e.g. ``S2L2A+S1``) an input either holds every band of the stack, or (with
-    ``stack_inputs``, see :func:`stack_paths`) the first sensor's bands, the other sensors' bands coming from
-    co-registered files that must lie on the input's pixel grid.
+    An input is a multi-band file or a band folder (a directory, one GeoTIFF per band). For a model of a sensor stack
+    (e.g. ``S2L2A+S1``) an input either holds every band of the stack, or (with ``stack_inputs``, see
+    :func:`stack_paths`) the first sensor's bands, the other sensors' bands coming from co-registered files or band
+    folders that must lie on the input's pixel grid.
 
     Raises:
         FileNotFoundError: a stacked sensor's file is missing (the message names it and the input).
-        RasterError: unreadable file, band count that does not fit a file without descriptions, a missing band, or a
-            stacked file on another grid (the message names the file).
+        RasterError: unreadable file, band count that does not fit a file without descriptions, a missing band (file
+            or band folder), or a stacked file on another grid (the message names the file).
     """
     specs = _source_specs(run, stack_inputs)
     try:
-        tiles = UnlabelledTiles([str(p) for p in inputs], sensor=specs[0], layout="multiband", validate="header",
-                                offset=run.card.offset)
+        grids, file_bands = _checked_grids(inputs, specs[0], run.card.offset)
     except RasterError as exc:
         if run.spec.parts and not stack_inputs:
             raise RasterError(f"{exc} (the model takes the {run.spec.name} stack: inputs that hold only the "
@@ -438,16 +530,14 @@ def check_inputs(run: RunModel, inputs: Sequence[Path], stack_inputs: Sequence[s
     for k, spec in enumerate(specs[1:]):
         partners = [stack_paths(p, stack_inputs)[k] for p in inputs]
         for p, f in zip(inputs, partners):
-            if not f.is_file():
+            if not f.exists():
                 raise FileNotFoundError(f"{f}: the {spec.name} file of {p} (--stack-input {stack_inputs[k]!r}) "
                                         f"does not exist")
-        others = UnlabelledTiles([str(f) for f in partners], sensor=spec, layout="multiband", validate="header")
-        for i, (p, f) in enumerate(zip(inputs, partners)):
-            ref, other = tiles.sample_grid(i), others.sample_grid(i)
+        for ref, other in zip(grids, _checked_grids(partners, spec, 0.0)[0]):
             if not ref.same_as(other):
                 raise RasterError(f"{other.describe()} is not on the pixel grid of {ref.describe()}: stacked sensors "
                                   f"must be co-registered")
-    return tiles.file_bands
+    return file_bands
 
 
 def _colormap(num_classes: int) -> dict[int, tuple[int, ...]]:
@@ -496,6 +586,37 @@ class Prediction(NamedTuple):
     seconds: float
 
 
+class _InputReader:
+    """Rows of one input as raw values and validity: a multi-band file is read window by window; a band folder is
+    read whole once (:func:`common.raster.read_band_files`: every band resampled onto its finest band's grid, as
+    training reads it) and its rows taken from memory."""
+
+    def __init__(self, path: Path, part: SensorSpec, file_bands: Sequence[str]) -> None:
+        self.path, self.part, self.file_bands = Path(path), part, tuple(file_bands)
+        self.raw = list(part.raw_bands)
+        self.whole = None
+        if self.path.is_dir():
+            files = find_band_files(self.path, self.raw)
+            res = {b: raster_info(files[b], check_data=False).resolution[0] for b in self.raw}
+            self.grid_file = files[min(self.raw, key=res.__getitem__)]  # the grid read_band_files resamples onto
+            self.whole = read_band_files(self.path, self.raw, fallback_nodata=part.nodata)
+            self.shape: tuple[int, int] = tuple(self.whole.array.shape[1:])  # type: ignore[assignment]
+            self.transform = self.whole.transform
+        else:
+            info = raster_info(self.path, default_band_names=self.file_bands, check_data=False)
+            self.grid_file, self.shape, self.transform = self.path, info.shape, info.transform
+
+    def read(self, y0: int, rows: int, c0: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw ``(C_raw, rows, cols)`` and valid ``(rows, cols)`` of rows ``[y0, y0 + rows)``, columns
+        ``[c0, c0 + cols)``."""
+        if self.whole is not None:
+            return (self.whole.array[:, y0:y0 + rows, c0:c0 + cols],
+                    self.whole.valid[y0:y0 + rows, c0:c0 + cols])
+        s = read_raster(self.path, bands=self.raw, window=(y0, c0, rows, cols), default_band_names=self.file_bands,
+                        fallback_nodata=self.part.nodata)
+        return s.array, s.valid
+
+
 def _column_blocks(width: int, ww: int, stride: int, block_width: int) -> list[tuple[int, int, list[int]]]:
     """``(core_start, core_stop, window x starts touching the core)`` per column block."""
     starts = window_starts(width, ww, stride)
@@ -532,7 +653,7 @@ def predict_raster(
 
     Args:
         run: from :func:`load_run_model`.
-        input_path: GeoTIFF holding the model's bands.
+        input_path: GeoTIFF holding the model's bands, or a band folder (one GeoTIFF per band).
         output_path: class-map GeoTIFF to write; probabilities go to :func:`probabilities_path` of it.
         window: window side in px (default :data:`DEFAULT_WINDOW`); clamped to the scene size per axis.
         overlap: fraction of the window shared by neighbours, ``[0, 1)``.
@@ -569,8 +690,8 @@ def predict_raster(
     net = run.net.to(device).eval()
     k = run.num_classes
     mean, std = run.mean_std()
-    info = raster_info(input_path, default_band_names=file_bands, check_data=False)
-    h, w = info.height, info.width
+    readers = [_InputReader(path, part, names) for path, part, names in sources]
+    h, w = readers[0].shape
 
     # the window grid of sliding_window_inference with the window clamped to the scene (no padding)
     wh, ww = min(window, h), min(window, w)
@@ -601,11 +722,10 @@ def predict_raster(
     def read_rows(y0: int, rows: int, c0: int, cols: int) -> tuple[torch.Tensor, np.ndarray]:
         """Rows [y0, y0 + rows) x columns [c0, c0 + cols) in model input: (C, rows, cols) on the device + valid."""
         images, ok = [], np.ones((rows, cols), dtype=bool)
-        for path, part, names in sources:  # one file per sensor of a stack, else one file
-            sample = read_raster(path, bands=list(part.raw_bands), window=(y0, c0, rows, cols),
-                                 default_band_names=names, fallback_nodata=part.nodata)
-            images.append(to_model_units(sample.array, part, offset=run.card.offset))
-            ok &= sample.valid
+        for reader in readers:  # one file (or band folder) per sensor of a stack, else one
+            raw, raw_ok = reader.read(y0, rows, c0, cols)
+            images.append(to_model_units(raw, reader.part, offset=run.card.offset))
+            ok &= raw_ok
         image = images[0] if len(images) == 1 else np.concatenate(images)
         ok &= np.isfinite(image).all(axis=0)
         return torch.from_numpy(normalise(image, mean, std, ok)).to(device), ok
@@ -652,7 +772,7 @@ def predict_raster(
             acc, norm, top = acc[:, done:], norm[done:], top + done
 
     classes[~valid] = IGNORE_INDEX
-    crs, transform = _source_crs(input_path), transform_to_tuple(info.transform)
+    crs, transform = _source_crs(readers[0].grid_file), transform_to_tuple(readers[0].transform)
     tags = _tags(run)
     write_geotiff(output_path, classes, crs, transform, nodata=IGNORE_INDEX, band_names=[CLASS_BAND],
                   dtype="uint8", colormap=_colormap(k), tags=tags)
@@ -696,7 +816,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "--probabilities <stem>_prob.tif (float32, one band per class), on the "
                                        "input's grid.")
     p.add_argument("--run", required=True, help=f"run directory (holds {MODEL_CARD} and {CHECKPOINT_DIR}/)")
-    p.add_argument("--input", required=True, help="a GeoTIFF, a directory (all its *.tif) or a quoted glob")
+    p.add_argument("--input", required=True,
+                   help="a GeoTIFF, a band folder (<patch>/<patch>_B02.tif, one GeoTIFF per band), a directory (its "
+                        "*.tif and band folders) or a quoted glob")
     p.add_argument("--output", required=True, help="output directory, or a .tif file for a single input")
     p.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
                    help="weights to use (best falls back to last when the run has no best; default best)")
@@ -720,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> list[Prediction]:
     args = _parser().parse_args(argv)
     try:
         run = load_run_model(args.run, args.checkpoint)
-        inputs = find_inputs(args.input)
+        inputs = find_inputs(args.input, _source_specs(run, args.stack_input)[0].raw_bands)
         outputs = output_paths(inputs, args.output)
         file_bands = check_inputs(run, inputs, args.stack_input)  # every input checked before the first is predicted
     except (FileNotFoundError, ValueError) as exc:  # RasterError is a ValueError
