@@ -764,8 +764,8 @@ class SensorDef:
 
         Args:
             require_stats: Refuse a definition without statistics (``mean``/``std`` or ``stats_file``); with False
-                such a spec gets mean 0 / std 1 placeholders (only for computing statistics with
-                :mod:`common.stats`, which works before normalisation).
+                ``stats_file`` is not read and a spec without ``mean``/``std`` gets mean 0 / std 1 placeholders (only
+                for computing statistics with :mod:`common.stats`, which works before normalisation).
 
         Raises:
             DataError: invalid definition, or no statistics (the message names the keys to set).
@@ -801,7 +801,7 @@ class SensorDef:
                 file_bands=bands, scale_factor=float(self.scale_factor) if conversion == "scale_offset" else 1.0,
                 add_offset=float(self.add_offset or 0.0) if conversion == "scale_offset" else 0.0,
             )  # fmt: skip
-        if self.stats_file is not None:
+        if self.stats_file is not None and require_stats:  # (not yet written when common.stats computes it)
             spec = spec.with_stats(BandStats.from_json(self.stats_file))
         return spec
 

@@ -334,9 +334,9 @@ def test_stats_cli_computes_a_custom_sensors_statistics(tmp_path):
     for k in range(2):
         write_tif(tmp_path / "tiles" / f"t{k}.tif", rng.integers(500, 1500, (6, 8, 8)).astype(np.int16))
     cfg = tmp_path / "pretrain.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"sensor": {k: v for k, v in hls_sensor().items()
-                                                       if k not in ("mean", "std")}}}))
-    out = tmp_path / "stats.json"
+    out = tmp_path / "stats.json"  # named by the config before it exists
+    cfg.write_text(yaml.safe_dump({"data": {"sensor": {**{k: v for k, v in hls_sensor().items()
+                                                          if k not in ("mean", "std")}, "stats_file": str(out)}}}))
     assert main(["--root", str(tmp_path / "tiles"), "--sensor", str(cfg), "--out", str(out)]) == 0
     stats = BandStats.from_json(out)
     assert stats.sensor == "HLS" and set(stats.bands) == set(HLS_BANDS)
