@@ -411,12 +411,15 @@ def find_inputs(pattern: str | Path, bands: Sequence[str] | None = None) -> list
                                     f"(<patch>/<patch>_<BAND>.tif) in this directory")
         return files
     found: set[Path] = set()
+    folder: dict[Path, bool] = {}  # each directory listed once
     for p in map(Path, glob.glob(str(pattern), recursive=True)):
         if p.is_dir():
-            if _band_folder(p, bands):
+            if folder.setdefault(p, _band_folder(p, bands)):
                 found.add(p)
         elif p.is_file():
-            found.add(p.parent if _band_folder(p.parent, bands) else p)
+            if p.parent not in folder:
+                folder[p.parent] = _band_folder(p.parent, bands)
+            found.add(p.parent if folder[p.parent] else p)
     if not found:
         raise FileNotFoundError(f"no input file matches {str(pattern)!r} (GeoTIFFs, or band folders "
                                 f"<patch>/<patch>_<BAND>.tif)")
