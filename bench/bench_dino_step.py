@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         # with workers it is timed in separate rounds before and after the run (interleaving would let the workers
         # prefetch during the bare step and hide the data wait).
         torch.manual_seed(cfg.trainer.seed)
-        bare = DINOMethod(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices()).to(device).train()
+        bare = build_method(cfg, len(spec.bands), rgb=spec.rgb_indices()).to(device).train()
         batches, data_s_per_batch = make_batches(cfg, args.bare_batches, device)
         interleave = args.workers == 0 and not args.no_interleave
         full_s, breakdown, final, bare_rounds, bare_s = time_full_and_bare(

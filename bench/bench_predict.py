@@ -44,7 +44,8 @@ from finetune.common_setup import (
 )
 from finetune.inference import window_starts
 from finetune.predict import check_inputs, load_run_model, predict_raster
-from finetune.supervised import Supervised, SupervisedConfig
+from finetune.methods.base import SegSetup
+from finetune.methods.supervised import Supervised, SupervisedConfig
 from finetune.transforms import normalise
 
 MEGAPIXEL = 1e6
@@ -69,7 +70,7 @@ def make_run(out: Path, arch: str, version: str, output_stride: int) -> Path:
     inputs = resolve_inputs(data, model)
     torch.manual_seed(0)
     net = build_model(model, NUM_CLASSES, inputs, len(inputs.spec.bands), load_weights=False)
-    method = Supervised(net, build_loss(LossConfig(), NUM_CLASSES), SupervisedConfig())
+    method = Supervised(SupervisedConfig(), net, SegSetup(NUM_CLASSES, build_loss(LossConfig(), NUM_CLASSES)))
     write_model_card(out, model, data, inputs, "supervised", method.eval_prefix)
     atomic_save_safetensors(method.state_dict(), out / CHECKPOINT_DIR / "last.safetensors")
     return out

@@ -2,7 +2,7 @@
 prediction speed in megapixels per second.
 
 *Full step*: what ``finetune/semisup.py::main`` runs with ``method=supervised``, i.e. :class:`common.engine.Engine`
-``fit`` with :class:`finetune.supervised.Supervised` built the same way (:func:`finetune.common_setup.resolve_inputs`,
+``fit`` with :class:`finetune.methods.supervised.Supervised` built the same way (:func:`finetune.common_setup.resolve_inputs`,
 ``build_model``, ``build_loss``, ``segmentation_datasets``) on generated demo tiles (64 px, 12-band S2, 6 classes,
 the real augmentation pipeline on the ``train_all`` split): data loading, lr / wd schedules, DeepLab forward, the
 segmentation loss (:mod:`finetune.losses`), backward and the engine's loss bookkeeping, optional clipping, the
@@ -112,7 +112,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _instrumented_method_cls():
-    from finetune.supervised import Supervised
+    from finetune.methods.supervised import Supervised
 
     class TimedSupervised(TimedMethod, Supervised):
         """Supervised plus timestamps (the computation is the parent's, unchanged; the parent has no
@@ -314,9 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
                 lambda inter: run_full(cfg, tmp / "run", args.warmup, args.steps,
                                        (bare, batches, precision) if inter else None),
                 lambda n: bare_steps(bare, batches, n, device, precision), args.warmup, args.steps, interleave)
-            from finetune.supervised import Supervised, SupervisedConfig
+            from finetune.methods.base import SegSetup
+            from finetune.methods.supervised import Supervised, SupervisedConfig
 
-            groups = Supervised(bare, torch.nn.Identity(), SupervisedConfig()).param_groups()
+            groups = Supervised(SupervisedConfig(), bare, SegSetup(2, torch.nn.Identity())).param_groups()
             opt = build_optimizer(cfg.optim, groups)
             bare_steps(bare, batches, 1, device, precision, opt)
             bare_opt_s = bare_steps(bare, batches, args.opt_steps, device, precision, opt)

@@ -408,7 +408,7 @@ def cmd_dino_amp(args: argparse.Namespace) -> None:
     from eo_ssl.pretrain import resolve_data_sensor
     from common.config import load_config
     from eo_ssl.multicrop import collate_multicrop
-    from eo_ssl.pretrain import DINOMethod, PretrainConfig, build_dataset
+    from eo_ssl.pretrain import PretrainConfig, build_dataset, build_method
 
     device = _device(args.require_cuda)
     _reset_accelerate()
@@ -422,7 +422,7 @@ def cmd_dino_amp(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_check_dino_") as tmp:
         engine = E.Engine(cfg.trainer, Path(tmp) / "run", config=cfg)
         torch.manual_seed(0)
-        method = DINOMethod(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices())
+        method = build_method(cfg, len(spec.bands), rgb=spec.rgb_indices())
         seen: dict[str, set] = {}
 
         def hook(name):

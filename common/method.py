@@ -141,6 +141,13 @@ class Method(nn.Module):
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__}.training_step")
 
+    def forward(self, batch: dict[str, Any], step: int = 0, epoch: int = 0) -> dict[str, torch.Tensor]:
+        """One ``training_step`` outside the engine (automatic mode only): the losses of a batch, e.g. in tests and
+        benchmarks. The engine itself calls ``training_step`` with its context."""
+        if self.manual_optimization:
+            raise RuntimeError(f"{type(self).__name__} optimises manually: run it through the engine")
+        return self.training_step(batch, StepContext(None, step, epoch, 0, 1))
+
     @property
     def eval_model(self) -> nn.Module:
         """The network evaluated and exported for prediction (default: ``self.model``)."""

@@ -77,6 +77,18 @@ class SegStackConfig:
 
 
 @dataclass(frozen=True)
+class SegTargetConfig:
+    """The target domain of an adaptation run (section ``data.target``): tiles laid out like ``data.root``'s
+    (``image_dir``, the stacked sensors' ``image_dir``s and ``mask_dir`` relative to this root). The training tiles
+    need no masks; ``val_split`` (with masks) is reported as ``target_val/...``, never used to select a checkpoint
+    unless ``trainer.best_metric`` names it (then ``metrics.json`` says ``"selection": "oracle"``)."""
+
+    root: str  # holds images/ (and masks/ for val_split) and splits/
+    train_split: str = "train"  # unlabelled target tiles the method adapts on
+    val_split: str | None = None  # target tiles with masks, for the report (null: none)
+
+
+@dataclass(frozen=True)
 class SegDataConfig:
     """Image + mask tiles (section ``data``)."""
 
@@ -96,10 +108,12 @@ class SegDataConfig:
     labelled_split: str = "labelled_1_8"  # split file (root/splits/<name>.txt) of the labelled training tiles
     unlabelled_split: str | None = None  # split of the unlabelled tiles (semi-supervised methods)
     val_split: str = "val"
-    batch_size: int = 8  # per process
+    batch_size: int = 8  # per process, labelled / source stream
+    unlabelled_batch_size: int | None = None  # per process, unlabelled / target stream (null: data.batch_size)
     cache: bool = False  # keep decoded training tiles in memory (datasets that fit in RAM)
     checks: Literal["full", "header", "none"] = "full"  # input checks at start-up (full: reads every mask)
     stack: tuple[SegStackConfig, ...] = ()  # co-registered sensors appended as channels (S2 + S1 tiles), by id
+    target: SegTargetConfig | None = None  # the unlabelled target domain of domain-adaptation methods
 
     def validate(self) -> None:
         if not 1 <= self.num_classes < IGNORE_INDEX:
@@ -109,6 +123,8 @@ class SegDataConfig:
                              f"{self.num_classes}")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.unlabelled_batch_size is not None and self.unlabelled_batch_size < 1:
+            raise ValueError(f"data.unlabelled_batch_size must be >= 1 or null, got {self.unlabelled_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -125,8 +141,12 @@ class SegModelConfig:
     freeze_backbone: bool = False  # linear probing: train the head only
     drop_path_rate: float = 0.0
     backbone_lr_mult: float = 1.0  # lr multiplier of the backbone (e.g. 0.1 for a pretrained one)
+    init_from: str | None = None  # a previous fine-tuning run directory: start from its whole segmenter
+    init_checkpoint: Literal["best", "last"] = "best"  # which of its weights (checkpoints/<name>.safetensors)
 
     def validate(self) -> None:
+        if self.init_from is not None and self.weights is not None:
+            raise ValueError("model.init_from (a whole segmenter) and model.weights (a backbone) exclude each other")
         if self.output_stride not in (None, 8, 16, 32):
             raise ValueError(f"model.output_stride must be 8, 16, 32 or null, got {self.output_stride}")
         if self.backbone_lr_mult < 0:

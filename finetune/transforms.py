@@ -13,8 +13,8 @@ calibration offsets instead of colour jitter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
 import cv2
 import numpy as np
@@ -22,7 +22,40 @@ import torch
 
 from common.bands import IGNORE_INDEX
 
-__all__ = ["SegAugConfig", "SegmentationTransform", "normalise", "to_tensors"]
+__all__ = ["SegAugConfig", "StrongAugConfig", "SegmentationTransform", "MultiViewTransform", "strong_view", "normalise",
+           "to_tensors"]
+
+
+@dataclass(frozen=True)
+class StrongAugConfig:
+    """The *strong* views of semi-supervised and adaptation methods (section ``augment.strong``), applied to the
+    normalised weak view of the same crop, so that every view lines up pixel for pixel with the weak one.
+
+    Made for multispectral reflectance and SAR, not RGB photos (no colour jitter, no grayscale, nothing clipped):
+    reflectance bands get a per-band gain and offset, dB bands a per-band offset (a calibration gain in linear power
+    is an offset in dB) and multiplicative gamma speckle; all bands Gaussian noise, blur and band dropout."""
+
+    gain: float = 0.2  # reflectance bands: x * U(1 - gain, 1 + gain), per band (normalised space)
+    offset: float = 0.2  # per-band additive offset U(-offset, offset) in band std units (dB bands: calibration offset)
+    noise_std: float = 0.05  # additive Gaussian noise in band std units
+    speckle_looks: float | None = 4.0  # dB bands: gamma speckle with this many looks (null: none)
+    blur_p: float = 0.3  # probability of a Gaussian blur of the view
+    blur_sigma: tuple[float, float] = (0.3, 1.2)  # blur sigma range in pixels
+    band_dropout_p: float = 0.1  # each band replaced by its mean (0) with this probability (at least one band kept)
+
+    def validate(self) -> None:
+        for key in ("gain", "offset", "noise_std"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"augment.strong.{key} must be >= 0")
+        if not 0 <= self.gain < 1:
+            raise ValueError("augment.strong.gain must be in [0, 1)")
+        for key in ("blur_p", "band_dropout_p"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"augment.strong.{key} must be in [0, 1]")
+        if self.speckle_looks is not None and self.speckle_looks <= 0:
+            raise ValueError("augment.strong.speckle_looks must be > 0 or null")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError("augment.strong.blur_sigma must satisfy 0 < low <= high")
 
 
 @dataclass(frozen=True)
@@ -38,6 +71,7 @@ class SegAugConfig:
     contrast: float = 0.0  # per-band multiplicative jitter around 1
     noise_std: float = 0.0  # additive Gaussian noise in normalised units
     sar_speckle_looks: float | None = None  # strong SAR view: gamma speckle with this many looks (dB bands)
+    strong: StrongAugConfig = field(default_factory=StrongAugConfig)  # strong views of multi-view methods
 
     def validate(self) -> None:
         lo, hi = self.scale_range
@@ -185,3 +219,62 @@ class SegmentationTransform:
         looks = float(self.cfg.sar_speckle_looks)
         g = rng.gamma(looks, 1.0 / looks, size=image.shape).astype(np.float32)
         return image + 10.0 * np.log10(np.maximum(g, 1e-6))
+
+
+def strong_view(x: np.ndarray, valid: np.ndarray, cfg: StrongAugConfig, units: Sequence[str], std: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """One strong view of a normalised ``(C, H, W)`` image (a new array; ``x`` is not modified).
+
+    ``units[c]`` is ``"reflectance"``, ``"db"`` or anything else (gain/offset/noise only where meaningful) and
+    ``std[c]`` the band's std in model units (speckle is drawn in dB and divided by it)."""
+    nb = x.shape[0]
+    units = np.asarray(units)
+    refl = (units == "reflectance")[:, None, None]
+    db = (units == "db")[:, None, None]
+    out = x.astype(np.float32, copy=True)
+    gain = np.where(refl, 1.0 + rng.uniform(-cfg.gain, cfg.gain, size=(nb, 1, 1)), 1.0).astype(np.float32)
+    offset = rng.uniform(-cfg.offset, cfg.offset, size=(nb, 1, 1)).astype(np.float32)
+    out = out * gain + offset
+    if cfg.speckle_looks is not None and db.any():
+        g = rng.gamma(cfg.speckle_looks, 1.0 / cfg.speckle_looks, size=out.shape).astype(np.float32)
+        speckle = 10.0 * np.log10(np.maximum(g, 1e-6)) / np.asarray(std, np.float32)[:, None, None]
+        out = out + np.where(db, speckle, 0.0).astype(np.float32)
+    if cfg.noise_std > 0:
+        out = out + rng.normal(0.0, cfg.noise_std, size=out.shape).astype(np.float32)
+    if rng.random() < cfg.blur_p:
+        sigma = float(rng.uniform(*cfg.blur_sigma))
+        hwc = np.ascontiguousarray(out.transpose(1, 2, 0))
+        chunks = [cv2.GaussianBlur(hwc[:, :, i:i + 4], (0, 0), sigma) for i in range(0, nb, 4)]
+        out = np.concatenate([c[:, :, None] if c.ndim == 2 else c for c in chunks], axis=2).transpose(2, 0, 1)
+    drop = rng.random(nb) < cfg.band_dropout_p
+    if drop.all():
+        drop[int(rng.integers(nb))] = False
+    out[drop] = 0.0
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    out[:, ~valid] = 0.0
+    return out
+
+
+class MultiViewTransform:
+    """A weak view and ``n_strong`` strong views of one random crop (FixMatch / UniMatch / mean-teacher inputs).
+
+    The weak view is :class:`SegmentationTransform` (normalisation, crop, flips, rotations, the weak photometric
+    jitter); every strong view is :func:`strong_view` of it, so all views share the crop's geometry and line up
+    pixel for pixel (mixing between samples, e.g. CutMix, is done by the method on the batch). Returns the weak
+    sample's keys plus ``strong``: float32 ``(n_strong, C, H, W)``.
+    """
+
+    def __init__(self, weak: SegmentationTransform, strong: StrongAugConfig, n_strong: int, units: Sequence[str]):
+        if n_strong < 1:
+            raise ValueError("n_strong must be >= 1")
+        if len(units) != len(weak.mean):
+            raise ValueError(f"{len(units)} band units for {len(weak.mean)} bands")
+        self.weak, self.strong, self.n_strong, self.units = weak, strong, n_strong, tuple(units)
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        out = self.weak(sample, rng)
+        x = out["image"].numpy()
+        valid = out["valid"].numpy()
+        views = [strong_view(x, valid, self.strong, self.units, self.weak.std, rng) for _ in range(self.n_strong)]
+        out["strong"] = torch.from_numpy(np.stack(views))
+        return out

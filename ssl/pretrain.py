@@ -39,7 +39,7 @@ from common.sampling import AugmentedDataset, CachedDataset
 from eo_ssl.dino import DINOConfig, DINOMethod
 from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform, band_units, collate_multicrop
 
-__all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe", "check_schedule"]
+__all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe", "check_schedule", "build_method"]
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -283,12 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine.print(f"DINO pretraining: {cfg.model.arch} on {len(dataset.base)} tiles of {spec.name} "
                  f"({len(spec.bands)} bands: {', '.join(spec.bands)}), {cfg.augment.num_crops} crops per tile, "
                  f"{plan.total_steps} steps")
-    m = cfg.model
-    student = create_embedding_backbone(m.arch, len(spec.bands), drop_path_rate=m.drop_path_rate,
-                                        pretrained_file=m.init_file)
-    teacher = create_embedding_backbone(m.arch, len(spec.bands))
-    method = DINOMethod(cfg.dino, student, teacher, cfg.augment.num_crops, plan.epochs, plan.total_steps,
-                        rgb=spec.rgb_indices())
+    method = build_method(cfg, len(spec.bands), plan.epochs, plan.total_steps, rgb=spec.rgb_indices())
 
     evaluate = None
     if probe_sets is not None:
@@ -305,6 +300,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine.print(f"exported teacher backbone to {weights}")
     engine.accelerator.wait_for_everyone()
     return engine.finish(extra)
+
+
+def build_method(cfg: PretrainConfig, in_chans: int, epochs: int | None = None, total_steps: int | None = None,
+                 rgb: tuple[int, int, int] = (0, 1, 2)) -> DINOMethod:
+    """The DINO method of a config: student and teacher backbones (``model.arch``, ``in_chans`` bands) and heads.
+    ``epochs`` / ``total_steps``: the run's plan (default, outside a run: ``trainer.epochs``, one step each)."""
+    epochs = epochs or cfg.trainer.epochs or max(cfg.dino.warmup_teacher_temp_epochs, 1)
+    total_steps = total_steps or epochs
+    m = cfg.model
+    student = create_embedding_backbone(m.arch, in_chans, drop_path_rate=m.drop_path_rate,
+                                        pretrained_file=m.init_file)
+    teacher = create_embedding_backbone(m.arch, in_chans)
+    return DINOMethod(cfg.dino, student, teacher, cfg.augment.num_crops, epochs, total_steps, rgb=rgb)
 
 
 def check_schedule(cfg: PretrainConfig, plan: RunPlan) -> None:

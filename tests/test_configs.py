@@ -11,7 +11,7 @@ import torch
 
 from common.config import load_config
 from conftest import REPO
-from eo_ssl.pretrain import DINOMethod, PretrainConfig, build_dataset, resolve_data_sensor
+from eo_ssl.pretrain import PretrainConfig, build_dataset, build_method, resolve_data_sensor
 from eo_ssl.multicrop import collate_multicrop
 from finetune.semisup import FinetuneConfig
 
@@ -56,7 +56,7 @@ def test_bigearthnet_s2_configs_on_real_patches(name, bands, bigearthnet_s2):
     assert all(torch.isfinite(c).all() for c in crops)
     # normalised real reflectance: roughly zero-mean, unit-scale per band
     assert abs(float(crops[0].mean())) < 3 and 0.05 < float(crops[0].std()) < 10
-    method = DINOMethod(cfg, in_chans=bands)
+    method = build_method(cfg, bands)
     method.train()
     out = method({"tiles": crops}, step=0, epoch=0)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
@@ -80,7 +80,7 @@ def test_bigearthnet_s2s1_config_on_real_patches(bigearthnet_s2, bigearthnet_s1)
     assert tuple(crops[0].shape) == (2, 14, 120, 120) and all(torch.isfinite(c).all() for c in crops)
     # normalised with each sensor's statistics: the S1 channels are dB-scale no longer
     assert float(crops[0][:, 12:].abs().mean()) < 3
-    method = DINOMethod(cfg, in_chans=14)
+    method = build_method(cfg, 14)
     method.train()
     assert torch.isfinite(method({"tiles": crops}, step=0, epoch=0)["loss"])
 

@@ -37,7 +37,7 @@ def export(tmp_path_factory) -> Path:
 def ft_overrides(root: Path, steps: int = 4) -> list[str]:
     return [f"data.root={root / 's2' / 'source'}", "data.batch_size=2", "model.arch=resnet10t",
             f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.eval_every=2", "trainer.checkpoint_every=2",
-            "trainer.progress_bar=false", "optim.warmup_steps=1", "eval.batch_size=4"]
+            "trainer.progress_bar=false", "optim.warmup_steps=1", "eval.batch_size=4", "data.stats_file=null"]
 
 
 def test_supervised_from_export_end_to_end(tiny_demo, export, tmp_path):
@@ -131,10 +131,11 @@ def test_export_normalisation_mismatch_is_refused(tiny_demo, export, tmp_path):
 
 def test_freeze_backbone_trains_the_head_only():
     from finetune.losses import build_segmentation_loss
-    from finetune.supervised import Supervised, SupervisedConfig
+    from finetune.methods.base import SegSetup
+    from finetune.methods.supervised import Supervised, SupervisedConfig
 
     model = build_model(SegModelConfig(arch="resnet10t", version="v3"), 3, None, 4)
-    method = Supervised(model, build_segmentation_loss("ce", 3), SupervisedConfig(), freeze_backbone=True)
+    method = Supervised(SupervisedConfig(), model, SegSetup(3, build_segmentation_loss("ce", 3), freeze_backbone=True))
     method.train()
     assert not model.backbone.training and model.head.training
     ids = {id(p) for g in method.param_groups() for p in g["params"]}

@@ -3,7 +3,7 @@ equality with the direct forward pass and with whole-scene sliding-window infere
 outputs of the command line, and the errors that name the offending file.
 
 The run directory is built as finetune/semisup.py builds it: ``write_model_card`` for ``model.json`` and the
-``state_dict`` of the real :class:`~finetune.supervised.Supervised` method (prefix ``model.``) for the checkpoint,
+``state_dict`` of the real :class:`~finetune.methods.supervised.Supervised` method (prefix ``model.``) for the checkpoint,
 around a random-init DeepLab v3+ on ``resnet10t``; the inputs are demo tiles (64 px, 12 S2 bands, nodata 0).
 """
 
@@ -47,7 +47,8 @@ from finetune.predict import (
     predict_file,
     predict_raster,
 )
-from finetune.supervised import Supervised, SupervisedConfig
+from finetune.methods.base import SegSetup
+from finetune.methods.supervised import Supervised, SupervisedConfig
 
 from conftest import S2L2A_BANDS, write_tif
 
@@ -80,7 +81,7 @@ def _make_run(run_dir: Path, checkpoints: tuple[str, ...] = ("last",)) -> Path:
     inputs = resolve_inputs(data, model)
     torch.manual_seed(0)
     net = build_model(model, K, inputs, len(inputs.spec.bands), load_weights=False)
-    method = Supervised(net, build_loss(LossConfig(), K), SupervisedConfig())
+    method = Supervised(SupervisedConfig(), net, SegSetup(K, build_loss(LossConfig(), K)))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_model_card(run_dir, model, data, inputs, "supervised", method.eval_prefix)
     for name in checkpoints:
@@ -333,3 +334,136 @@ def test_normalise_hand_values_and_invalid_pixels():
     expected = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [2.0, 0.0]]], dtype=np.float32)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# band folders (BigEarthNet layout: <patch>/<patch>_B02.tif, one GeoTIFF per band at its native resolution)
+# ------------------------------------------------------------------------------------------------------------
+
+_GSD = {"B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20, "B08": 10, "B8A": 20,
+        "B09": 60, "B11": 20, "B12": 20}
+
+
+def _band_folder(root: Path, name: str, seed: int, size: int = 60) -> Path:
+    """A generated band folder: uint16 DN, 10 m bands size x size, 20 m and 60 m bands on the same footprint at their
+    resolution, no nodata declared (DN 0 is S2 nodata): a 0 block in B05 (20 m) and one 0 pixel in B02 (row
+    size // 2 + 10, column 7)."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    for b, gsd in _GSD.items():
+        n = size * 10 // gsd
+        dn = rng.integers(200, 4000, size=(n, n)).astype(np.uint16)
+        if b == "B05":
+            dn[3:6, 10:14] = 0
+        if b == "B02":
+            dn[n // 2 + 10, 7] = 0
+        write_tif(folder / f"{name}_{b}.tif", dn, pixel=float(gsd))
+    return folder
+
+
+def _as_multiband(folder: Path, out: Path) -> Path:
+    """The folder's bands on its 10 m grid (as training resamples them) in one float32 multi-band file with band
+    names, invalid pixels written as the declared nodata 0."""
+    from common.raster import read_band_files
+
+    r = read_band_files(folder, list(S2L2A_BANDS), fallback_nodata=0)
+    arr = np.where(r.valid[None], r.array, 0).astype(np.float32)
+    with rasterio.open(next(folder.glob("*_B02.tif"))) as src:
+        crs, transform = src.crs, src.transform
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(out, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=12, dtype="float32",
+                       crs=crs, transform=transform, nodata=0) as dst:
+        dst.write(arr)
+        for i, b in enumerate(S2L2A_BANDS, start=1):
+            dst.set_band_description(i, b)
+    return out
+
+
+def _check_band_folder_predictions(folders: list[Path], preds: Path, run: RunModel, tmp_path: Path) -> None:
+    for folder in folders:
+        pred = preds / f"{folder.name}_pred.tif"
+        classes, meta = _read(pred)
+        with rasterio.open(next(folder.glob("*_B02.tif"))) as ref:  # the patch's 10 m grid
+            assert meta["crs"] == ref.crs and meta["transform"] == ref.transform
+            assert meta["shape"] == (ref.height, ref.width)
+        same = predict_raster(run, _as_multiband(folder, tmp_path / "mb" / f"{folder.name}.tif"),
+                              tmp_path / "mb_pred" / f"{folder.name}.tif", device="cpu")
+        expect, expect_meta = _read(same.mask)
+        assert expect_meta["transform"] == meta["transform"]
+        np.testing.assert_array_equal(classes, expect)
+
+
+def test_band_folders_predict_on_their_10m_grid_as_their_multiband_file(run, run_dir, tmp_path):
+    root = tmp_path / "patches"
+    folders = [_band_folder(root, f"P_{i}", seed=i) for i in range(2)]
+    preds = tmp_path / "preds"
+    done = main(["--run", str(run_dir), "--checkpoint", "last", "--input", str(root), "--output", str(preds),
+                 "--cpu", "--window", "32", "--overlap", "0.25"])
+    assert [r.input for r in done] == folders and all(r.shape == (60, 60) for r in done)
+    # the block of 0 in the 20 m band B05 and the 0 in B02 are nodata (255), as training marks them invalid
+    classes, _ = _read(preds / "P_0_pred.tif")
+    assert (classes[0, 6:12, 20:28] == IGNORE_INDEX).all() and classes[0, 40, 7] == IGNORE_INDEX
+    assert (classes != IGNORE_INDEX).mean() > 0.9
+    for r in done:  # windows: the multi-band file predicted with the same windows
+        mb = _as_multiband(r.input, tmp_path / "mbw" / f"{r.input.name}.tif")
+        same = predict_raster(run, mb, tmp_path / "mbw_pred" / f"{r.input.name}.tif", window=32, overlap=0.25,
+                              device="cpu")
+        np.testing.assert_array_equal(_read(r.mask)[0], _read(same.mask)[0])
+        assert _read(r.mask)[1]["transform"] == _read(same.mask)[1]["transform"]
+
+
+def test_band_folder_inputs_by_folder_glob_and_band_files(run, tmp_path):
+    root = tmp_path / "patches"
+    folders = [_band_folder(root, f"Q_{i}", seed=10 + i, size=30) for i in range(2)]
+    bands = run.spec.raw_bands
+    assert find_inputs(folders[0], bands) == [folders[0]]
+    assert find_inputs(root, bands) == folders
+    assert find_inputs(str(root / "*"), bands) == folders
+    assert find_inputs(str(root / "*" / "*_B0[23].tif"), bands) == folders  # band files stand for their folder
+    assert output_paths(folders, tmp_path / "o") == [tmp_path / "o" / "Q_0_pred.tif", tmp_path / "o" / "Q_1_pred.tif"]
+    (folders[1] / "Q_1_B8A.tif").unlink()
+    with pytest.raises(RasterError, match=r"Q_1.*B8A"):
+        find_inputs(root, bands)
+
+
+def test_real_bigearthnet_patches_predict_on_their_10m_grid(run, run_dir, bigearthnet_s2, tmp_path):
+    folders = sorted(p for p in bigearthnet_s2.iterdir() if p.is_dir())
+    preds = tmp_path / "preds"
+    done = main(["--run", str(run_dir), "--checkpoint", "last", "--input", str(bigearthnet_s2), "--output",
+                 str(preds), "--cpu"])
+    assert [r.input for r in done] == folders and all(r.shape == (120, 120) for r in done)
+    _check_band_folder_predictions(folders, preds, run, tmp_path)
+
+
+def test_a_stacked_model_takes_band_folders_for_each_sensor(tmp_path):
+    """S2 band folder + S1 band folder (``--stack-input``) give the class map of the 14-band multi-band file."""
+    from common.raster import read_band_files
+    from finetune.common_setup import SegStackConfig
+
+    data = SegDataConfig(num_classes=K, class_names=tuple(CLASS_NAMES), sensor="S2L2A",
+                         stack=(SegStackConfig(sensor="S1", image_dir="s1"),))
+    model = SegModelConfig(arch="resnet10t", version="v3+", output_stride=16)
+    inputs = resolve_inputs(data, model)
+    assert len(inputs.spec.bands) == 14
+    torch.manual_seed(1)
+    net = build_model(model, K, inputs, 14, load_weights=False)
+    run_dir = tmp_path / "run"
+    write_model_card(run_dir, model, data, inputs, "supervised", "model.")
+    atomic_save_safetensors({"model." + k: v for k, v in net.state_dict().items()},
+                            run_dir / CHECKPOINT_DIR / "last.safetensors")
+    s2 = _band_folder(tmp_path / "s2", "P_7", seed=7, size=30)
+    rng = np.random.default_rng(7)
+    s1 = tmp_path / "s1" / "P_7"
+    db = np.stack([rng.normal(-12, 3, (30, 30)), rng.normal(-19, 3, (30, 30))]).astype(np.float32)
+    for i, b in enumerate(("VV", "VH")):
+        write_tif(s1 / f"P_7_{b}.tif", db[i], nodata=float("nan"))
+    done = main(["--run", str(run_dir), "--checkpoint", "last", "--input", str(s2), "--output", str(tmp_path / "o"),
+                 "--stack-input", str(tmp_path / "s1" / "{stem}"), "--cpu"])
+    classes, meta = _read(done[0].mask)
+    with rasterio.open(s2 / "P_7_B02.tif") as ref:
+        assert meta["transform"] == ref.transform and meta["crs"] == ref.crs
+    r = read_band_files(s2, list(S2L2A_BANDS), fallback_nodata=0)
+    stacked = np.concatenate([np.where(r.valid[None], r.array, 0), db]).astype(np.float32)
+    mb = write_tif(tmp_path / "mb" / "P_7.tif", stacked, nodata=0, band_names=[*S2L2A_BANDS, "VV", "VH"])
+    same = predict_file(run_dir, mb, tmp_path / "mb_pred" / "P_7.tif", checkpoint="last", device="cpu")
+    np.testing.assert_array_equal(classes, _read(same.mask)[0])

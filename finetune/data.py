@@ -1,0 +1,117 @@
+"""Segmentation data by role: what each training stream and validation set of a fine-tuning run reads.
+
+Roles (a method's ``streams`` name them; :func:`stream_dataset` builds one):
+
+* ``labelled`` / ``source``: ``data.labelled_split`` of ``data.root``, images + masks (the source domain of an
+  adaptation run is the labelled data);
+* ``unlabelled``: ``data.unlabelled_split`` of ``data.root``, images only (no mask files needed);
+* ``target``: ``data.target.train_split`` of ``data.target.root``, images only (the target domain).
+
+Validation sets (:func:`validation_sets`): ``val`` (``data.val_split``; its metrics are reported unprefixed, e.g.
+``mIoU``) and, for adaptation runs with ``data.target.val_split``, ``target_val`` (metrics ``target_val/mIoU``): a
+report of labels a real user lacks, so selecting a checkpoint on it is labelled ``"oracle"`` in ``metrics.json``.
+
+A method that wants several views of a sample (``views = {"unlabelled": 2}``) gets a weak view and that many
+strong views of one crop (:class:`finetune.transforms.MultiViewTransform`). Training streams are checked here, at
+start-up, file by file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.bands import SensorSpec
+from common.datasets import stacked_segmentation_dataset
+from common.errors import UserInputError
+from common.sampling import AugmentedDataset, CachedDataset
+from finetune.transforms import MultiViewTransform, SegAugConfig, SegmentationTransform
+
+__all__ = ["ROLES", "stream_dataset", "validation_sets", "band_units_of", "EvalTransform", "TARGET_PREFIX"]
+
+ROLES = ("labelled", "source", "unlabelled", "target")
+TARGET_PREFIX = "target_val/"
+
+
+def band_units_of(spec: SensorSpec) -> tuple[str, ...]:
+    from eo_ssl.multicrop import band_units
+
+    return band_units(spec)
+
+
+class EvalTransform:
+    """Normalisation only (validation / prediction)."""
+
+    def __init__(self, spec: SensorSpec):
+        self.tf = SegmentationTransform(spec.mean_array(), spec.std_array(), None, train=False)
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.tf(sample, None)
+        return {k: out[k] for k in ("image", "mask", "valid", "index") if k in out}
+
+
+class _Strip(torch.utils.data.Dataset):
+    """Keeps the keys training batches need (drops ids/georeferencing that do not collate)."""
+
+    KEYS = ("image", "mask", "valid", "index")
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.base[i]
+        return {k: s[k] for k in self.KEYS if k in s}
+
+
+def _kw(data: Any) -> dict:
+    return dict(image_dirs=[data.image_dir, *(x.image_dir for x in data.stack)],
+                image_patterns=["{id}.tif", *(x.image_pattern for x in data.stack)], mask_dir=data.mask_dir,
+                num_classes=data.num_classes, validate=data.checks, offset=data.offset,
+                class_names=data.class_names)
+
+
+def _source(data: Any, role: str) -> tuple[str, str, bool]:
+    """(root, split, labelled) of a role, or a UserInputError naming the missing key."""
+    if role in ("labelled", "source"):
+        return data.root, data.labelled_split, True
+    if role == "unlabelled":
+        if data.unlabelled_split is None:
+            raise UserInputError("this method trains on unlabelled tiles: set data.unlabelled_split (a split file "
+                                 "under data.root/splits/)")
+        return data.root, data.unlabelled_split, False
+    if role == "target":
+        if data.target is None:
+            raise UserInputError("this method adapts to a target domain: set data.target.root (and "
+                                 "data.target.train_split) to the unlabelled target tiles")
+        return data.target.root, data.target.train_split, False
+    raise ValueError(f"unknown data role {role!r}; roles: {ROLES}")
+
+
+def stream_dataset(role: str, data: Any, spec: SensorSpec, augment: SegAugConfig, seed: int,
+                   n_strong: int = 0, split: str | None = None) -> AugmentedDataset:
+    """The augmented training dataset of ``role`` (see the module docstring); ``n_strong > 0`` adds strong views."""
+    root, default_split, labelled = _source(data, role)
+    base = stacked_segmentation_dataset(root, split or default_split, spec, labelled=labelled, **_kw(data))
+    base = _Strip(base)
+    if data.cache:
+        base = CachedDataset(base)
+    tf: Any = SegmentationTransform(spec.mean_array(), spec.std_array(), augment, train=True)
+    if n_strong:
+        tf = MultiViewTransform(tf, augment.strong, n_strong, band_units_of(spec))
+    offset = {"labelled": 0, "source": 0, "unlabelled": 1, "target": 2}[role]
+    return AugmentedDataset(base, tf, seed=seed + offset)
+
+
+def validation_sets(data: Any, spec: SensorSpec) -> dict[str, Any]:
+    """``{"val": ..., ["target_val": ...]}``, normalised, with masks."""
+    kw = _kw(data)
+    out = {"val": stacked_segmentation_dataset(data.root, data.val_split, spec, transform=EvalTransform(spec), **kw)}
+    target = getattr(data, "target", None)
+    if target is not None and target.val_split is not None:
+        out["target_val"] = stacked_segmentation_dataset(target.root, target.val_split, spec,
+                                                         transform=EvalTransform(spec), **kw)
+    return out

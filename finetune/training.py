@@ -1,0 +1,206 @@
+"""One fine-tuning run, shared by ``finetune/semisup.py`` and ``finetune/uda.py``: parse, data, method, fit.
+
+* :func:`finetune_config_class` builds the run's strict config class: the shared sections (``data``, ``model``,
+  ``loss``, ``augment``, ``optim``, ``trainer``, ``eval``), ``method`` (one of the task's registered names) and one
+  typed section per method (``<name>: {...}``), so unknown keys and unknown methods are refused before any work.
+* :func:`run` resolves bands / normalisation / weights (an export, a previous run with ``model.init_from``),
+  builds the training streams the method consumes (:mod:`finetune.data`), plans the run, builds the segmenter and
+  the method, writes the model card and trains with the engine; evaluation covers every validation set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import field, make_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from common.checkpoint import CHECKPOINT_DIR, load_safetensors
+from common.cli import parse_training_args, training_parser
+from common.engine import Engine, LoaderSpec
+from common.errors import UserInputError
+from common.optim import OptimConfig
+from finetune.common_setup import (
+    EvalConfig,
+    LossConfig,
+    ResolvedInputs,
+    SegDataConfig,
+    SegModelConfig,
+    build_loss,
+    build_model,
+    default_optim,
+    default_trainer,
+    make_evaluate,
+    resolve_inputs,
+    write_model_card,
+)
+from finetune.data import TARGET_PREFIX, band_units_of, stream_dataset, validation_sets
+from finetune.methods import methods_for
+from finetune.methods.base import SegSetup
+from finetune.transforms import SegAugConfig
+
+__all__ = ["finetune_config_class", "run", "load_init_from", "make_multi_evaluate"]
+
+_UNLABELLED_STREAMS = ("unlabelled", "target")
+
+
+def _validate(self) -> None:
+    if self.eval.building_f1 and not 0 <= self.eval.foreground_class < self.data.num_classes:
+        raise ValueError(f"eval.foreground_class={self.eval.foreground_class} is not a class of "
+                         f"data.num_classes={self.data.num_classes}")
+    if self.loss.class_weights is not None and len(self.loss.class_weights) != self.data.num_classes:
+        raise ValueError(f"loss.class_weights has {len(self.loss.class_weights)} values for data.num_classes="
+                         f"{self.data.num_classes}")
+
+
+def finetune_config_class(task: str) -> type:
+    """The config dataclass of an entry script (``semisup`` or ``uda``): shared sections + one per method."""
+    methods = methods_for(task)
+    if not methods:
+        raise ValueError(f"no method is registered for task {task!r}")
+    names = tuple(methods)
+    fields: list[tuple[str, Any, Any]] = [
+        ("method", Literal[names], field(default=names[0])),  # type: ignore[valid-type]
+        ("data", SegDataConfig, field(default_factory=SegDataConfig)),
+        ("model", SegModelConfig, field(default_factory=SegModelConfig)),
+        ("loss", LossConfig, field(default_factory=LossConfig)),
+        ("augment", SegAugConfig, field(default_factory=SegAugConfig)),
+        ("optim", OptimConfig, field(default_factory=default_optim)),
+        ("trainer", Any, None),
+        ("eval", EvalConfig, field(default_factory=EvalConfig)),
+    ]
+    from common.engine import TrainerConfig
+
+    fields[6] = ("trainer", TrainerConfig, field(default_factory=default_trainer))
+    fields += [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in methods.items()]
+    return make_dataclass(f"FinetuneConfig_{task}", fields, frozen=True, namespace={"validate": _validate})
+
+
+def load_init_from(model: torch.nn.Module, run_dir: str, checkpoint: str, arch: str, version: str,
+                   num_classes: int, bands: list[str]) -> str:
+    """Load the evaluated segmenter of a previous fine-tuning run into ``model`` (strict). Returns the file.
+
+    Raises:
+        UserInputError: no such run / weights, or a run of another architecture, class count or bands.
+    """
+    card_path = Path(run_dir) / "model.json"
+    if not card_path.is_file():
+        raise UserInputError(f"model.init_from: {run_dir} is not a fine-tuning run (no model.json); point it at the "
+                             f"--output-dir of a finished finetune/semisup.py or finetune/uda.py run")
+    card = json.loads(card_path.read_text())
+    for key, want in (("arch", arch), ("version", version), ("num_classes", num_classes), ("bands", bands)):
+        if card.get(key) != want:
+            raise UserInputError(f"model.init_from: the run {run_dir} has {key}={card.get(key)!r} but this run has "
+                                 f"{want!r}; set model.{key if key != 'num_classes' else 'num_classes'} (or data.bands) "
+                                 f"to match, or start from its backbone with model.weights instead")
+    path = Path(run_dir) / CHECKPOINT_DIR / f"{checkpoint}.safetensors"
+    if not path.is_file():
+        raise UserInputError(f"model.init_from: {path} does not exist; set model.init_checkpoint to "
+                             f"{'last' if checkpoint == 'best' else 'best'} or finish that run")
+    prefix = card.get("state_dict_prefix", "model.")
+    state = {k[len(prefix):]: v for k, v in load_safetensors(path).items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserInputError(f"model.init_from: {path} does not fit the configured segmenter (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}); match model.aux / model.output_stride")
+    return str(path)
+
+
+def make_multi_evaluate(sets: dict[str, Any], data: SegDataConfig, ev: EvalConfig, spec: Any):
+    """Evaluate every named validation set: ``val`` unprefixed (``mIoU``), others as ``<name>/mIoU``."""
+    fns = {name: make_evaluate(ds, data, ev if name == "val" else dataclasses.replace(ev, num_images=0), spec)
+           for name, ds in sets.items()}
+
+    def evaluate(method, engine) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, fn in fns.items():
+            metrics = fn(method, engine)
+            out.update(metrics if name == "val" else {f"{name}/{k}": v for k, v in metrics.items()})
+        return out
+
+    return evaluate
+
+
+def _resolve(cfg: Any, source: str) -> ResolvedInputs:
+    if cfg.model.init_from is None:
+        return resolve_inputs(cfg.data, cfg.model, source=source)
+    card_path = Path(cfg.model.init_from) / "model.json"
+    if not card_path.is_file():
+        raise UserInputError(f"model.init_from: {cfg.model.init_from} is not a fine-tuning run (no model.json)")
+    inputs = resolve_inputs(cfg.data, cfg.model, source=source)
+    card = json.loads(card_path.read_text())
+    norm = card["normalisation"]
+    if list(inputs.spec.bands) != card["bands"]:
+        raise UserInputError(f"model.init_from: the run {cfg.model.init_from} reads bands {card['bands']} but "
+                             f"{source} reads {list(inputs.spec.bands)}; set data.bands to the run's bands")
+    mean, std = [float(v) for v in inputs.spec.mean_array()], [float(v) for v in inputs.spec.std_array()]
+    if cfg.data.stats_file is None:
+        from common.bands import BandStats
+
+        spec = inputs.spec.with_stats(BandStats(mean=dict(zip(card["bands"], norm["mean"])),
+                                                std=dict(zip(card["bands"], norm["std"]))))
+        inputs = dataclasses.replace(inputs, spec=spec)
+        inputs.notes.append(f"normalisation taken from {card_path}")
+    elif not (torch.allclose(torch.tensor(mean), torch.tensor(norm["mean"]), rtol=1e-4)
+              and torch.allclose(torch.tensor(std), torch.tensor(norm["std"]), rtol=1e-4)):
+        raise UserInputError(f"model.init_from: data.stats_file {cfg.data.stats_file} normalises differently from "
+                             f"the run {cfg.model.init_from}; leave data.stats_file unset to use the run's")
+    return inputs
+
+
+def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[str, Any]:
+    """The whole fine-tuning run of an entry script; returns what ``metrics.json`` holds."""
+    cls = finetune_config_class(task)
+    cfg, args = parse_training_args(cls, training_parser(description, prog=prog), argv)
+    method_cls = methods_for(task)[cfg.method]
+    # Everything that can be wrong with the input is checked before the engine starts.
+    inputs = _resolve(cfg, args.config)
+    spec = inputs.spec
+    d = cfg.data
+    streams = {role: stream_dataset(role, d, spec, cfg.augment, cfg.trainer.seed,
+                                    n_strong=method_cls.views.get(role, 0))
+               for role in method_cls.streams}
+    vals = validation_sets(d, spec)
+
+    engine = Engine(cfg.trainer, args.output_dir, config=cfg, resume=args.resume, cpu=args.cpu,
+                    overwrite=args.overwrite)
+    for note in inputs.notes:
+        engine.print(note)
+    loaders = {}
+    for role, ds in streams.items():
+        unl = role in _UNLABELLED_STREAMS and d.unlabelled_batch_size is not None
+        loaders[role] = LoaderSpec(ds, d.unlabelled_batch_size if unl else d.batch_size,
+                                   batch_size_key="data.unlabelled_batch_size" if unl else "data.batch_size")
+    plan = engine.plan(loaders)
+    init = inputs.weights if inputs.weights else "random init"
+    model = build_model(cfg.model, d.num_classes, inputs, len(spec.bands))
+    if cfg.model.init_from is not None:
+        init = load_init_from(model, cfg.model.init_from, cfg.model.init_checkpoint, cfg.model.arch,
+                              cfg.model.version, d.num_classes, list(spec.bands))
+    engine.print(f"{cfg.method}: DeepLab {cfg.model.version} on {cfg.model.arch} ({init}), "
+                 + ", ".join(f"{len(ds)} {role}" for role, ds in streams.items())
+                 + ", " + ", ".join(f"{len(ds)} {name}" for name, ds in vals.items())
+                 + f" tiles, bands {', '.join(spec.bands)}, {plan.total_steps} steps")
+
+    def make_model() -> torch.nn.Module:
+        return build_model(cfg.model, d.num_classes, inputs, len(spec.bands))
+
+    setup = SegSetup(num_classes=d.num_classes, criterion=build_loss(cfg.loss, d.num_classes),
+                     band_units=band_units_of(spec), band_std=spec.std_array(),
+                     backbone_lr_mult=cfg.model.backbone_lr_mult, freeze_backbone=cfg.model.freeze_backbone,
+                     make_model=make_model, class_names=d.class_names)
+    method = method_cls(getattr(cfg, cfg.method), model, setup)
+    if engine.is_main:
+        write_model_card(engine.run_dir, cfg.model, d, inputs, cfg.method, method.eval_prefix)
+
+    final = engine.fit(method, loaders, cfg.optim, evaluate=make_multi_evaluate(vals, d, cfg.eval, spec),
+                       datasets={**vals}, oracle_prefixes=(TARGET_PREFIX,))
+    metric = cfg.trainer.best_metric
+    if metric and "last" in final:
+        engine.print(f"validation {metric}: last {final['last'].get(metric, float('nan')):.2f} "
+                     f"(step {final['last']['step']}), best {final['best'].get(metric, float('nan')):.2f} "
+                     f"(step {final['best']['step']})")
+    return engine.finish({"method": cfg.method, "weights_init": init})
