@@ -86,6 +86,15 @@ class StepContext:
     def __init__(self, engine: Any, step: int, epoch: int, micro: int, num_micro: int):
         self._engine, self.step, self.epoch, self.micro, self.num_micro = engine, step, epoch, micro, num_micro
 
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A torch generator seeded by ``(trainer.seed, step, micro-batch, process rank)``: random choices of a
+        method (CutMix boxes, copy-paste picks) that are independent across processes and exactly the same when a
+        run is resumed (they do not depend on the global RNG stream)."""
+        seed, rank = (self._engine.cfg.seed, self._engine.accelerator.process_index) if self._engine else (0, 0)
+        g = torch.Generator(device=device)
+        g.manual_seed(((seed * 1_000_003 + self.step) * 131 + self.micro) * 1009 + rank)
+        return g
+
     @property
     def last_micro(self) -> bool:
         return self.micro == self.num_micro - 1

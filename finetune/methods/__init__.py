@@ -1,7 +1,8 @@
 """Fine-tuning methods, one file each; :data:`REGISTRY` maps ``method=<name>`` to the class.
 
 A method file defines its config dataclass and a :class:`finetune.methods.base.SegMethod` subclass decorated with
-:func:`register`; importing this package imports every method file, so every name is known to the entry scripts.
+:func:`register`; importing this package imports every module of the folder (except the shared ``base`` and
+``common``), so a new file is all a new method needs.
 """
 
 from __future__ import annotations
@@ -19,4 +20,14 @@ def methods_for(task: str) -> dict[str, type]:
     return {name: cls for name, cls in REGISTRY.items() if task in getattr(cls, "tasks", ())}
 
 
-from finetune.methods import supervised  # noqa: E402,F401  (registers its method)
+def _import_all() -> None:
+    """Import every method file of this package (each registers its method)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("base", "common"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

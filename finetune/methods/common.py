@@ -1,0 +1,79 @@
+"""Building blocks several methods share: pseudo-labels from a teacher, CutMix boxes and mixing, ramp-ups.
+
+Randomness comes from an explicit ``torch.Generator`` (``ctx.generator()`` in a step: seeded by seed, step and
+process rank), so the boxes are independent across processes and identical after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.bands import IGNORE_INDEX
+
+__all__ = ["pseudo_labels", "cutmix_masks", "mix", "sigmoid_rampup", "masked_mean"]
+
+
+@torch.no_grad()
+def pseudo_labels(logits: torch.Tensor, threshold: float = 0.0, valid: torch.Tensor | None = None,
+                  ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard pseudo-labels of teacher logits ``(B, K, H, W)``.
+
+    Returns ``(labels, confidence, keep)``: ``labels = argmax softmax`` (``ignore_index`` where not kept),
+    ``confidence = max softmax`` (float32) and ``keep = confidence >= threshold`` (and ``valid`` where given).
+    """
+    prob = logits.float().softmax(dim=1)
+    conf, labels = prob.max(dim=1)
+    keep = conf >= threshold
+    if valid is not None:
+        keep &= valid.bool()
+    return torch.where(keep, labels, torch.full_like(labels, ignore_index)), conf, keep
+
+
+def cutmix_masks(batch: int, height: int, width: int, generator: torch.Generator, p: float = 0.5,
+                 area: tuple[float, float] = (0.02, 0.4), ratio: tuple[float, float] = (0.3, 1 / 0.3),
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean ``(B, H, W)`` CutMix masks: with probability ``p`` one axis-aligned box per sample whose area is a
+    fraction in ``area`` of the image and whose aspect ratio (h / w) lies in ``ratio`` (log-uniform), placed
+    uniformly inside the image (UniMatch's ``obtain_cutmix_box``); all-False otherwise. ``True`` marks the pixels
+    taken from the *other* image."""
+    masks = torch.zeros(batch, height, width, dtype=torch.bool)
+    u = torch.rand(batch, 5, generator=generator, dtype=torch.float64)
+    for i in range(batch):
+        if u[i, 0] >= p:
+            continue
+        frac = area[0] + (area[1] - area[0]) * float(u[i, 1])
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * float(u[i, 2]))
+        h = min(height, max(1, int(round(math.sqrt(frac * height * width * r)))))
+        w = min(width, max(1, int(round(math.sqrt(frac * height * width / r)))))
+        top = int(float(u[i, 3]) * (height - h + 1))
+        left = int(float(u[i, 4]) * (width - w + 1))
+        masks[i, top:top + h, left:left + w] = True
+    return masks.to(device)
+
+
+def mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``b`` where ``mask`` else ``a``; ``mask`` is ``(B, H, W)`` and broadcasts over a channel dimension of
+    ``(B, C, H, W)`` tensors (images, logits) or applies directly to ``(B, H, W)`` ones (labels, confidences)."""
+    m = mask if a.dim() == mask.dim() else mask.unsqueeze(1)
+    return torch.where(m, b, a)
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """Laine & Aila's ramp-up ``exp(-5 (1 - t)^2)`` with ``t = step / length`` clipped to [0, 1] (1.0 for
+    ``length == 0``), the consistency-weight ramp of mean teacher."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: str = "kept") -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (``denominator="kept"``) or over all pixels (``"all"``: ignored pixels count
+    as zeros, as FixMatch/UniMatch average their per-pixel losses); 0 when nothing is kept."""
+    m = mask.to(values.dtype)
+    total = (values * m).sum()
+    if denominator == "all":
+        return total / max(values.numel(), 1)
+    return total / m.sum().clamp_min(1.0)
