@@ -233,12 +233,16 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
         return value
     if origin in (Union, types.UnionType):
-        errors = []
+        errors: dict[Any, ConfigError] = {}
         for arg in get_args(tp):
             try:
                 return _convert(value, arg, key, source)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors[arg] = exc
+        # A mapping meant for the union's one dataclass (e.g. a data.sensor definition): its own, precise error.
+        mapped = [arg for arg in get_args(tp) if dataclasses.is_dataclass(arg)]
+        if isinstance(value, dict) and len(mapped) == 1:
+            raise errors[mapped[0]]
         raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
     if tp is type(None):
         if value is not None:

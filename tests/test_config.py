@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from common.config import ConfigError, load_config, parse_overrides, save_config
+from common.config import ConfigError, build_config, load_config, parse_overrides, save_config
 from common.engine import TrainerConfig
 from common.optim import OptimConfig
 
@@ -235,3 +235,30 @@ def test_interpolation_of_defaults_types_chains_and_list_items(tmp_path):
 def test_interpolation_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(Interp, None, [override, "probe.root=${note}"] if "cycle" in match else [override])
+
+
+
+@dataclass(frozen=True)
+class _Inner:
+    name: str
+    size: int = 1
+
+    def validate(self) -> None:
+        if self.size < 1:
+            raise ValueError("size must be >= 1")
+
+
+@dataclass(frozen=True)
+class _Outer:
+    thing: str | _Inner = "x"
+
+
+def test_a_mapping_for_a_union_reports_the_dataclass_error():
+    """``sensor: str | SensorDef`` given a bad mapping names what is wrong in the mapping (was: 'is not str or a
+    mapping')."""
+    with pytest.raises(ConfigError, match="size must be >= 1"):
+        build_config(_Outer, {"thing": {"name": "a", "size": 0}})
+    with pytest.raises(ConfigError, match="unknown key 'thing.sise'"):
+        build_config(_Outer, {"thing": {"name": "a", "sise": 2}})
+    assert build_config(_Outer, {"thing": {"name": "a"}}).thing == _Inner("a", 1)
+    assert build_config(_Outer, {"thing": "S2L2A"}).thing == "S2L2A"
