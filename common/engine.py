@@ -236,10 +236,11 @@ class Engine:
         resume: continue from the latest checkpoint in ``run_dir`` (:class:`RunDirError` if there is none).
         overwrite: start over in a ``run_dir`` that holds a run (its metrics, checkpoints and logs are removed).
         cpu: force the CPU even where a GPU exists.
+        grad_scaler: one GradScaler per optimiser (default: with fp16 mixed precision).
     """
 
     def __init__(self, cfg: TrainerConfig, run_dir: str | os.PathLike, config: Any = None, resume: bool = False,
-                 cpu: bool = False, overwrite: bool = False):
+                 cpu: bool = False, overwrite: bool = False, grad_scaler: bool | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
@@ -274,6 +275,9 @@ class Engine:
         self._wrappers: dict[str, nn.Module] = {}
         self._nonfinite = torch.zeros((), dtype=torch.bool)
         self._method: Method | None = None
+        # One GradScaler per optimiser with fp16 (None: automatic). True forces them on, e.g. to test the fp16 path
+        # with real GradScalers on a CPU, where fp16 autocast itself falls back to fp32.
+        self._use_grad_scaler = self.accelerator.mixed_precision == "fp16" if grad_scaler is None else grad_scaler
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -446,7 +450,7 @@ class Engine:
             raise ValueError(f"{type(method).__name__}.optimizers() returned no optimiser")
         if not method.manual_optimization and len(specs) != 1:
             raise ValueError(f"{type(method).__name__} has {len(specs)} optimisers: set manual_optimization = True")
-        fp16 = acc.mixed_precision == "fp16"
+        fp16 = self._use_grad_scaler
         for name, spec in specs.items():
             o = spec.optim or optim
             opt = build_optimizer(o, spec.param_groups)

@@ -10,7 +10,8 @@ prototypes, discriminators), so one ``state_dict`` checkpoints everything. It de
 * ``optimizers()``: named :class:`OptimizerSpec` (parameter groups + own optimiser settings and lr/wd schedules);
 * ``training_step(batch, ctx) -> {name: tensor}``. *Automatic* mode returns ``"loss"`` and the engine does
   backward / clip / step. *Manual* mode (``manual_optimization = True``) calls ``ctx.backward(loss, "disc")``,
-  ``ctx.step("disc")`` and ``ctx.zero_grad("disc")`` itself; precision (one GradScaler per optimiser),
+  ``ctx.optimizer_step("disc")`` and ``ctx.zero_grad("disc")`` itself (``ctx.step`` / ``ctx.epoch`` are the
+  position); precision (one GradScaler per optimiser),
   accumulation, clipping, the finite-loss check and logging stay the engine's.
 * hooks (all optional): ``on_train_start(ctx)``, ``on_epoch_start(epoch, ctx)`` (ctx: named datasets, an
   evaluation-style loader, reductions across processes), ``before_optimizer_step(name, step, epoch)``,
@@ -77,11 +78,12 @@ class TrainContext:
 
 
 class StepContext:
-    """Passed to ``training_step``: the step's position and, in manual mode, backward / step / zero_grad.
+    """Passed to ``training_step``: the step's position (``step``, ``epoch``, ``micro``) and, in manual mode,
+    ``backward`` / ``optimizer_step`` / ``zero_grad``.
 
     With gradient accumulation (``trainer.grad_accum_steps = k``) ``training_step`` runs once per micro-batch;
-    ``backward`` divides the loss by ``k``; ``step`` and ``zero_grad`` act on the last micro-batch only (they
-    return whether they did)."""
+    ``backward`` divides the loss by ``k``; ``optimizer_step`` and ``zero_grad`` act on the last micro-batch only
+    (they return whether they did)."""
 
     def __init__(self, engine: Any, step: int, epoch: int, micro: int, num_micro: int):
         self._engine, self.step, self.epoch, self.micro, self.num_micro = engine, step, epoch, micro, num_micro
@@ -102,7 +104,8 @@ class StepContext:
     def backward(self, loss: torch.Tensor, optimizer: str = "main") -> None:
         self._engine._backward(loss, optimizer, self)
 
-    def step(self, optimizer: str = "main") -> bool:
+    def optimizer_step(self, optimizer: str = "main") -> bool:
+        """Clip, step (with the optimiser's GradScaler) on the last micro-batch; ``False`` on the others."""
         if not self.last_micro:
             return False
         self._engine._optimizer_step(optimizer, self.step, self.epoch)
@@ -115,7 +118,8 @@ class StepContext:
         return True
 
     def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return self._engine.all_reduce(tensor, op)
+        """All-reduce over processes (``sum`` or ``mean``); a copy outside the engine (one process)."""
+        return self._engine.all_reduce(tensor, op) if self._engine is not None else tensor.clone()
 
 
 class Method(nn.Module):

@@ -19,8 +19,8 @@ from common.optim import OptimConfig, param_groups_no_wd_for_norm_and_bias
 class ToyData(Dataset):
     """y = x @ w_true + noise, plus a per-epoch augmentation drawn from the sample's own stream."""
 
-    def __init__(self, n: int = 24, dim: int = 4):
-        g = torch.Generator().manual_seed(123)
+    def __init__(self, n: int = 24, dim: int = 4, seed: int = 123):
+        g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, dim, generator=g)
         self.y = self.x @ torch.arange(1.0, dim + 1) + 0.1 * torch.randn(n, generator=g)
         self.epoch = 0
