@@ -33,6 +33,8 @@ import torch
 from timm.models import FeatureInfo
 from torch import nn
 
+from common.errors import MissingFileError, UserInputError
+
 __all__ = [
     "SUPPORTED_OUTPUT_STRIDES",
     "DILATED_FAMILIES",
@@ -91,7 +93,7 @@ def timm_family(arch: str) -> str:
     if not timm.is_model(arch):
         stem = arch.split("_")[0]
         close = timm.list_models(f"*{stem}*")[:12]
-        raise ValueError(f"unknown timm architecture {arch!r}; similar names: {close}")
+        raise UserInputError(f"unknown timm architecture {arch!r} (model.arch); similar names: {close}")
     return timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
 
 
@@ -532,7 +534,7 @@ def adapt_first_conv(
 # --------------------------------------------------------------------------------------------------------------
 
 
-class WeightLoadError(RuntimeError):
+class WeightLoadError(UserInputError, RuntimeError):
     """Weights do not fit the model: missing, unexpected or wrongly shaped keys (listed in the message)."""
 
 
@@ -570,7 +572,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingFileError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -578,13 +580,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     elif path.suffix in (".pth", ".pt", ".bin"):
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     else:
-        raise ValueError(f"{path}: unknown weights format {path.suffix!r} (use .safetensors, .pth, .pt or .bin)")
+        raise UserInputError(f"{path}: unknown weights format {path.suffix!r} (use .safetensors, .pth, .pt or .bin)")
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a flat dict of tensors")
+        raise UserInputError(f"{path}: not a flat dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

@@ -18,7 +18,8 @@ import os
 import sys
 from typing import Any, Callable, TypeVar
 
-__all__ = ["UserInputError", "DataError", "RunDirError", "cli_entry", "debug_requested", "is_main_process"]
+__all__ = ["UserInputError", "DataError", "MissingFileError", "RunDirError", "cli_entry", "debug_requested",
+           "is_main_process"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +32,10 @@ class UserInputError(ValueError):
 
 class DataError(UserInputError):
     """A data file, band, unit or sensor description does not fit what the config says."""
+
+
+class MissingFileError(UserInputError, FileNotFoundError):
+    """A file or directory the config or command line names does not exist (also a ``FileNotFoundError``)."""
 
 
 class RunDirError(UserInputError):

@@ -58,7 +58,7 @@ from common.bands import (
     SensorSpec,
 )
 from common.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
-from common.errors import DataError
+from common.errors import DataError, MissingFileError
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -247,21 +247,21 @@ def read_export_meta(path: str | os.PathLike, verify: bool = True) -> ExportMeta
     sidecar = path.with_suffix(".json")
     for p in (weights, sidecar):
         if not p.is_file():
-            raise FileNotFoundError(f"backbone export incomplete: {p} not found (an export is a .safetensors file "
+            raise MissingFileError(f"backbone export incomplete: {p} not found (an export is a .safetensors file "
                                     f"with a .json sidecar of the same name, written by ssl/export.py)")
     try:
         raw = json.loads(sidecar.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{sidecar}: not valid JSON: {exc}") from exc
+        raise DataError(f"{sidecar}: not valid JSON: {exc}") from exc
     if raw.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{sidecar}: format {raw.get('format')!r} is not {EXPORT_FORMAT!r}")
+        raise DataError(f"{sidecar}: format {raw.get('format')!r} is not {EXPORT_FORMAT!r}")
     raw.pop("load_with", None)
     norm_keys = {f.name for f in fields(Normalisation)}
     raw["normalisation"] = Normalisation(**{k: v for k, v in raw["normalisation"].items() if k in norm_keys})
     meta_keys = {f.name for f in fields(ExportMeta)}
     meta = ExportMeta(**{k: v for k, v in raw.items() if k in meta_keys})  # keys of later additions are skipped
     if verify and meta.sha256 and sha256_file(weights) != meta.sha256:
-        raise ValueError(f"{weights}: checksum does not match {sidecar} (file modified or truncated)")
+        raise DataError(f"{weights}: checksum does not match {sidecar} (file modified or truncated)")
     return meta
 
 

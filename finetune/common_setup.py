@@ -39,6 +39,7 @@ from finetune.losses import build_segmentation_loss
 from finetune.metrics import BuildingF1, ConfusionMatrix
 from finetune.inference import sliding_window_inference
 from finetune.transforms import SegAugConfig, SegmentationTransform
+from common.errors import MissingFileError, UserInputError
 
 __all__ = [
     "SegDataConfig",
@@ -310,7 +311,8 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
         return ResolvedInputs(data_sensor(data), None, None, None, notes)
     path = Path(model.weights)
     if not path.is_file():
-        raise FileNotFoundError(f"model.weights: {path} does not exist")
+        raise MissingFileError(f"model.weights: {path} does not exist; point model.weights at an export of ssl/export.py "
+                               f"(.safetensors next to its .json) or a timm state_dict file")
     meta = _export_meta(path)
     if meta is None:  # a plain timm state_dict: nothing to check against
         spec = data_sensor(data)
@@ -390,7 +392,7 @@ def segmentation_datasets(data: SegDataConfig, spec: SensorSpec, augment: SegAug
     }
     if with_unlabelled:
         if data.unlabelled_split is None:
-            raise ValueError("this method needs data.unlabelled_split")
+            raise UserInputError("this method trains on unlabelled tiles: set data.unlabelled_split")
         out["unlabelled"] = AugmentedDataset(
             _cached(_Strip(stacked_segmentation_dataset(data.root, data.unlabelled_split, spec, labelled=False,
                                                         **kw)), data.cache),

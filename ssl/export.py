@@ -26,6 +26,7 @@ from typing import Literal
 import yaml
 
 from common.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from common.errors import MissingFileError, UserInputError, cli_entry
 from common.config import build_config
 from common.weights import ExportMeta, Normalisation, write_export
 
@@ -45,10 +46,10 @@ def _run_weights(run: Path, which: str) -> tuple[Path, int | None]:
                 step = (f.metadata() or {}).get("step")
             return path, int(step) if step is not None else None
         if which == "best":
-            raise FileNotFoundError(f"{path} not found (a best checkpoint exists only for runs with a probe)")
+            raise MissingFileError(f"{path} not found (a best checkpoint exists only for runs with a probe)")
     latest = latest_checkpoint(run)
     if latest is None:
-        raise FileNotFoundError(f"{run}: no checkpoint to export (looked for {ckpt_dir}/last.safetensors and "
+        raise MissingFileError(f"{run}: no checkpoint to export (looked for {ckpt_dir}/last.safetensors and "
                                 f"{ckpt_dir}/step_*)")
     state = json.loads((latest / "engine_state.json").read_text())
     return latest / "model.safetensors", int(state["step"])
@@ -69,15 +70,15 @@ def export_run(run: str | Path, out: str | Path | None = None,
     run = Path(run)
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run} is not a pretraining run directory ({cfg_path} not found)")
+        raise MissingFileError(f"{run} is not a pretraining run directory ({cfg_path} not found)")
     cfg = yaml.safe_load(cfg_path.read_text())
     if "dino" not in cfg:
-        raise ValueError(f"{cfg_path} is not a DINO pretraining config (no 'dino' section)")
+        raise UserInputError(f"{cfg_path} is not a DINO pretraining config (no 'dino' section)")
     weights, step = _run_weights(run, which)
     state = load_file(str(weights))
     backbone = {k[len(TEACHER_PREFIX):]: v.contiguous() for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
     if not backbone:
-        raise ValueError(f"{weights} holds no '{TEACHER_PREFIX}*' tensors: not a DINO run checkpoint")
+        raise UserInputError(f"{weights} holds no '{TEACHER_PREFIX}*' tensors: not a DINO run checkpoint")
     data = cfg["data"]
     from eo_ssl.pretrain import PretrainDataConfig, resolve_data_sensor
 
@@ -112,6 +113,7 @@ def _num_features(arch: str) -> int:
     return int(model.num_features)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ssl/export.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="pretraining run directory")

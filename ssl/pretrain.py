@@ -33,11 +33,11 @@ from common.bands import InputUnits, SensorDef, SensorSpec, resolve_sensors
 from common.cli import parse_training_args, training_parser
 from common.datasets import StackedDataset, UnlabelledTiles, stacked_segmentation_dataset
 from common.engine import Engine, LoaderSpec, RunPlan, TrainerConfig
-from common.errors import UserInputError, cli_entry
 from common.optim import OptimConfig
 from common.sampling import AugmentedDataset, CachedDataset
 from eo_ssl.dino import DINOConfig, DINOMethod
 from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform, band_units, collate_multicrop
+from common.errors import MissingFileError, UserInputError, cli_entry
 
 __all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe", "check_schedule", "build_method"]
 
@@ -210,7 +210,7 @@ def build_probe_sets(cfg: PretrainConfig, spec: SensorSpec):
     p = cfg.probe
     tf = _ProbeTransform(spec.mean_array(), spec.std_array())
     if len(p.stack_image_dirs) != len(spec.parts[1:]):
-        raise ValueError(f"probe.stack_image_dirs: the {spec.name} data needs {len(spec.parts[1:])} stacked image "
+        raise UserInputError(f"probe.stack_image_dirs: the {spec.name} data needs {len(spec.parts[1:])} stacked image "
                          f"director{'y' if len(spec.parts) == 2 else 'ies'} for the probe, got {list(p.stack_image_dirs)}")
     kw = dict(image_dirs=[p.image_dir, *p.stack_image_dirs], mask_dir=p.mask_dir, num_classes=p.num_classes,
               transform=tf, offset=cfg.data.offset)
@@ -235,14 +235,15 @@ def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
     for split in d.exclude_ids_from:
         path = Path(split)
         if not path.is_file():
-            raise FileNotFoundError(f"data.exclude_ids_from: split file {path} not found")
+            raise MissingFileError(f"data.exclude_ids_from: split file {path} not found; fix the path or remove it "
+                                   f"from data.exclude_ids_from")
         excluded |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
     if excluded and not Path(d.root).is_dir():
-        raise FileNotFoundError(f"data.root: {d.root} is not a directory")
+        raise MissingFileError(f"data.root: {d.root} is not a directory; set data.root to the folder of your tiles")
     tiles: Any
     if d.stack:
         if len(spec.parts) != 1 + len(d.stack):
-            raise ValueError(f"data.stack: sensor {spec.name} has {len(spec.parts)} parts for {1 + len(d.stack)} "
+            raise UserInputError(f"data.stack: sensor {spec.name} has {len(spec.parts)} parts for {1 + len(d.stack)} "
                              f"sources")
         primary = UnlabelledTiles(d.root, sensor=spec.parts[0], glob=d.glob, layout=d.layout, tile_size=d.tile_size,
                                   validate=d.checks, offset=d.offset, fill_value=None, exclude_ids=excluded)
@@ -259,7 +260,7 @@ def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
         if not aug.sensor_groups:
             aug = replace(aug, sensor_groups=spec.sensor_groups())
         if max(aug.channel_p) > 0 and aug.channel_mode == "raw" and len(set(band_units(spec))) > 1:
-            raise ValueError(f"augment.channel_mode: raw copies one band's raw values into every band, but the "
+            raise UserInputError(f"augment.channel_mode: raw copies one band's raw values into every band, but the "
                              f"{spec.name} stack mixes units ({', '.join(sorted(set(band_units(spec))))}); set "
                              f"augment.channel_mode: normalized (or augment.channel_p: [0, 0, 0])")
     transform = MultiCropTransform(aug, spec.mean_array(), spec.std_array(), units=band_units(spec))
