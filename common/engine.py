@@ -257,15 +257,9 @@ class Engine:
             # non_blocking: batches (pinned on CUDA, see _make_loader) are copied to the GPU without a host sync.
             dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=cuda),
         )
-        if self.is_main:
-            if overwrite and not resume:
-                clear_run_outputs(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if config is not None:
-                save_config(config, self.run_dir / "config.yaml")
-        self.accelerator.wait_for_everyone()
+        self._config, self._overwrite = config, overwrite
         set_seed(cfg.seed, device_specific=False)
-        self.accelerator.init_trackers("tb", config=_flat_hparams(config) if config is not None else None)
+        self._outputs_started = False
         self._jsonl = None
         self.current_step = 0
         self.final_metrics: dict[str, Any] = {}
@@ -278,6 +272,22 @@ class Engine:
         # One GradScaler per optimiser with fp16 (None: automatic). True forces them on, e.g. to test the fp16 path
         # with real GradScalers on a CPU, where fp16 autocast itself falls back to fp32.
         self._use_grad_scaler = self.accelerator.mixed_precision == "fp16" if grad_scaler is None else grad_scaler
+
+    def start_outputs(self) -> None:
+        """Create the run directory's outputs (config.yaml, TensorBoard) once everything has been checked: an input
+        error found while planning or building the model leaves nothing behind (a rerun is not refused)."""
+        if self._outputs_started:
+            return
+        if self.is_main:
+            if self._overwrite and not self.resume:
+                clear_run_outputs(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self._config is not None:
+                save_config(self._config, self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        config = self._config
+        self.accelerator.init_trackers("tb", config=_flat_hparams(config) if config is not None else None)
+        self._outputs_started = True
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -467,6 +477,21 @@ class Engine:
                 self._scalers[name] = scaler
                 acc.register_for_checkpointing(scaler)
 
+    def check(self, method: Method, loaders: dict[str, LoaderSpec]) -> None:
+        """What can be wrong with a method on these streams, refused before any output is written (``fit`` calls it
+        too): the streams it consumes exist and yield batches, and BatchNorm gets at least 2 samples per process.
+
+        Raises:
+            UserInputError: naming the config key and the fix.
+        """
+        missing = [s for s in method.streams if s not in loaders]
+        if missing:
+            raise ValueError(f"{type(method).__name__} consumes streams {tuple(method.streams)}; no loader for "
+                             f"{missing}")
+        self.plan({name: loaders[name] for name in method.streams})
+        method.train()
+        self._check_batch_norm(method, loaders)
+
     def _check_batch_norm(self, method: Method, loaders: dict[str, LoaderSpec]) -> None:
         """BatchNorm in training mode needs more than one value per channel: a per-process batch of 1 reaching
         ASPP's image-pooling branch (or a BN head on embeddings) fails inside torch mid-step; refuse it here."""
@@ -536,15 +561,13 @@ class Engine:
                 them is reported as ``"oracle"`` in ``metrics.json``.
         """
         cfg, acc = self.cfg, self.accelerator
+        self.check(method, loaders)
         streams = tuple(method.streams)
-        missing = [s for s in streams if s not in loaders]
-        if missing:
-            raise ValueError(f"{type(method).__name__} consumes streams {streams}; no loader for {missing}")
         loaders = {name: loaders[name] for name in streams}
         plan = self.plan(loaders)
         self._method = method
         self._setup_method(method, optim, plan)
-        self._check_batch_norm(method, loaders)
+        self.start_outputs()
 
         built = {}
         for i, (name, spec) in enumerate(loaders.items()):
@@ -741,6 +764,7 @@ class Engine:
 
     def finish(self, extra: dict | None = None) -> dict:
         """Write ``metrics.json`` (final figures) and close the trackers. Returns what was written."""
+        self.start_outputs()
         out = {**self.final_metrics, **(extra or {})}
         if self.is_main:
             atomic_write_json(self.run_dir / "metrics.json", out)

@@ -193,6 +193,8 @@ def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[
                      backbone_lr_mult=cfg.model.backbone_lr_mult, freeze_backbone=cfg.model.freeze_backbone,
                      make_model=make_model, class_names=d.class_names)
     method = method_cls(getattr(cfg, cfg.method), model, setup)
+    engine.check(method, loaders)  # before the run directory gets any file
+    engine.start_outputs()
     if engine.is_main:
         write_model_card(engine.run_dir, cfg.model, d, inputs, cfg.method, method.eval_prefix)
 
