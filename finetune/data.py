@@ -28,7 +28,8 @@ from common.errors import UserInputError
 from common.sampling import AugmentedDataset, CachedDataset
 from finetune.transforms import MultiViewTransform, SegAugConfig, SegmentationTransform
 
-__all__ = ["ROLES", "stream_dataset", "validation_sets", "band_units_of", "EvalTransform", "TARGET_PREFIX"]
+__all__ = ["ROLES", "stream_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
+           "TARGET_PREFIX"]
 
 ROLES = ("labelled", "source", "unlabelled", "target")
 TARGET_PREFIX = "target_val/"
@@ -114,4 +115,14 @@ def validation_sets(data: Any, spec: SensorSpec) -> dict[str, Any]:
     if target is not None and target.val_split is not None:
         out["target_val"] = stacked_segmentation_dataset(target.root, target.val_split, spec,
                                                          transform=EvalTransform(spec), **kw)
+    return out
+
+
+def segmentation_datasets(data: Any, spec: SensorSpec, augment: SegAugConfig, seed: int,
+                          labelled_split: str | None = None, with_unlabelled: bool = False) -> dict[str, Any]:
+    """``{"labelled": ..., "val": ...[, "unlabelled": ...]}`` for scripts that build a run by hand (benchmarks)."""
+    out = {"labelled": stream_dataset("labelled", data, spec, augment, seed, split=labelled_split),
+           "val": validation_sets(data, spec)["val"]}
+    if with_unlabelled:
+        out["unlabelled"] = stream_dataset("unlabelled", data, spec, augment, seed)
     return out

@@ -3,7 +3,7 @@
     python finetune/predict.py --run runs/finetune --input 'scenes/*.tif' --output preds/ \
         [--checkpoint best|last] [--probabilities] [--window 512] [--overlap 0.5] [--batch-size 4] [--cpu]
 
-A run directory of ``finetune/semisup.py`` holds ``model.json`` (:func:`finetune.common_setup.write_model_card`:
+A run directory of ``finetune/semisup.py`` holds ``model.json`` (:func:`finetune.model_card.write_model_card`:
 architecture, classes, sensor, bands in model order, normalisation, the ``state_dict`` prefix of the evaluated
 network) and ``checkpoints/{best,last}.safetensors`` (the whole training method's ``state_dict``). The network is
 rebuilt from ``model.json`` and loaded strictly from the prefixed weights (safetensors only, never a pickle).
@@ -40,7 +40,7 @@ Per input:
     5. write the outputs atomically (:func:`common.raster.write_geotiff`) on the input's grid (its CRS object as
        read by rasterio, transform, width and height; a band folder's: its finest band's): class map uint8, band
        description ``class``, class names as tags (``class_names`` JSON list and ``class_<i>``), a colour table from
-       :data:`finetune.common_setup.PALETTE` (cycled for more classes; 255 transparent); probabilities float32,
+       :data:`finetune.evaluation.PALETTE` (cycled for more classes; 255 transparent); probabilities float32,
        one band per class named after it.
 
 Outputs: one input and an ``--output`` ending in ``.tif`` writes that file (probabilities next to it as
@@ -73,7 +73,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from torch import nn
 
-from common.bands import IGNORE_INDEX, SENSORS, SensorSpec, file_band_names, get_sensor, to_model_units
+from common.bands import IGNORE_INDEX, SENSORS, SensorSpec, file_band_names, to_model_units
 from common.checkpoint import CHECKPOINT_DIR, load_safetensors
 from common.datasets import UnlabelledTiles
 from common.raster import (
@@ -86,7 +86,10 @@ from common.raster import (
     transform_to_tuple,
     write_geotiff,
 )
-from finetune.common_setup import PALETTE, SegModelConfig, build_model
+from finetune.config import SegModelConfig
+from finetune.evaluation import PALETTE
+from finetune.inputs import build_model
+from finetune.model_card import MODEL_CARD, ModelCard
 from finetune.inference import blend_weights, window_starts
 from finetune.transforms import normalise
 
@@ -108,9 +111,6 @@ __all__ = [
     "predict_file",
     "main",
 ]
-
-MODEL_CARD = "model.json"
-"""File of a run directory describing the network (written by :func:`finetune.common_setup.write_model_card`)."""
 
 CHECKPOINTS = ("best", "last")
 """Checkpoint names of a run (``checkpoints/<name>.safetensors``)."""
@@ -137,130 +137,6 @@ CLASS_BAND = "class"
 
 TRANSPARENT = (0, 0, 0, 0)
 """Colour-table entry of :data:`~common.bands.IGNORE_INDEX` (nodata)."""
-
-_CARD_KEYS = ("method", "arch", "version", "output_stride", "aux", "num_classes", "class_names", "sensor", "bands",
-              "normalisation", "state_dict_prefix")
-_NORMALISATION_KEYS = ("conversion", "mean", "std", "offset")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the run: model card and network
-# ------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """The contents of ``<run>/model.json``.
-
-    Attributes:
-        path: the file it was read from (for messages).
-        method / arch / version / output_stride / aux: how the network was trained and built.
-        num_classes: K.
-        class_names: one name per class (``"0"``, ``"1"``, ... when the run set none).
-        sensor: sensor registry name (:func:`common.bands.get_sensor`).
-        bands: band names in model channel order.
-        conversion: raw-to-model-unit conversion (must equal the sensor's).
-        mean / std: normalisation per band, in model units.
-        offset: Sentinel-2 DN offset added before scaling.
-        state_dict_prefix: prefix of the evaluated network's keys in the checkpoint (e.g. ``"model."``).
-        weights_init: backbone weights the run started from (informative).
-        sensor_def: the sensor as :meth:`common.bands.SensorSpec.to_dict` (conversion, file band order, scale and
-            offset, nodata; custom sensors of the config too); cards written before it lack it and name a registry
-            sensor.
-    """
-
-    path: str
-    method: str
-    arch: str
-    version: str
-    output_stride: int | None
-    aux: bool
-    num_classes: int
-    class_names: tuple[str, ...]
-    sensor: str
-    bands: tuple[str, ...]
-    conversion: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    offset: float
-    state_dict_prefix: str
-    weights_init: str | None = None
-    sensor_def: dict[str, Any] | None = None
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelCard":
-        """Read and check a model card.
-
-        Raises:
-            FileNotFoundError: no such file. ValueError: not JSON, a key missing, or inconsistent values (the
-                message names the file).
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: model description not found (a run directory of finetune/semisup.py "
-                                    f"holds {MODEL_CARD})")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        missing = [k for k in _CARD_KEYS if k not in raw]
-        norm = raw.get("normalisation")
-        if isinstance(norm, dict):
-            missing += [f"normalisation.{k}" for k in _NORMALISATION_KEYS if k not in norm]
-        elif "normalisation" not in missing:
-            raise ValueError(f"{path}: normalisation must be an object with keys {list(_NORMALISATION_KEYS)}")
-        if missing:
-            raise ValueError(f"{path}: missing key(s) {missing}")
-        bands = tuple(str(b) for b in raw["bands"])
-        num_classes = int(raw["num_classes"])
-        names = raw["class_names"]
-        class_names = tuple(str(n) for n in names) if names else tuple(str(i) for i in range(num_classes))
-        card = cls(
-            path=str(path), method=str(raw["method"]), arch=str(raw["arch"]), version=str(raw["version"]),
-            output_stride=None if raw["output_stride"] is None else int(raw["output_stride"]), aux=bool(raw["aux"]),
-            num_classes=num_classes, class_names=class_names, sensor=str(raw["sensor"]), bands=bands,
-            conversion=str(norm["conversion"]), mean=tuple(float(v) for v in norm["mean"]),
-            std=tuple(float(v) for v in norm["std"]), offset=float(norm["offset"]),
-            state_dict_prefix=str(raw["state_dict_prefix"]), weights_init=raw.get("weights_init"),
-            sensor_def=raw.get("sensor_def") if isinstance(raw.get("sensor_def"), dict) else None,
-        )  # fmt: skip
-        card.validate()
-        return card
-
-    def validate(self) -> None:
-        where = self.path
-        if not 1 <= self.num_classes < IGNORE_INDEX:
-            raise ValueError(f"{where}: num_classes must be in [1, {IGNORE_INDEX}), got {self.num_classes}")
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{where}: {len(self.class_names)} class_names for num_classes={self.num_classes}")
-        if not self.bands:
-            raise ValueError(f"{where}: empty band list")
-        if not len(self.mean) == len(self.std) == len(self.bands):
-            raise ValueError(f"{where}: normalisation has {len(self.mean)} means and {len(self.std)} stds for "
-                             f"{len(self.bands)} bands")
-        if not all(math.isfinite(s) and s > 0 for s in self.std) or not all(math.isfinite(m) for m in self.mean):
-            raise ValueError(f"{where}: normalisation needs finite means and positive stds, got mean={self.mean} "
-                             f"std={self.std}")
-
-    def sensor_spec(self) -> SensorSpec:
-        """The sensor restricted to the model's bands (re-created from ``sensor_def`` when the card has one, else
-        the registry's); its conversion must be the card's.
-
-        Raises:
-            ValueError: unknown sensor / band, or a conversion that differs from the sensor's.
-        """
-        try:
-            spec = (SensorSpec.from_dict(self.sensor_def).subset(self.bands) if self.sensor_def is not None
-                    else get_sensor(self.sensor, self.bands))
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{self.path}: {exc}") from None
-        if spec.conversion != self.conversion:
-            raise ValueError(f"{self.path}: conversion {self.conversion!r} differs from sensor {spec.name}'s "
-                             f"{spec.conversion!r}")
-        return spec
-
 
 @dataclass
 class RunModel:

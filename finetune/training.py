@@ -23,26 +23,16 @@ from common.cli import parse_training_args, training_parser
 from common.engine import Engine, LoaderSpec
 from common.errors import UserInputError
 from common.optim import OptimConfig
-from finetune.common_setup import (
-    EvalConfig,
-    LossConfig,
-    ResolvedInputs,
-    SegDataConfig,
-    SegModelConfig,
-    build_loss,
-    build_model,
-    default_optim,
-    default_trainer,
-    make_evaluate,
-    resolve_inputs,
-    write_model_card,
-)
+from finetune.config import EvalConfig, LossConfig, SegDataConfig, SegModelConfig, default_optim, default_trainer
+from finetune.evaluation import make_multi_evaluate
+from finetune.inputs import ResolvedInputs, build_loss, build_model, resolve_inputs
+from finetune.model_card import write_model_card
 from finetune.data import TARGET_PREFIX, band_units_of, stream_dataset, validation_sets
 from finetune.methods import methods_for
 from finetune.methods.base import SegSetup
 from finetune.transforms import SegAugConfig
 
-__all__ = ["finetune_config_class", "run", "load_init_from", "make_multi_evaluate"]
+__all__ = ["finetune_config_class", "run", "load_init_from"]
 
 _UNLABELLED_STREAMS = ("unlabelled", "target")
 
@@ -107,21 +97,6 @@ def load_init_from(model: torch.nn.Module, run_dir: str, checkpoint: str, arch: 
         raise UserInputError(f"model.init_from: {path} does not fit the configured segmenter (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}); match model.aux / model.output_stride")
     return str(path)
-
-
-def make_multi_evaluate(sets: dict[str, Any], data: SegDataConfig, ev: EvalConfig, spec: Any):
-    """Evaluate every named validation set: ``val`` unprefixed (``mIoU``), others as ``<name>/mIoU``."""
-    fns = {name: make_evaluate(ds, data, ev if name == "val" else dataclasses.replace(ev, num_images=0), spec)
-           for name, ds in sets.items()}
-
-    def evaluate(method, engine) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, fn in fns.items():
-            metrics = fn(method, engine)
-            out.update(metrics if name == "val" else {f"{name}/{k}": v for k, v in metrics.items()})
-        return out
-
-    return evaluate
 
 
 def _resolve(cfg: Any, source: str) -> ResolvedInputs:

@@ -14,7 +14,7 @@ calibration offsets instead of colour jitter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np

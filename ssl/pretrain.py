@@ -18,7 +18,6 @@ At the end (and with ``python ssl/export.py --run DIR``) the teacher backbone is
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal

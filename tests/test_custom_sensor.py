@@ -110,7 +110,8 @@ def test_finetune_and_predict_keep_the_custom_sensor(pretrained, hls_root, tmp_p
 
 
 def test_finetune_refuses_another_scale_than_the_exports(pretrained, hls_root, tmp_path):
-    from finetune.common_setup import SegDataConfig, SegModelConfig, resolve_inputs
+    from finetune.config import SegDataConfig, SegModelConfig
+    from finetune.inputs import resolve_inputs
     from common.config import build_config
 
     other = {**HLS, "scale_factor": 0.001}

@@ -268,7 +268,7 @@ def _spec(name: str, cfg):
         from eo_ssl.pretrain import resolve_data_sensor
 
         return resolve_data_sensor(cfg.data)
-    from finetune.common_setup import resolve_inputs
+    from finetune.inputs import resolve_inputs
 
     return resolve_inputs(cfg.data, cfg.model).spec
 
@@ -313,13 +313,12 @@ def test_fine_tuning_the_demo_export_uses_the_demo_statistics_consistently(demo,
     """The demo fine-tuning config with the export of the demo pretraining config: accepted (its stats file agrees
     with the export), and both normalise with the demo statistics."""
     import timm
-    import torch
     from safetensors.torch import save_file
 
     from common.bands import BandStats
     from common.config import save_config
     from eo_ssl.export import TEACHER_PREFIX, export_run
-    from finetune.common_setup import resolve_inputs
+    from finetune.inputs import resolve_inputs
 
     root, _ = demo
     pre = _load(pretrain, root / sub, "model.arch=resnet10t")

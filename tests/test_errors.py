@@ -5,7 +5,6 @@ with two processes the message is printed once."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

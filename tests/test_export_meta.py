@@ -24,7 +24,9 @@ from common.datasets import UnlabelledTiles
 from common.raster import read_band_files
 from common.weights import Normalisation, read_export_meta
 from eo_ssl.export import TEACHER_PREFIX, export_run
-from finetune.common_setup import SegDataConfig, SegModelConfig, resolve_inputs, write_model_card
+from finetune.config import SegDataConfig, SegModelConfig
+from finetune.inputs import resolve_inputs
+from finetune.model_card import write_model_card
 from finetune.transforms import normalise
 
 from conftest import S2L2A_BANDS, write_tif

@@ -18,7 +18,9 @@ from common.checkpoint import (
     default_file_mode,
 )
 from common.weights import ExportMeta, Normalisation, write_export
-from finetune.common_setup import SegDataConfig, SegModelConfig, resolve_inputs, write_model_card
+from finetune.config import SegDataConfig, SegModelConfig
+from finetune.inputs import resolve_inputs
+from finetune.model_card import write_model_card
 
 
 @pytest.fixture(params=[0o027, 0o002, 0o022])

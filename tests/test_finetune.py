@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -15,7 +14,8 @@ from safetensors.torch import load_file
 from common.bands import get_sensor
 from common.weights import ExportMeta, ExportMismatchError, Normalisation, write_export
 from conftest import REPO, S2L2A_BANDS, launch
-from finetune.common_setup import SegDataConfig, SegModelConfig, build_model, resolve_inputs
+from finetune.config import SegDataConfig, SegModelConfig
+from finetune.inputs import build_model, resolve_inputs
 
 CONFIG = str(REPO / "configs" / "finetune" / "demo.yaml")
 
@@ -76,7 +76,7 @@ def test_two_process_evaluation_counts_every_tile_once(tiny_demo, tmp_path):
     final = json.loads((run / "metrics.json").read_text())
     assert final["num_processes"] == 2
     # evaluate the same weights in this one process over the whole validation set: identical metrics
-    from finetune.common_setup import segmentation_datasets
+    from finetune.data import segmentation_datasets
     from finetune.metrics import ConfusionMatrix
     from finetune.transforms import SegAugConfig
 

@@ -25,16 +25,10 @@ from common.bands import IGNORE_INDEX, S2_REFLECTANCE_SCALE
 from common.checkpoint import CHECKPOINT_DIR, atomic_save_safetensors
 from common.demo_data import CLASS_NAMES, generate
 from common.raster import RasterError
-from finetune.common_setup import (
-    PALETTE,
-    LossConfig,
-    SegDataConfig,
-    SegModelConfig,
-    build_loss,
-    build_model,
-    resolve_inputs,
-    write_model_card,
-)
+from finetune.config import LossConfig, SegDataConfig, SegModelConfig
+from finetune.evaluation import PALETTE
+from finetune.inputs import build_loss, build_model, resolve_inputs
+from finetune.model_card import write_model_card
 from finetune.deeplab import SegmenterOutput
 from finetune.inference import sliding_window_inference
 from finetune.predict import (
@@ -438,7 +432,7 @@ def test_real_bigearthnet_patches_predict_on_their_10m_grid(run, run_dir, bigear
 def test_a_stacked_model_takes_band_folders_for_each_sensor(tmp_path):
     """S2 band folder + S1 band folder (``--stack-input``) give the class map of the 14-band multi-band file."""
     from common.raster import read_band_files
-    from finetune.common_setup import SegStackConfig
+    from finetune.config import SegStackConfig
 
     data = SegDataConfig(num_classes=K, class_names=tuple(CLASS_NAMES), sensor="S2L2A",
                          stack=(SegStackConfig(sensor="S1", image_dir="s1"),))
