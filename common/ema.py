@@ -45,20 +45,11 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, copy_bu
             b_t.copy_(b_s)
 
 
-def make_teacher(student: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
-    """Return a teacher initialised with the student's weights, with gradients switched off.
-
-    Args:
-        student: the model to copy.
-        teacher: an already constructed twin to load into (e.g. a model built without the DDP wrapper); when
-            ``None`` a deep copy of ``student`` is made.
-    """
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A deep copy of ``student`` whose parameters take no gradient: the EMA teacher of mean-teacher methods (a plain
+    sub-module of the method, outside DDP, updated with :func:`ema_update_`)."""
     import copy
 
-    if teacher is None:
-        teacher = copy.deepcopy(student)
-    else:
-        teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
     return teacher

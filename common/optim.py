@@ -37,7 +37,6 @@ class OptimConfig:
     weight_decay_end: float | None = None  # cosine weight-decay schedule end value (None: constant)
     momentum: float = 0.9  # SGD/LARS momentum
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    backbone_lr_mult: float = 1.0  # learning-rate multiplier for parameters under the backbone (fine-tuning)
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -50,8 +49,6 @@ class OptimConfig:
             raise ValueError("optim.weight_decay must be >= 0")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
-        if self.backbone_lr_mult < 0:
-            raise ValueError(f"optim.backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
 
 
 def _is_no_wd(name: str, param: torch.Tensor) -> bool:

@@ -26,10 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from common.bands import IGNORE_INDEX
-except ImportError:  # pragma: no cover - common.bands is written in parallel; the contract fixes the value
-    IGNORE_INDEX = 255
+from common.bands import IGNORE_INDEX
 
 __all__ = [
     "SegmentationLoss",

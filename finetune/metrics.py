@@ -31,10 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-try:
-    from common.bands import IGNORE_INDEX
-except ImportError:  # pragma: no cover - common.bands is written in parallel; the contract fixes the value
-    IGNORE_INDEX = 255
+from common.bands import IGNORE_INDEX
 
 __all__ = [
     "ConfusionMatrix",

@@ -169,3 +169,17 @@ def test_fused_sgd_refuses_dampening_and_the_factory_falls_back():
     with pytest.raises(ValueError, match="dampening"):
         optim_mod.SGD([p], lr=0.1, momentum=0.9, dampening=0.1, fused=True)
     assert optim_mod.SGD([p], lr=0.1, momentum=0.9, dampening=0.1, foreach=True).defaults["foreach"] is True
+
+
+def test_ema_teacher_is_a_frozen_copy():
+    from common.ema import ema_update_, make_teacher
+
+    student = torch.nn.Linear(2, 1)
+    teacher = make_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher.weight, student.weight) and teacher.weight is not student.weight
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        teacher.weight.fill_(0.0)
+    ema_update_(teacher, student, 0.75)  # 0.75 * 0 + 0.25 * 1
+    assert torch.allclose(teacher.weight, torch.full_like(teacher.weight, 0.25))

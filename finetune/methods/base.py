@@ -8,7 +8,6 @@ the run's :class:`SegSetup` (classes, loss, band units, a factory for further se
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from common.bands import IGNORE_INDEX
+from common.ema import make_teacher
 from common.method import Method
 from common.optim import param_groups_no_wd_for_norm_and_bias
 
@@ -36,13 +36,6 @@ class SegSetup:
     make_model: Callable[[], nn.Module] | None = None  # a fresh segmenter as configured (e.g. a second student)
     class_names: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
-
-
-def make_teacher(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` that takes no gradient (EMA teachers)."""
-    teacher = copy.deepcopy(model)
-    teacher.requires_grad_(False)
-    return teacher
 
 
 class SegMethod(Method):
