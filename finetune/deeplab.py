@@ -116,12 +116,15 @@ class SegmenterOutput(NamedTuple):
         features: the encoder features ``[(B, C_i, H / r_i, W / r_i)]`` (with ``return_features``), else None.
         decoder_input: ``(B, D, h, w)`` the fused feature fed to the 1x1 classifier (with ``return_features``;
             for v2, the deepest encoder feature fed to the atrous classifier), else None.
+        perturbed: ``(B, K, H, W)`` scores decoded from channel-dropped encoder features (``forward`` with
+            ``feature_dropout``: UniMatch's feature perturbation), else None.
     """
 
     logits: torch.Tensor
     aux: torch.Tensor | None = None
     features: list[torch.Tensor] | None = None
     decoder_input: torch.Tensor | None = None
+    perturbed: torch.Tensor | None = None
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -276,8 +279,9 @@ class DeepLab(nn.Module):
     auxiliary head), with widths from ``backbone.channels`` (timm's ``feature_info.channels()``).
 
     Methods hooks: :meth:`encode` gives the encoder features; :meth:`decode` runs the head on (possibly perturbed)
-    features and can perturb the fused decoder feature (PS-MT) through ``perturb``; UniMatch drops channels of the
-    encoder features between the two (``used_features`` says which ones the head reads).
+    features and can perturb the fused decoder feature (PS-MT) through ``perturb``; :meth:`decode_dropped` (and
+    ``forward(x, feature_dropout=p)``, the path a DDP wrapper exposes) also decodes channel-dropped copies of the
+    features the head reads (UniMatch's feature perturbation).
 
     Args:
         version: ``"v2"``, ``"v3"`` or ``"v3+"``.
@@ -383,23 +387,68 @@ class DeepLab(nn.Module):
                 decoder_input = self.head.fused(high, features[self.low_index])
             z = perturb(decoder_input) if perturb is not None else decoder_input
             logits = self.head.classifier(z)
+        return SegmenterOutput(_upsample(logits, size), self._aux(features, size, return_aux), features, decoder_input)
+
+    def _aux(self, features: Sequence[torch.Tensor], size: Sequence[int],
+             return_aux: bool | None) -> torch.Tensor | None:
         if return_aux is None:
             return_aux = self.training
-        aux = None
-        if return_aux and self.aux_head is not None:
-            aux = _upsample(self.aux_head(features[self.aux_index]), size)
-        return SegmenterOutput(_upsample(logits, size), aux, features, decoder_input)
+        if not return_aux or self.aux_head is None:
+            return None
+        return _upsample(self.aux_head(features[self.aux_index]), size)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False,
-                return_aux: bool | None = None) -> SegmenterOutput:
+    def decode_dropped(self, features: Sequence[torch.Tensor], p: float, *, size: Sequence[int],
+                       return_aux: bool | None = None, generator: torch.Generator | None = None) -> SegmenterOutput:
+        """Decode ``features`` and channel-dropped copies of them in one head pass (UniMatch's ``need_fp``).
+
+        The features the main head reads (deepest, and stride-4 for v3+) are concatenated along the batch with a
+        copy whose channels are zeroed with probability ``p`` per sample and channel and the rest scaled by
+        ``1 / (1 - p)`` (``nn.Dropout2d`` in training mode, whatever the module's mode); the head's BatchNorm sees
+        both halves, as in UniMatch's reference. The auxiliary head (when asked) reads the clean feature only.
+
+        Args:
+            features: the list :meth:`encode` returned, batch ``B``.
+            p: dropout probability in (0, 1).
+            size: output ``(H, W)``.
+            return_aux: compute the auxiliary logits (default: in training mode, when there is an aux head).
+            generator: draws the dropout masks (default: the global RNG); on the features' device.
+
+        Returns:
+            :class:`SegmenterOutput` of batch ``B``: ``logits`` clean, ``perturbed`` from the dropped features,
+            ``features`` and ``decoder_input`` of the clean pass.
+        """
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"feature dropout must be in (0, 1), got {p}")
+        features = list(features)
+        b = features[self.high_index].shape[0]
+        both = list(features)
+        for i in sorted({self.high_index, self.low_index} - {None}):
+            f = features[i]
+            keep = torch.empty(f.shape[:2] + (1, 1), device=f.device, dtype=torch.float32)
+            keep.bernoulli_(1.0 - p, generator=generator)
+            both[i] = torch.cat([f, f * (keep / (1.0 - p)).to(f.dtype)])
+        out = self.decode(both, size=size, return_aux=False)
+        clean, dropped = out.logits.split([b, b])
+        return SegmenterOutput(clean, self._aux(features, size, return_aux), features, out.decoder_input[:b], dropped)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, return_aux: bool | None = None,
+                feature_dropout: float = 0.0, generator: torch.Generator | None = None) -> SegmenterOutput:
         """Segment ``x`` of shape ``(B, C, H, W)``.
 
         Args:
             x: input images.
             return_features: also return the encoder features and the decoder input.
             return_aux: compute the auxiliary logits (default: in training mode, when there is an aux head).
+            feature_dropout: > 0 also returns ``perturbed``, the scores of channel-dropped encoder features
+                (:meth:`decode_dropped`).
+            generator: draws the feature-dropout masks (default: the global RNG).
         """
-        out = self.decode(self.encode(x), size=x.shape[-2:], return_aux=return_aux)
+        features = self.encode(x)
+        if feature_dropout > 0:
+            out = self.decode_dropped(features, feature_dropout, size=x.shape[-2:], return_aux=return_aux,
+                                      generator=generator)
+        else:
+            out = self.decode(features, size=x.shape[-2:], return_aux=return_aux)
         if not return_features:
             out = out._replace(features=None, decoder_input=None)
         return out

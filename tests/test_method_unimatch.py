@@ -1,0 +1,264 @@
+"""UniMatch (finetune/methods/unimatch.py) and DeepLab's feature-perturbation path: CutMix of images and
+pseudo-labels with the same boxes, the loss weighting and normalisation on hand-made tensors; training through
+``accelerate launch`` on a CNN and a plain ViT (one process, two processes), and an exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+import finetune.methods.unimatch as um
+from conftest import REPO, launch
+from finetune.deeplab import SegmenterOutput, create_segmenter
+from finetune.methods.base import SegSetup
+from finetune.methods.unimatch import UniMatch, UniMatchConfig, total_loss, unsup_ce
+
+torch.set_num_threads(1)
+CONFIG = str(REPO / "configs" / "finetune" / "demo.yaml")
+K = 3
+
+
+# ---------------------------------------------------------------------------------------------- feature perturbation
+def test_feature_dropout_forward_shapes_dtypes_and_clean_half():
+    torch.manual_seed(0)
+    model = create_segmenter("test_resnet", "v3+", K, 4, aux=True).eval()
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        plain = model(x, return_aux=True)
+        out = model(x, return_aux=True, return_features=True, feature_dropout=0.5,
+                    generator=torch.Generator().manual_seed(1))
+        again = model(x, feature_dropout=0.5, generator=torch.Generator().manual_seed(1))
+        other = model(x, feature_dropout=0.5, generator=torch.Generator().manual_seed(2))
+    assert out.logits.shape == out.perturbed.shape == out.aux.shape == (2, K, 32, 32)
+    assert out.logits.dtype == out.perturbed.dtype == torch.float32
+    # eval-mode BatchNorm: the clean half is the plain prediction; the aux head reads the clean features
+    assert torch.allclose(out.logits, plain.logits, atol=1e-5) and torch.allclose(out.aux, plain.aux, atol=1e-5)
+    assert [f.shape[0] for f in out.features] == [2] * len(out.features) and out.decoder_input.shape[0] == 2
+    assert not torch.allclose(out.perturbed, out.logits, atol=1e-3)
+    assert torch.equal(again.perturbed, out.perturbed) and not torch.equal(other.perturbed, out.perturbed)
+    assert plain.perturbed is None
+    with pytest.raises(ValueError, match="feature dropout"):
+        model(x, feature_dropout=1.0)
+
+
+def test_decode_dropped_is_channel_dropout_of_the_head_input():
+    torch.manual_seed(0)
+    model = create_segmenter("test_resnet", "v2", K, 4).eval()  # v2: the head reads the deepest feature only
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        feats = model.encode(x)
+        out = model.decode_dropped(feats, 0.25, size=(32, 32), generator=torch.Generator().manual_seed(3))
+        deepest = feats[-1]
+        keep = torch.empty(2, deepest.shape[1], 1, 1).bernoulli_(0.75, generator=torch.Generator().manual_seed(3))
+        assert 0 < keep.sum() < keep.numel()  # some channels dropped, some kept
+        expected = model.decode([*feats[:-1], deepest * keep / 0.75], size=(32, 32)).logits
+    assert torch.allclose(out.perturbed, expected, atol=1e-5)
+
+
+def test_feature_dropout_on_a_plain_vit_train_mode_and_bf16():
+    torch.manual_seed(0)
+    model = create_segmenter("test_vit", "v3", K, 4, output_stride=None, aux=True).train()
+    assert model.used_features == (0, 1) and model.backbone.reductions == [16, 16]
+    x = torch.randn(2, 4, 32, 32)
+    out = model(x, feature_dropout=0.5, generator=torch.Generator().manual_seed(0))
+    assert out.logits.shape == out.perturbed.shape == out.aux.shape == (2, K, 32, 32)
+    out.perturbed.logsumexp(1).mean().backward()  # the perturbed stream trains the encoder too
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, feature_dropout=0.5, generator=torch.Generator().manual_seed(0))
+    assert low.logits.dtype == low.perturbed.dtype == torch.bfloat16 and torch.isfinite(low.perturbed.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------- hand-made tensors
+class _Echo(nn.Module):
+    """Predicts class ``round(x[:, 0])`` with confidence ~0.9999 (logit 10) and records its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x, return_aux=None, feature_dropout=0.0, generator=None) -> SegmenterOutput:
+        self.inputs.append(x.detach().clone())
+        logits = 10.0 * F.one_hot(x[:, 0].round().long().clamp(0, K - 1), K).permute(0, 3, 1, 2).float() + self.bias
+        return SegmenterOutput(logits, perturbed=logits * 0.5 if feature_dropout else None)
+
+
+def _batch() -> dict:
+    """3 unlabelled 4x4 samples: band 0 is the class (sample i: class i), band 1 tags the view (weak 0, s1 10 + i,
+    s2 20 + i); sample 1 has an invalid first column."""
+    x_w = torch.zeros(3, 2, 4, 4)
+    for i in range(3):
+        x_w[i, 0] = i
+    s1, s2 = x_w.clone(), x_w.clone()
+    for i in range(3):
+        s1[i, 1], s2[i, 1] = 10 + i, 20 + i
+    valid = torch.ones(3, 4, 4, dtype=torch.bool)
+    valid[1, :, 0] = False
+    return {"labelled": {"image": torch.zeros(2, 2, 4, 4), "mask": torch.zeros(2, 4, 4, dtype=torch.long)},
+            "unlabelled": {"image": x_w, "strong": torch.stack([s1, s2], 1), "valid": valid}}
+
+
+def _boxes() -> tuple[torch.Tensor, torch.Tensor]:
+    box1 = torch.zeros(3, 4, 4, dtype=torch.bool)
+    box1[0, :2, :2] = True  # sample 0 takes its top-left corner from sample 2
+    box1[1, :, :2] = True  # sample 1 takes its left half (its invalid column included) from sample 0
+    box2 = torch.zeros(3, 4, 4, dtype=torch.bool)
+    box2[2] = True  # sample 2 is all sample 1 (the invalid column too)
+    return box1, box2
+
+
+@pytest.mark.parametrize("partner_eval_mode", [True, False])
+def test_cutmix_mixes_images_and_pseudo_labels_with_the_same_box(monkeypatch, partner_eval_mode):
+    boxes = iter(_boxes())
+    monkeypatch.setattr(um, "cutmix_masks", lambda *a, **k: next(boxes))
+    calls = []
+    monkeypatch.setattr(um, "unsup_ce", lambda logits, labels, valid: calls.append((labels, valid)) or logits.sum())
+    net = _Echo()
+    method = UniMatch(UniMatchConfig(partner_eval_mode=partner_eval_mode), net,
+                      SegSetup(K, nn.CrossEntropyLoss(ignore_index=255))).train()
+    batch = _batch()
+    method(batch)
+    assert len(net.inputs) == (3 if partner_eval_mode else 2) and net.training
+    s1, s2 = batch["unlabelled"]["strong"][:, 0], batch["unlabelled"]["strong"][:, 1]
+    mixed = net.inputs[-1]  # the strong pass: mixed s1 then mixed s2
+    exp1, exp2 = s1.clone(), s2.clone()
+    exp1[0, :, :2, :2] = s1[2, :, :2, :2]
+    exp1[1, :, :, :2] = s1[0, :, :, :2]
+    exp2[2] = s2[1]
+    assert torch.equal(mixed[:3], exp1) and torch.equal(mixed[3:], exp2)
+
+    (y1, v1), (y2, v2), (y_fp, v_fp) = calls  # s1, s2, feature perturbation
+    lab1 = torch.tensor([0, 1, 2]).view(3, 1, 1).repeat(1, 4, 4)
+    lab1[0, :2, :2] = 2
+    lab1[1, :, :2] = 0  # sample 1's invalid column is now sample 0's valid pixels
+    assert torch.equal(y1, lab1) and bool(v1.all())
+    lab2 = torch.tensor([0, 1, 1]).view(3, 1, 1).repeat(1, 4, 4)
+    lab2[1:, :, 0] = 255  # sample 1's invalid column: in sample 1 and, through the box, in sample 2
+    valid2 = torch.ones(3, 4, 4, dtype=torch.bool)
+    valid2[1:, :, 0] = False
+    assert torch.equal(y2, lab2) and torch.equal(v2, valid2)
+    lab_fp = torch.tensor([0, 1, 2]).view(3, 1, 1).repeat(1, 4, 4)
+    lab_fp[1, :, 0] = 255
+    assert torch.equal(y_fp, lab_fp) and torch.equal(v_fp, batch["unlabelled"]["valid"])
+
+
+def test_threshold_leaves_low_confidence_pixels_unlabelled(monkeypatch):
+    calls = []
+    monkeypatch.setattr(um, "unsup_ce", lambda logits, labels, valid: calls.append(labels) or logits.sum())
+    method = UniMatch(UniMatchConfig(threshold=0.99995, cutmix_p=0.0), _Echo(),
+                      SegSetup(K, nn.CrossEntropyLoss(ignore_index=255)))
+    method.train()(_batch())
+    assert all(bool((labels == 255).all()) for labels in calls)  # confidence 0.99991 < 0.99995: nothing kept
+    out = UniMatch(UniMatchConfig(threshold=0.9999, cutmix_p=0.0), _Echo(),
+                   SegSetup(K, nn.CrossEntropyLoss(ignore_index=255))).train()(_batch())
+    assert out["mask_ratio"].item() == 1.0  # every valid pixel kept (44 of 48; the ratio counts valid ones)
+
+
+def test_loss_weighting_by_hand(monkeypatch):
+    # known per-stream losses: L_s = 1 (criterion), L_s1 = 2, L_s2 = 3, L_fp = 4 (unsup_ce in call order)
+    values = iter([2.0, 3.0, 4.0])
+    monkeypatch.setattr(um, "unsup_ce", lambda *a: torch.tensor(next(values)))
+    method = UniMatch(UniMatchConfig(), _Echo(), SegSetup(K, lambda logits, target: torch.tensor(1.0))).train()
+    out = method(_batch())
+    # (L_s + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 = (1 + 0.5 + 0.75 + 2) / 2
+    assert out["loss"].item() == pytest.approx(2.125)
+    assert (out["loss_sup"].item(), out["loss_s1"].item(), out["loss_s2"].item(), out["loss_fp"].item()) == (1, 2, 3, 4)
+    one = torch.tensor(1.0)
+    cfg = UniMatchConfig(sup_weight=1.0, unsup_weight=1.0, fp_weight=0.5, strong_weight=1.0)
+    assert total_loss(cfg, one, 2 * one, 3 * one, 4 * one).item() == pytest.approx(1 + 2 + 0.5 * 5)
+
+
+def test_unsup_ce_divides_by_all_valid_pixels():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]).view(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 255, 255]]])  # pixel 1 below the threshold, pixel 2 invalid
+    valid = torch.tensor([[[True, True, False]]])
+    ce0 = math.log(1 + math.exp(-2.0))
+    assert unsup_ce(logits, labels, valid).item() == pytest.approx(ce0 / 2)
+    assert unsup_ce(logits, torch.full_like(labels, 255), torch.zeros_like(valid)).item() == 0.0
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="feature_dropout"):
+        UniMatchConfig(feature_dropout=0.0).validate()
+    with pytest.raises(ValueError, match="cutmix_area"):
+        UniMatchConfig(cutmix_area=(0.5, 0.2)).validate()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _overrides(root: Path, steps: int = 4, labelled: str = "labelled_1_8", arch: str = "test_resnet") -> list[str]:
+    return [f"data.root={root / 's2' / 'source'}", "method=unimatch", "data.batch_size=2",
+            f"data.labelled_split={labelled}", f"model.arch={arch}", f"trainer.max_steps={steps}",
+            "trainer.log_every=1", "trainer.eval_every=2", "trainer.checkpoint_every=2",
+            "trainer.progress_bar=false", "optim.warmup_steps=1", "eval.batch_size=4"]
+
+
+def _check_run(run: Path, steps: int) -> dict:
+    from finetune.predict import load_run_model
+
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["method"] == "unimatch" and final["steps"] == steps and 0 <= final["last"]["mIoU"] <= 100
+    for key in ("loss", "loss_sup", "loss_s1", "loss_s2", "loss_fp", "mask_ratio"):
+        assert math.isfinite(final["train"][key]), key
+    card = json.loads((run / "model.json").read_text())
+    assert card["method"] == "unimatch" and card["state_dict_prefix"] == "model."
+    state = load_file(str(run / "checkpoints" / "last.safetensors"))
+    net = load_run_model(run, "last").net  # a fresh DeepLab from model.json, loaded strictly
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state["model." + key]), key
+    return final
+
+
+@pytest.fixture(scope="module")
+def uni_run(tiny_demo, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("unimatch") / "run"
+    launch("finetune/semisup.py", ["--config", CONFIG, "--output-dir", str(run), *_overrides(tiny_demo)])
+    return run
+
+
+def test_trains_end_to_end(uni_run):
+    _check_run(uni_run, 4)
+
+
+def test_trains_on_a_plain_vit(tiny_demo, tmp_path):
+    from finetune.semisup import main  # in this process (no launcher start-up)
+
+    run = tmp_path / "vit"
+    main(["--config", CONFIG, "--output-dir", str(run), "--cpu", *_overrides(tiny_demo, steps=2, arch="test_vit"),
+          "model.version=v3"])
+    _check_run(run, 2)
+    assert json.loads((run / "model.json").read_text())["arch"] == "test_vit"
+
+
+def test_resume_mid_run_matches_uninterrupted(uni_run, tiny_demo, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(uni_run, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000004")
+    for name in ("last.safetensors", "best.safetensors"):
+        (cut / "checkpoints" / name).unlink(missing_ok=True)
+    (cut / "metrics.json").unlink()
+    res = launch("finetune/semisup.py", ["--config", CONFIG, "--output-dir", str(cut), "--resume",
+                                         *_overrides(tiny_demo)])
+    assert "resumed from" in res.stdout + res.stderr
+    a = load_file(str(uni_run / "checkpoints" / "last.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # CutMix boxes and dropout masks come from the step's generator: identical after the resume
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_two_processes(tiny_demo, tmp_path):
+    run = tmp_path / "ddp"
+    launch("finetune/semisup.py", ["--config", CONFIG, "--output-dir", str(run),
+                                   *_overrides(tiny_demo, steps=2, labelled="train_all")], processes=2)
+    final = _check_run(run, 2)
+    assert final["num_processes"] == 2 and final["global_batch_size"] == 4
