@@ -99,11 +99,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from common.ema import ema_update_
+from common.ema import ema_update_, make_teacher
 from common.errors import UserInputError
 from finetune.deeplab import DeepLab
 from finetune.methods import register
-from finetune.methods.base import SegMethod, make_teacher
+from finetune.methods.base import SegMethod
 from finetune.methods.common import (
     cutmix_masks,
     masked_mean,
