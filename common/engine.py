@@ -646,7 +646,8 @@ class Engine:
                     if not method.manual_optimization:
                         self._backward(out["loss"], "main", sctx)
                 for key, v in out.items():
-                    v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=acc.device)
+                    v = v.detach().float().to(acc.device) if torch.is_tensor(v) else torch.tensor(float(v),
+                                                                                                 device=acc.device)
                     sums[key] = sums.get(key, 0.0) + v / k
             count += 1
             # 3. automatic mode: clip and step the one optimiser (manual methods stepped inside training_step)

@@ -8,7 +8,8 @@ prototypes, discriminators), so one ``state_dict`` checkpoints everything. It de
 * ``trainable``: the sub-modules that receive gradients; only these are wrapped in DDP (call them through
   :meth:`Method.wrapped` so gradients are synchronised). Teachers, banks and prototypes stay outside DDP;
 * ``optimizers()``: named :class:`OptimizerSpec` (parameter groups + own optimiser settings and lr/wd schedules);
-* ``training_step(batch, ctx) -> {name: tensor}``. *Automatic* mode returns ``"loss"`` and the engine does
+* ``training_step(batch, ctx) -> {name: tensor}`` (the same keys at every step and on every process: they are
+  averaged over the log window and across processes). *Automatic* mode returns ``"loss"`` and the engine does
   backward / clip / step. *Manual* mode (``manual_optimization = True``) calls ``ctx.backward(loss, "disc")``,
   ``ctx.optimizer_step("disc")`` and ``ctx.zero_grad("disc")`` itself (``ctx.step`` / ``ctx.epoch`` are the
   position); precision (one GradScaler per optimiser),
@@ -76,6 +77,10 @@ class TrainContext:
         """All-reduce ``tensor`` over processes (``sum`` or ``mean``); identity with one process."""
         return self._engine.all_reduce(tensor, op)
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``tensor`` (same shape on every process) over processes along dim 0, in rank order."""
+        return self.accelerator.gather(tensor.contiguous())
+
 
 class StepContext:
     """Passed to ``training_step``: the step's position (``step``, ``epoch``, ``micro``) and, in manual mode,
@@ -88,14 +93,31 @@ class StepContext:
     def __init__(self, engine: Any, step: int, epoch: int, micro: int, num_micro: int):
         self._engine, self.step, self.epoch, self.micro, self.num_micro = engine, step, epoch, micro, num_micro
 
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """A torch generator seeded by ``(trainer.seed, step, micro-batch, process rank)``: random choices of a
-        method (CutMix boxes, copy-paste picks) that are independent across processes and exactly the same when a
-        run is resumed (they do not depend on the global RNG stream)."""
-        seed, rank = (self._engine.cfg.seed, self._engine.accelerator.process_index) if self._engine else (0, 0)
+    def generator(self, device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:
+        """A torch generator seeded by ``(trainer.seed, step, micro-batch, process rank, stream)``: random choices of
+        a method (CutMix boxes, copy-paste picks) that are independent across processes and exactly the same when a
+        run is resumed (they do not depend on the global RNG stream). Calls with the same ``stream`` in one step
+        return the same numbers: use one generator per step, or distinct ``stream`` values."""
         g = torch.Generator(device=device)
-        g.manual_seed(((seed * 1_000_003 + self.step) * 131 + self.micro) * 1009 + rank)
+        g.manual_seed((((self.seed * 1_000_003 + self.step) * 131 + self.micro) * 1009 + self.rank) * 7919 + stream)
         return g
+
+    @property
+    def seed(self) -> int:
+        return self._engine.cfg.seed if self._engine is not None else 0
+
+    @property
+    def rank(self) -> int:
+        """This process's index (0 outside the engine)."""
+        return self._engine.accelerator.process_index if self._engine is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self._engine.accelerator.num_processes if self._engine is not None else 1
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``tensor`` (same shape on every process) over processes along dim 0, in rank order."""
+        return self._engine.accelerator.gather(tensor.contiguous()) if self._engine is not None else tensor.clone()
 
     @property
     def last_micro(self) -> bool:
@@ -130,7 +152,7 @@ class Method(nn.Module):
     streams: ClassVar[tuple[str, ...]] = ("labelled",)
     trainable: ClassVar[tuple[str, ...]] = ("model",)
     manual_optimization: ClassVar[bool] = False
-    eval_prefix: ClassVar[str] = "model."  # state_dict prefix of the network evaluated and used for prediction
+    eval_prefix: str = "model."  # state_dict prefix of the evaluated network (an instance may set its own)
     compile_modules: tuple[str, ...] = ()  # sub-modules torch.compile'd on CUDA with trainer.compile
 
     def __init__(self) -> None:

@@ -70,8 +70,9 @@ def sigmoid_rampup(step: int, length: int) -> float:
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: str = "kept") -> torch.Tensor:
-    """Mean of ``values`` over ``mask`` (``denominator="kept"``) or over all pixels (``"all"``: ignored pixels count
-    as zeros, as FixMatch/UniMatch average their per-pixel losses); 0 when nothing is kept."""
+    """Mean of ``values`` over ``mask`` (``denominator="kept"``) or over every element of ``values`` (``"all"``:
+    pixels not kept count as zeros; to leave out padding/nodata as UniMatch does, pass only valid pixels' values);
+    0 when nothing is kept."""
     m = mask.to(values.dtype)
     total = (values * m).sum()
     if denominator == "all":
