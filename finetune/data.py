@@ -28,7 +28,7 @@ from common.errors import UserInputError
 from common.sampling import AugmentedDataset, CachedDataset
 from finetune.transforms import MultiViewTransform, SegAugConfig, SegmentationTransform
 
-__all__ = ["ROLES", "stream_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
+__all__ = ["ROLES", "stream_dataset", "plain_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
            "TARGET_PREFIX"]
 
 ROLES = ("labelled", "source", "unlabelled", "target")
@@ -105,6 +105,15 @@ def stream_dataset(role: str, data: Any, spec: SensorSpec, augment: SegAugConfig
         tf = MultiViewTransform(tf, augment.strong, n_strong, band_units_of(spec))
     offset = {"labelled": 0, "source": 0, "unlabelled": 1, "target": 2}[role]
     return AugmentedDataset(base, tf, seed=seed + offset)
+
+
+def plain_dataset(role: str, data: Any, spec: SensorSpec) -> Any:
+    """The tiles of a training role without augmentation, normalised (masks for labelled roles): for passes over a
+    stream's data in a method's hooks (prototype initialisation, class statistics for rare-class sampling). The
+    engine hands them to methods as ``ctx.datasets["<role>_plain"]``, index for index the stream's tiles."""
+    root, split, labelled = _source(data, role)
+    return stacked_segmentation_dataset(root, split, spec, labelled=labelled, transform=EvalTransform(spec),
+                                        **_kw(data))
 
 
 def validation_sets(data: Any, spec: SensorSpec) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from finetune.config import EvalConfig, LossConfig, SegDataConfig, SegModelConfi
 from finetune.evaluation import make_multi_evaluate
 from finetune.inputs import ResolvedInputs, build_loss, build_model, resolve_inputs
 from finetune.model_card import write_model_card
-from finetune.data import TARGET_PREFIX, band_units_of, stream_dataset, validation_sets
+from finetune.data import TARGET_PREFIX, band_units_of, plain_dataset, stream_dataset, validation_sets
 from finetune.methods import methods_for
 from finetune.methods.base import SegSetup
 from finetune.transforms import SegAugConfig
@@ -173,8 +173,9 @@ def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[
     if engine.is_main:
         write_model_card(engine.run_dir, cfg.model, d, inputs, cfg.method, method.eval_prefix)
 
+    plain = {f"{role}_plain": plain_dataset(role, d, spec) for role in streams}  # built lazily: files checked above
     final = engine.fit(method, loaders, cfg.optim, evaluate=make_multi_evaluate(vals, d, cfg.eval, spec),
-                       datasets={**vals}, oracle_prefixes=(TARGET_PREFIX,))
+                       datasets={**vals, **plain}, oracle_prefixes=(TARGET_PREFIX,))
     metric = cfg.trainer.best_metric
     if metric and "last" in final:
         engine.print(f"validation {metric}: last {final['last'].get(metric, float('nan')):.2f} "
