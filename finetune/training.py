@@ -46,14 +46,19 @@ def _validate(self) -> None:
                          f"{self.data.num_classes}")
 
 
+BASELINES = {"semisup": "supervised", "uda": "source_only"}
+"""The method an entry script runs when the config names none (listed first among the valid names)."""
+
+
 def finetune_config_class(task: str) -> type:
     """The config dataclass of an entry script (``semisup`` or ``uda``): shared sections + one per method."""
     methods = methods_for(task)
     if not methods:
         raise ValueError(f"no method is registered for task {task!r}")
-    names = tuple(methods)
+    baseline = BASELINES[task]
+    names = (baseline, *sorted(n for n in methods if n != baseline))
     fields: list[tuple[str, Any, Any]] = [
-        ("method", Literal[names], field(default=names[0])),  # type: ignore[valid-type]
+        ("method", Literal[names], field(default=baseline)),  # type: ignore[valid-type]
         ("data", SegDataConfig, field(default_factory=SegDataConfig)),
         ("model", SegModelConfig, field(default_factory=SegModelConfig)),
         ("loss", LossConfig, field(default_factory=LossConfig)),
@@ -65,7 +70,7 @@ def finetune_config_class(task: str) -> type:
     from common.engine import TrainerConfig
 
     fields[6] = ("trainer", TrainerConfig, field(default_factory=default_trainer))
-    fields += [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in methods.items()]
+    fields += [(name, methods[name].Config, field(default_factory=methods[name].Config)) for name in names]
     return make_dataclass(f"FinetuneConfig_{task}", fields, frozen=True, namespace={"validate": _validate})
 
 

@@ -230,6 +230,9 @@ def resolve_data_sensor(d: PretrainDataConfig) -> SensorSpec:
 
 def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
     d = cfg.data
+    for key, root in [("data.root", d.root)] + [(f"data.stack[{i}].root", x.root) for i, x in enumerate(d.stack)]:
+        if not Path(root).exists():
+            raise MissingFileError(f"{key}: {root} does not exist; set {key} to the folder of your tiles")
     excluded: set[str] = set()
     for split in d.exclude_ids_from:
         path = Path(split)

@@ -74,3 +74,12 @@ def test_init_from_a_previous_run(tiny_demo, tmp_path, capsys):
               f"model.init_from={first}", "model.arch=resnet10t"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "model.init_from" in err and "arch" in err
+
+
+def test_each_entry_script_defaults_to_its_baseline():
+    from finetune.semisup import METHODS, FinetuneConfig
+    from finetune.uda import METHODS as UDA_METHODS
+    from finetune.uda import UDAConfig
+
+    assert FinetuneConfig().method == "supervised" and UDAConfig().method == "source_only"
+    assert "supervised" in METHODS and "source_only" not in METHODS and "source_only" in UDA_METHODS
