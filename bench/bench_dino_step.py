@@ -1,7 +1,8 @@
 """DINO training-step throughput: the full framework step vs the networks' own compute, per CPU core.
 
 *Full step*: what ``ssl/pretrain.py::main`` runs, i.e. :class:`common.engine.Engine` ``fit`` with
-:class:`eo_ssl.pretrain.DINOMethod` on :func:`eo_ssl.pretrain.build_dataset` (the real multi-crop pipeline,
+:class:`eo_ssl.dino.DINOMethod` (built by :func:`eo_ssl.pretrain.build_method` for the engine's run plan) on
+:func:`eo_ssl.pretrain.build_dataset` (the real multi-crop pipeline,
 :class:`eo_ssl.multicrop.MultiCropTransform`, on generated demo tiles): data loading, lr / wd schedules, teacher and
 student forward, DINO loss + collapse monitors + center update, backward, last-layer freeze, per-parameter clipping,
 the optimiser step, ``zero_grad``, the EMA teacher update and the periodic scalar logging (metrics.jsonl and
@@ -18,15 +19,17 @@ see the same load on a shared machine; with workers (or ``--no-interleave``) it 
 the run.
 
 The ratio full / bare is the framework's overhead (target: at most ``TARGET_RATIO``). The full step is split with
-timestamps taken inside the run (forward hooks on teacher and student, the method's hooks and global optimiser
-step hooks; on CUDA each mark synchronises the device):
+timestamps taken inside the run (marks around the method's ``training_step``, forward hooks on teacher and
+student, the method's ``before_optimizer_step`` / ``after_optimizer_step`` hooks and global optimiser step hooks; on
+CUDA each mark synchronises the device):
 
-* data wait: from the end of the previous step to the start of the method's forward, less the logging (the
+* data wait: from the end of the previous step to the start of the method's ``training_step``, less the logging (the
   DataLoader / Accelerate batch hand-over, including the loader's restart at epoch boundaries, plus the lr/wd
   schedule update);
 * logging: the engine's ``_log`` and ``_check_finite`` calls every ``trainer.log_every`` steps, averaged per step;
 * teacher / student forward, loss + monitors + centering, backward (plus the engine's loss bookkeeping), clipping
-  (incl. the last-layer freeze hook), optimiser step, ``zero_grad``, EMA.
+  (incl. the last-layer freeze of ``before_optimizer_step``), optimiser step, ``zero_grad``, EMA
+  (``after_optimizer_step``).
 
 Fairness: ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` unless ``--threads`` says otherwise. With
 ``--workers 0`` (the default) the augmentations run in the training process, so their cost is part of the full step
@@ -83,10 +86,11 @@ def build_cfg(data_root: Path, args: argparse.Namespace, max_steps: int):
 
 
 def _instrumented_method_cls():
-    from eo_ssl.pretrain import DINOMethod
+    from eo_ssl.dino import DINOMethod
 
     class TimedDINOMethod(TimedMethod, DINOMethod):
-        """DINOMethod plus timestamps (the computation is the parent's, unchanged)."""
+        """DINOMethod plus timestamps (the computation is the parent's, unchanged). No constructor of its own: a
+        method made by :func:`eo_ssl.pretrain.build_method` is instrumented in place (:func:`instrument`)."""
 
         def attach(self, marks: Marks, bare=None) -> None:
             self.attach_marks(marks, bare)
@@ -95,9 +99,9 @@ def _instrumented_method_cls():
             self.student.register_forward_pre_hook(lambda *_: marks("student0"))
             self.student.register_forward_hook(lambda *_: marks("student1"))
 
-        def on_after_backward(self, step, epoch):
+        def before_optimizer_step(self, name, step, epoch):
             self.marks("bwd1")
-            super().on_after_backward(step, epoch)
+            super().before_optimizer_step(name, step, epoch)
 
         def after_optimizer_step(self, step, epoch):
             self.marks("opt1")
@@ -108,20 +112,33 @@ def _instrumented_method_cls():
     return TimedDINOMethod
 
 
+def instrument(method):
+    """Make the :class:`eo_ssl.dino.DINOMethod` that ``build_method`` returned a ``TimedDINOMethod`` (its class
+    swapped for the timed subclass: the same object, modules, parameters and state; no step computation changes)."""
+    from eo_ssl.dino import DINOMethod
+
+    if type(method) is not DINOMethod:
+        raise TypeError(f"expected the DINOMethod of build_method, got {type(method).__name__}")
+    method.__class__ = _instrumented_method_cls()
+    return method
+
+
 def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[float, dict[str, float], dict, float]:
     """Train ``warmup + steps`` steps through the engine; returns (s/step, breakdown s/step, final metrics, bare
     s/step). With ``bare = (method, batches)`` one bare step runs after every full step (after its EMA, before its
     logging) and is timed separately, so that both see the same machine load; its time is excluded from the full
     step's."""
-    from eo_ssl.pretrain import resolve_data_sensor
     from common.engine import Engine, LoaderSpec
     from eo_ssl.multicrop import collate_multicrop
-    from eo_ssl.pretrain import build_dataset
+    from eo_ssl.pretrain import build_dataset, build_method, check_schedule, resolve_data_sensor
 
     spec = resolve_data_sensor(cfg.data)
     dataset = build_dataset(cfg, spec)
     engine = Engine(cfg.trainer, out_dir, config=cfg)
-    method = _instrumented_method_cls()(cfg, in_chans=len(spec.bands), rgb=spec.rgb_indices())
+    loaders = {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)}
+    plan = engine.plan(loaders)  # as ssl/pretrain.py: the schedules are sized by the run's plan
+    check_schedule(cfg, plan)
+    method = instrument(build_method(cfg, len(spec.bands), plan.epochs, plan.total_steps, rgb=spec.rgb_indices()))
     marks = Marks(engine.device)
     one_bare = None
     if bare is not None:
@@ -131,8 +148,7 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
             bare_steps(bare_method, [batches[step % len(batches)]], 1, marks.device)
 
     method.attach(marks, one_bare)
-    final, log_time = fit_timed(engine, marks, lambda: engine.fit(
-        method, {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)}, cfg.optim))
+    final, log_time = fit_timed(engine, marks, lambda: engine.fit(method, loaders, cfg.optim))
 
     t = StepTimes(marks.by_step, log_time, warmup, steps, last="ema1", interleaved=bare is not None)
     return t.run_result(final, {
@@ -152,9 +168,8 @@ def make_batches(cfg, n: int, device: torch.device) -> tuple[list[list[torch.Ten
     """``n`` batches from the real dataset + collate (epoch 0, in order); returns them and the s/batch it took."""
     from torch.utils.data import DataLoader
 
-    from eo_ssl.pretrain import resolve_data_sensor
     from eo_ssl.multicrop import collate_multicrop
-    from eo_ssl.pretrain import build_dataset
+    from eo_ssl.pretrain import build_dataset, resolve_data_sensor
 
     spec = resolve_data_sensor(cfg.data)
     dataset = build_dataset(cfg, spec)
@@ -200,10 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--warmup and --steps must be >= 1")
     torch.set_num_threads(args.threads)
 
-    from eo_ssl.dino import N_GLOBAL_CROPS
-    from eo_ssl.pretrain import DINOMethod
-    from eo_ssl.pretrain import resolve_data_sensor
     from common.optim import build_optimizer
+    from eo_ssl.dino import N_GLOBAL_CROPS
+    from eo_ssl.pretrain import build_method, resolve_data_sensor
 
     with tempfile.TemporaryDirectory(prefix="bench_dino_") as tmp:
         tmp = Path(tmp)
@@ -224,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Bare: its own copy of the method (same init) on pre-made batches. With --workers 0 one bare step is
         # interleaved after every full step (same machine load for both: the fair comparison on a shared machine);
         # with workers it is timed in separate rounds before and after the run (interleaving would let the workers
-        # prefetch during the bare step and hide the data wait).
+        # prefetch during the bare step and hide the data wait). Same init as the engine's method (same seed, same
+        # build_method); the bare step uses no schedule, so the default run length of build_method is enough.
         torch.manual_seed(cfg.trainer.seed)
         bare = build_method(cfg, len(spec.bands), rgb=spec.rgb_indices()).to(device).train()
         batches, data_s_per_batch = make_batches(cfg, args.bare_batches, device)

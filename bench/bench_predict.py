@@ -33,19 +33,13 @@ from common.bands import to_model_units
 from common.checkpoint import CHECKPOINT_DIR, atomic_save_safetensors
 from common.demo_data import generate
 from common.raster import read_raster
-from finetune.common_setup import (
-    LossConfig,
-    SegDataConfig,
-    SegModelConfig,
-    build_loss,
-    build_model,
-    resolve_inputs,
-    write_model_card,
-)
+from finetune.config import LossConfig, SegDataConfig, SegModelConfig
 from finetune.inference import window_starts
-from finetune.predict import check_inputs, load_run_model, predict_raster
+from finetune.inputs import build_loss, build_model, resolve_inputs
 from finetune.methods.base import SegSetup
 from finetune.methods.supervised import Supervised, SupervisedConfig
+from finetune.model_card import write_model_card
+from finetune.predict import check_inputs, load_run_model, predict_raster
 from finetune.transforms import normalise
 
 MEGAPIXEL = 1e6

@@ -2,11 +2,13 @@
 prediction speed in megapixels per second.
 
 *Full step*: what ``finetune/semisup.py::main`` runs with ``method=supervised``, i.e. :class:`common.engine.Engine`
-``fit`` with :class:`finetune.methods.supervised.Supervised` built the same way (:func:`finetune.common_setup.resolve_inputs`,
-``build_model``, ``build_loss``, ``segmentation_datasets``) on generated demo tiles (64 px, 12-band S2, 6 classes,
-the real augmentation pipeline on the ``train_all`` split): data loading, lr / wd schedules, DeepLab forward, the
-segmentation loss (:mod:`finetune.losses`), backward and the engine's loss bookkeeping, optional clipping, the
-optimiser step, ``zero_grad`` and the periodic scalar logging (metrics.jsonl and TensorBoard). The default setting
+``fit`` with :class:`finetune.methods.supervised.Supervised` built the same way as :func:`finetune.training.run`
+(:func:`finetune.inputs.resolve_inputs`, ``build_model``, ``build_loss``, the run's
+:class:`finetune.methods.base.SegSetup`, the ``labelled`` stream of :func:`finetune.data.stream_dataset`) on
+generated demo tiles (64 px, 12-band S2, 6 classes, the real augmentation pipeline on the ``train_all`` split):
+data loading, lr / wd schedules, DeepLab forward, the segmentation loss (:mod:`finetune.losses`), backward and the
+engine's loss bookkeeping, optional clipping, the optimiser step, ``zero_grad`` and the periodic scalar logging
+(metrics.jsonl and TensorBoard). The default setting
 is ``configs/finetune/demo.yaml`` (resnet18, DeepLab v3+ OS16, AdamW) at batch 16. Evaluation and intermediate
 checkpoints are switched off (the final checkpoint is written after the timed steps).
 
@@ -19,17 +21,17 @@ the same load on a shared machine; with workers (or ``--no-interleave``) it is t
 run.
 
 The ratio full / bare is the framework's overhead (target: at most ``TARGET_RATIO``). The full step is split with
-timestamps taken inside the run (forward hooks on the network, a gradient hook on the loss, post-accumulate-grad
-hooks on the parameters, the method's hooks and global optimiser step hooks; on CUDA each mark synchronises the
-device):
+timestamps taken inside the run (marks around the method's ``training_step``, forward hooks on the network, a
+gradient hook on the loss, post-accumulate-grad hooks on the parameters, the method's ``before_optimizer_step`` /
+``after_optimizer_step`` hooks and global optimiser step hooks; on CUDA each mark synchronises the device):
 
-* data wait: from the end of the previous step to the start of the method's forward, less the logging (the
+* data wait: from the end of the previous step to the start of the method's ``training_step``, less the logging (the
   DataLoader / Accelerate batch hand-over with the augmentations when ``--workers 0``, the loader's restart at epoch
   boundaries, the lr/wd schedule update);
 * logging: the engine's ``_log`` and ``_check_finite`` calls every ``trainer.log_every`` steps, averaged per step;
-* method glue (batch unpacking), network forward, loss, engine glue (autocast exit, ``loss / k``,
-  ``accelerator.backward`` entry, the finite flag and the running loss sums), backward proper, clipping,
-  optimiser step, ``zero_grad``.
+* method glue (batch unpacking), network forward, loss, engine glue (autocast exit, the finite flag, ``loss / k``
+  and the ``backward`` call; after backward proper the running loss sums and the optimiser step's entry up to the
+  ``before_optimizer_step`` hook), backward proper, clipping, optimiser step, ``zero_grad``.
 
 Prediction: :func:`finetune.inference.sliding_window_inference` (Gaussian blending) of the same architecture over a
 random ``--image-size`` square image with the data's bands, in megapixels per second (median of
@@ -116,7 +118,8 @@ def _instrumented_method_cls():
 
     class TimedSupervised(TimedMethod, Supervised):
         """Supervised plus timestamps (the computation is the parent's, unchanged; the parent has no
-        ``on_after_backward`` / ``after_optimizer_step`` hooks, so these add only the marks and the bare step)."""
+        ``before_optimizer_step`` / ``after_optimizer_step`` hooks, so these add only the marks and the bare
+        step)."""
 
         def attach(self, marks: Marks, bare=None) -> None:
             self.attach_marks(marks, bare)
@@ -128,11 +131,11 @@ def _instrumented_method_cls():
             for p in params if marks.device.type != "cuda" else params[:1]:
                 p.register_post_accumulate_grad_hook(lambda _p: marks("bwd_end"))
 
-        def on_forward_output(self, out) -> None:
+        def on_step_output(self, out) -> None:
             if out["loss"].requires_grad:
                 out["loss"].register_hook(lambda _g: self.marks("bwd0"))
 
-        def on_after_backward(self, step, epoch):
+        def before_optimizer_step(self, name, step, epoch):
             self.marks("bwd1")
 
         def after_optimizer_step(self, step, epoch):
@@ -142,21 +145,45 @@ def _instrumented_method_cls():
     return TimedSupervised
 
 
+def labelled_dataset(cfg, spec):
+    """The ``labelled`` training stream as :func:`finetune.training.run` builds it for ``method=supervised``."""
+    from finetune.data import stream_dataset
+    from finetune.methods.supervised import Supervised
+
+    return stream_dataset("labelled", cfg.data, spec, cfg.augment, cfg.trainer.seed,
+                          n_strong=Supervised.views.get("labelled", 0))
+
+
+def seg_setup(cfg, inputs):
+    """The run's :class:`finetune.methods.base.SegSetup`, as :func:`finetune.training.run` makes it."""
+    from finetune.data import band_units_of
+    from finetune.inputs import build_loss, build_model
+    from finetune.methods.base import SegSetup
+
+    d, spec = cfg.data, inputs.spec
+    return SegSetup(num_classes=d.num_classes, criterion=build_loss(cfg.loss, d.num_classes),
+                    band_units=band_units_of(spec), band_std=spec.std_array(),
+                    backbone_lr_mult=cfg.model.backbone_lr_mult, freeze_backbone=cfg.model.freeze_backbone,
+                    make_model=lambda: build_model(cfg.model, d.num_classes, inputs, len(spec.bands)),
+                    class_names=d.class_names)
+
+
 def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[float, dict[str, float], dict, float]:
     """Train ``warmup + steps`` steps through the engine as ``finetune/semisup.py`` does; returns (s/step, breakdown
     s/step, final metrics, bare s/step). With ``bare = (model, batches, precision)`` one bare step runs after every
     full step (after its ``zero_grad``, before its logging) and is timed separately; its time is excluded from the
     full step's."""
     from common.engine import Engine, LoaderSpec
-    from finetune.common_setup import build_loss, build_model, resolve_inputs, segmentation_datasets
+    from finetune.inputs import build_model, resolve_inputs
 
     inputs = resolve_inputs(cfg.data, cfg.model)
     spec = inputs.spec
-    sets = segmentation_datasets(cfg.data, spec, cfg.augment, cfg.trainer.seed)
+    dataset = labelled_dataset(cfg, spec)
     engine = Engine(cfg.trainer, out_dir, config=cfg)
+    loaders = {"labelled": LoaderSpec(dataset, cfg.data.batch_size, batch_size_key="data.batch_size")}
+    engine.plan(loaders)
     model = build_model(cfg.model, cfg.data.num_classes, inputs, len(spec.bands))
-    method = _instrumented_method_cls()(model, build_loss(cfg.loss, cfg.data.num_classes), cfg.supervised,
-                                        cfg.model.backbone_lr_mult, cfg.model.freeze_backbone)
+    method = _instrumented_method_cls()(cfg.supervised, model, seg_setup(cfg, inputs))
     marks = Marks(engine.device)
     one_bare = None
     if bare is not None:
@@ -166,8 +193,7 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
             bare_steps(bare_model, [batches[step % len(batches)]], 1, marks.device, precision)
 
     method.attach(marks, one_bare)
-    final, log_time = fit_timed(engine, marks, lambda: engine.fit(
-        method, {"labelled": LoaderSpec(sets["labelled"], cfg.data.batch_size)}, cfg.optim))
+    final, log_time = fit_timed(engine, marks, lambda: engine.fit(method, loaders, cfg.optim))
 
     t = StepTimes(marks.by_step, log_time, warmup, steps, last="opt1", interleaved=bare is not None)
     return t.run_result(final, {
@@ -187,10 +213,10 @@ def make_batches(cfg, n: int, device: torch.device) -> tuple[list[dict[str, torc
     took."""
     from torch.utils.data import DataLoader
 
-    from finetune.common_setup import resolve_inputs, segmentation_datasets
+    from finetune.inputs import resolve_inputs
 
     spec = resolve_inputs(cfg.data, cfg.model).spec
-    dataset = segmentation_datasets(cfg.data, spec, cfg.augment, cfg.trainer.seed)["labelled"]
+    dataset = labelled_dataset(cfg, spec)
     dataset.set_epoch(0)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0, drop_last=True)
     batches, per_batch = take_batches(loader, n)
@@ -217,8 +243,8 @@ def bare_steps(model, batches, steps: int, device: torch.device, precision: str,
 
 def bench_prediction(cfg, args: argparse.Namespace, device: torch.device, precision: str) -> dict[str, float]:
     """Megapixels/s of sliding-window inference of the configured architecture (random init, eval mode)."""
-    from finetune.common_setup import build_model, resolve_inputs
     from finetune.inference import sliding_window_inference
+    from finetune.inputs import build_model, resolve_inputs
 
     inputs = resolve_inputs(cfg.data, cfg.model)
     n_bands, k = len(inputs.spec.bands), cfg.data.num_classes
@@ -281,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from common.engine import resolve_mixed_precision
     from common.optim import build_optimizer
-    from finetune.common_setup import build_model, resolve_inputs
+    from finetune.inputs import build_model, resolve_inputs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_mixed_precision(args.precision, cuda=device.type == "cuda")

@@ -234,29 +234,41 @@ class _ToyData(torch.utils.data.Dataset):
         return {"x": self.x[i], "y": self.y[i]}
 
 
-class _ToyMethod(nn.Module):
-    def __init__(self, dim: int = 16):
-        super().__init__()
-        self.student = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 1))
-        self.compile_modules = ("student",)
-        self.__dict__["seen"] = []
+def _toy_method(dim: int = 16):
+    """A regression :class:`common.method.Method` (one stream ``main``, trained sub-module ``student``, automatic
+    mode) that records, at every ``training_step``, the batch's device, the activation dtype and whether autocast
+    is on. Built here, not at import, so that ``env`` still reports on a machine where the project fails to import."""
+    from common.method import Method
+    from common.optim import param_groups_no_wd_for_norm_and_bias
 
-    def param_groups(self) -> list[dict]:
-        from common.optim import param_groups_no_wd_for_norm_and_bias
+    class ToyMethod(Method):
+        name = "gpu_check_toy"
+        streams = ("main",)
+        trainable = ("student",)
 
-        return param_groups_no_wd_for_norm_and_bias(self.student.named_parameters())
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 1))
+            self.compile_modules = ("student",)
+            self.__dict__["seen"] = []
 
-    def forward(self, batch: dict, step: int, epoch: int) -> dict:
-        b = batch["main"]
-        x = b["x"]
-        pred = self.student(x)  # (a compiled module with trainer.compile on CUDA: no indexing into it)
-        try:
-            autocast_on = torch.is_autocast_enabled(x.device.type)
-        except TypeError:  # older torch: no device argument
-            autocast_on = torch.is_autocast_enabled()
-        self.seen.append({"x_device": str(x.device), "h_dtype": pred.dtype, "autocast": autocast_on})
-        loss = ((pred.float() - b["y"]) ** 2).mean()
-        return {"loss": loss}
+        def param_groups(self) -> list[dict]:
+            return param_groups_no_wd_for_norm_and_bias(self.student.named_parameters())
+
+        def training_step(self, batch: dict, ctx) -> dict:
+            b = batch["main"]
+            x = b["x"]
+            # (a compiled module with trainer.compile on CUDA: no indexing into it)
+            pred = self.wrapped("student")(x)
+            try:
+                autocast_on = torch.is_autocast_enabled(x.device.type)
+            except TypeError:  # older torch: no device argument
+                autocast_on = torch.is_autocast_enabled()
+            self.seen.append({"x_device": str(x.device), "h_dtype": pred.dtype, "autocast": autocast_on})
+            loss = ((pred.float() - b["y"]) ** 2).mean()
+            return {"loss": loss}
+
+    return ToyMethod()
 
 
 def _reset_accelerate() -> None:
@@ -316,7 +328,7 @@ def _toy_run(precision: str, clip_mode: str, compile_: bool, device: torch.devic
     acc.prepare_data_loader = prepare_data_loader
     opts = _capture_optimizers(E)
     torch.manual_seed(0)
-    method = _ToyMethod()
+    method = _toy_method()
     t0 = time.perf_counter()
     try:
         final = engine.fit(method, {"main": E.LoaderSpec(_ToyData(), batch_size=8)}, OptimConfig(name="adamw", lr=1e-2))
@@ -331,7 +343,7 @@ def _toy_run(precision: str, clip_mode: str, compile_: bool, device: torch.devic
         "optimizer_fused": opts[0].defaults.get("fused") if opts else None,
         "pin_memory": [dl.pin_memory for dl in loaders],
         "non_blocking": [getattr(dl, "_non_blocking", "?") for dl in prepared],
-        "grad_scaler": getattr(acc, "scaler", None) is not None,
+        "grad_scalers": sorted(engine._scalers),  # the engine's own GradScaler per optimiser (fp16 only)
         "student_type": type(method.student).__name__,
         "student_compiled": getattr(method.student, "_compiled_call_impl", None) is not None,
         "x_devices": sorted({s["x_device"] for s in seen}),
@@ -388,8 +400,8 @@ def cmd_engine(args: argparse.Namespace) -> None:
                     problems.append(f"training loader pin_memory {r['pin_memory']}")
                 if r["non_blocking"] not in ([True], ["?"]):
                     problems.append(f"prepared loader non_blocking {r['non_blocking']}")
-                if resolved == "fp16" and not r["grad_scaler"]:
-                    problems.append("fp16 without a GradScaler")
+                if resolved == "fp16" and r["grad_scalers"] != ["main"]:
+                    problems.append(f"fp16 without the engine's GradScaler of its optimiser: {r['grad_scalers']}")
                 if compile_ and not r["student_compiled"]:
                     problems.append(f"compile=True but the student ({r['student_type']}) was not compiled in place")
             if compile_ and r["orig_mod_keys"]:
@@ -405,10 +417,9 @@ def cmd_engine(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------------ dino-amp
 def cmd_dino_amp(args: argparse.Namespace) -> None:
     import common.engine as E
-    from eo_ssl.pretrain import resolve_data_sensor
     from common.config import load_config
     from eo_ssl.multicrop import collate_multicrop
-    from eo_ssl.pretrain import PretrainConfig, build_dataset, build_method
+    from eo_ssl.pretrain import PretrainConfig, build_dataset, build_method, check_schedule, resolve_data_sensor
 
     device = _device(args.require_cuda)
     _reset_accelerate()
@@ -421,8 +432,11 @@ def cmd_dino_amp(args: argparse.Namespace) -> None:
     dataset = build_dataset(cfg, spec)
     with tempfile.TemporaryDirectory(prefix="gpu_check_dino_") as tmp:
         engine = E.Engine(cfg.trainer, Path(tmp) / "run", config=cfg)
+        loaders = {"tiles": E.LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)}
+        plan = engine.plan(loaders)  # as ssl/pretrain.py: schedules sized by the run's plan
+        check_schedule(cfg, plan)
         torch.manual_seed(0)
-        method = build_method(cfg, len(spec.bands), rgb=spec.rgb_indices())
+        method = build_method(cfg, len(spec.bands), plan.epochs, plan.total_steps, rgb=spec.rgb_indices())
         seen: dict[str, set] = {}
 
         def hook(name):
@@ -438,8 +452,7 @@ def cmd_dino_amp(args: argparse.Namespace) -> None:
         opts = _capture_optimizers(E)
         t0 = time.perf_counter()
         try:
-            final = engine.fit(method, {"tiles": E.LoaderSpec(dataset, cfg.data.batch_size,
-                                                              collate_fn=collate_multicrop)}, cfg.optim)
+            final = engine.fit(method, loaders, cfg.optim)
         finally:
             opts.restore()
         engine.finish()

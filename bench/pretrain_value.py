@@ -2,6 +2,7 @@
 
     python bench/pretrain_value.py [--pretrain-run runs/pretrain_long] [--out runs/pretrain_value]
                                    [--seeds 0 1 2] [--parallel 2]
+    python bench/pretrain_value.py --quick --data /tmp/demo --seeds 0 --tasks finetune_1_8   # smoke test, ~2 min
 
 1. (unless ``--pretrain-run`` is given) DINO-pretrains resnet18 with ``configs/pretrain/demo_long.yaml`` on the
    demo S2 tiles of both domains, validation tiles left out (about one CPU hour on one core), and exports it;
@@ -15,6 +16,11 @@
 
 Every run is a normal ``finetune/semisup.py`` run (its run directory is kept under ``--out``), so any figure can be
 inspected in TensorBoard. Runs are launched as separate processes, ``--parallel`` at a time, one thread each.
+
+``--quick`` checks that the whole pipeline runs (pretraining, export, every fine-tuning, the table): every run is cut
+to a few steps of tiny batches (:data:`QUICK_PRETRAIN`, :data:`QUICK_FINETUNE`), so its figures mean nothing;
+it writes under ``runs/pretrain_value_quick`` unless ``--out`` says otherwise and ``results.json`` records
+``"quick": true``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,14 @@ TASKS = {
 }
 KEYS = ("mIoU", "IoU/cropland", "IoU/grassland")
 
+QUICK_PRETRAIN = ["trainer.max_steps=4", "data.batch_size=8", "optim.warmup_steps=0", "trainer.log_every=2",
+                  "trainer.eval_every=null", "trainer.checkpoint_every=4", "probe.max_train=32"]
+"""``--quick``: overrides appended to the pretraining run (4 steps of batch 8, the k-NN probe once at the end)."""
+QUICK_FINETUNE = ["trainer.max_steps=4", "data.batch_size=2", "optim.warmup_steps=0", "trainer.log_every=2",
+                  "trainer.checkpoint_every=4"]
+"""``--quick``: overrides appended to every fine-tuning run (4 steps of batch 2, fitting the 1/8 split of even a
+small demo dataset; evaluation once at the end)."""
+
 
 def run(cmd: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -59,14 +73,20 @@ def main() -> None:
     ap.add_argument("--pretrain-run", default=None, help="reuse a finished pretraining run (skip step 1)")
     ap.add_argument("--checkpoint", default="last", choices=("last", "latest"),
                     help="which weights of the pretraining run to export")
-    ap.add_argument("--out", default="runs/pretrain_value")
+    ap.add_argument("--out", default=None,
+                    help="output directory (default: runs/pretrain_value, with --quick runs/pretrain_value_quick)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--inits", nargs="+", default=["dino", "random"], choices=["dino", "random"],
                     help="initialisations to run (random alone needs no pretraining run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: every run cut to a few steps (meaningless figures; see the module docstring)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ("runs/pretrain_value_quick" if args.quick else "runs/pretrain_value"))
+    quick_pre, quick_ft = (QUICK_PRETRAIN, QUICK_FINETUNE) if args.quick else ([], [])
+    if args.quick:
+        print(f"QUICK MODE: every run is a few steps long; the figures below mean nothing (-> {out})", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     if not (data / "dataset.json").is_file():
@@ -80,7 +100,7 @@ def main() -> None:
             pre = out / "pretrain"
             print(f"pretraining -> {pre} (configs/pretrain/demo_long.yaml)", flush=True)
             run([*LAUNCH, "ssl/pretrain.py", "--config", "configs/pretrain/demo_long.yaml", "--output-dir",
-                 str(pre), f"data.root={data}", "trainer.progress_bar=false"], out / "pretrain.log")
+                 str(pre), f"data.root={data}", "trainer.progress_bar=false", *quick_pre], out / "pretrain.log")
         else:
             pre = Path(args.pretrain_run)
         subprocess.run([PY, "ssl/export.py", "--run", str(pre), "--out", str(export), "--checkpoint",
@@ -97,7 +117,7 @@ def main() -> None:
                 run_dir = out / f"{task}_{init}_s{seed}"
                 cmd = [*LAUNCH, "finetune/semisup.py", "--config", "configs/finetune/demo.yaml", "--output-dir",
                        str(run_dir), f"data.root={data / 's2' / 'source'}", f"trainer.seed={seed}",
-                       "trainer.progress_bar=false", "trainer.eval_every=100", *TASKS[task]]
+                       "trainer.progress_bar=false", "trainer.eval_every=100", *TASKS[task], *quick_ft]
                 if init == "dino":
                     cmd.append(f"model.weights={export}")
                 jobs.append((task, init, seed, run_dir, cmd))
@@ -117,7 +137,7 @@ def main() -> None:
     for task, init, seed, last in results:
         table.setdefault(task, {}).setdefault(init, []).append({k: last.get(k, float("nan")) for k in KEYS})
     summary = {"pretrain_run": str(pre) if pre else None, "export_step": meta["source"]["step"], "seeds": args.seeds,
-               "wall_s": time.time() - t0, "runs": table, "mean_std": {}}
+               "quick": args.quick, "wall_s": time.time() - t0, "runs": table, "mean_std": {}}
     print(f"\n{'task':18s} {'init':7s} " + " ".join(f"{k:>16s}" for k in KEYS))
     for task, by_init in table.items():
         for init, rows in by_init.items():

@@ -2,11 +2,11 @@
 
 Both compare the full framework step (:class:`common.engine.Engine` ``fit`` on the real data pipeline) with a bare
 forward + backward on pre-made batches, timed in the same process. What they share lives here: the demo data, the
-per-step timestamps taken inside the engine run (:class:`Marks`, the :class:`TimedMethod` mixin, the optimiser step
-and logging hooks of :func:`fit_timed`), the per-step figures derived from them (:class:`StepTimes`), the bare
-step's interleaved or rounds timing (:func:`time_full_and_bare`) and the result dict plus the printed report
-(:func:`report_steps`). What the step *is* (the method, its marks, the bare step, the breakdown) stays in each
-script.
+per-step timestamps taken inside the engine run (:class:`Marks`, the :class:`TimedMethod` mixin around the method's
+``training_step``, the optimiser step and logging hooks of :func:`fit_timed`), the per-step figures derived from
+them (:class:`StepTimes`), the bare step's interleaved or rounds timing (:func:`time_full_and_bare`) and the result
+dict plus the printed report (:func:`report_steps`). What the step *is* (the method, its marks, the bare step, the
+breakdown) stays in each script.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ class Marks:
 
 
 class TimedMethod:
-    """Mixin (put first in the bases) for an engine method: marks ``fwd0`` / ``fwd1`` around its ``forward`` and
-    runs the interleaved bare step. ``marks`` and ``bare`` (``step -> None``, one bare step; or None) are plain
+    """Mixin (put first in the bases) for a :class:`common.method.Method` in automatic mode: marks ``fwd0`` /
+    ``fwd1`` around its ``training_step(batch, ctx)`` (the step's forward and loss, inside the engine's autocast)
+    and runs the interleaved bare step. ``marks`` and ``bare`` (``step -> None``, one bare step; or None) are plain
     attributes, not submodules or buffers."""
 
     marks: Marks
@@ -85,16 +86,16 @@ class TimedMethod:
         self.__dict__["marks"] = marks
         self.__dict__["bare"] = bare
 
-    def forward(self, batch, step, epoch):
-        self.marks.step = step
+    def training_step(self, batch, ctx):
+        self.marks.step = ctx.step
         self.marks("fwd0")
-        out = super().forward(batch, step, epoch)
-        self.on_forward_output(out)
+        out = super().training_step(batch, ctx)
+        self.on_step_output(out)
         self.marks("fwd1")
         return out
 
-    def on_forward_output(self, out) -> None:
-        """Called between the parent's ``forward`` and the ``fwd1`` mark."""
+    def on_step_output(self, out) -> None:
+        """Called between the parent's ``training_step`` and the ``fwd1`` mark."""
 
     def interleaved_bare_step(self, step: int) -> None:
         """One interleaved bare step (own model, pre-made batch; not part of the step), marked ``bare1``."""
