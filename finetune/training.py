@@ -32,7 +32,7 @@ from finetune.methods import methods_for
 from finetune.methods.base import SegSetup
 from finetune.transforms import SegAugConfig
 
-__all__ = ["finetune_config_class", "run", "load_init_from"]
+__all__ = ["finetune_config_class", "task_of_config", "run", "load_init_from", "BASELINES"]
 
 _UNLABELLED_STREAMS = ("unlabelled", "target")
 
@@ -72,6 +72,17 @@ def finetune_config_class(task: str) -> type:
     fields[6] = ("trainer", TrainerConfig, field(default_factory=default_trainer))
     fields += [(name, methods[name].Config, field(default_factory=methods[name].Config)) for name in names]
     return make_dataclass(f"FinetuneConfig_{task}", fields, frozen=True, namespace={"validate": _validate})
+
+
+def task_of_config(path: str | Path) -> str:
+    """``"semisup"`` or ``"uda"``: the entry script whose methods include the config file's ``method``."""
+    import yaml
+
+    method = (yaml.safe_load(Path(path).read_text()) or {}).get("method", BASELINES["semisup"])
+    for task in BASELINES:
+        if method in methods_for(task):
+            return task
+    raise UserInputError(f"{path}: method {method!r} is not a method of finetune/semisup.py or finetune/uda.py")
 
 
 def load_init_from(model: torch.nn.Module, run_dir: str, checkpoint: str, arch: str, version: str,

@@ -138,9 +138,9 @@ def _config_class(path: Path):
         from eo_ssl.pretrain import PretrainConfig
 
         return PretrainConfig
-    from finetune.semisup import FinetuneConfig
+    from finetune.training import finetune_config_class, task_of_config
 
-    return FinetuneConfig
+    return finetune_config_class(task_of_config(path))
 
 
 def smoke_overrides(path: Path, tiny: dict, processes: int = 1) -> list[str]:
@@ -255,8 +255,21 @@ def _main(path: Path):
     if path.parent.name == "pretrain":
         from eo_ssl.pretrain import main
     else:
-        from finetune.semisup import main
+        from finetune.training import task_of_config
+
+        if task_of_config(path) == "uda":
+            from finetune.uda import main
+        else:
+            from finetune.semisup import main
     return main
+
+
+def _script(path: Path) -> str:
+    if path.parent.name == "pretrain":
+        return "ssl/pretrain.py"
+    from finetune.training import task_of_config
+
+    return "finetune/uda.py" if task_of_config(path) == "uda" else "finetune/semisup.py"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
@@ -276,7 +289,7 @@ def test_config_runs_in_one_process(path, tiny_data, tmp_path, capsys):
 @pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
 def test_config_runs_in_two_processes(path, tiny_data, tmp_path):
     run = tmp_path / "run"
-    script = "ssl/pretrain.py" if path.parent.name == "pretrain" else "finetune/semisup.py"
+    script = _script(path)
     over = smoke_overrides(path, tiny_data, processes=2)
     launch(script, ["--config", str(path), "--output-dir", str(run), *over], processes=2, timeout=600)
     check_run(path, run, over, processes=2)

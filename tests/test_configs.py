@@ -12,7 +12,7 @@ from common.config import load_config
 from conftest import REPO
 from eo_ssl.pretrain import PretrainConfig, build_dataset, build_method, resolve_data_sensor
 from eo_ssl.multicrop import collate_multicrop
-from finetune.semisup import FinetuneConfig
+from finetune.training import finetune_config_class, task_of_config
 
 PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 FINETUNE = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
@@ -33,7 +33,7 @@ def test_pretrain_configs_load(path):
 
 @pytest.mark.parametrize("path", FINETUNE, ids=lambda p: p.name)
 def test_finetune_configs_load(path):
-    cfg = load_config(FinetuneConfig, path)
+    cfg = load_config(finetune_config_class(task_of_config(path)), path)
     assert cfg.data.root and cfg.method
 
 
@@ -114,7 +114,7 @@ def test_one_data_root_override_moves_every_path_under_it(path, tmp_path):
     """Paths under the data root are written ``${data.root}/...``: after ``data.root=<elsewhere>`` no value may still
     point into the shipped root (the demo's probe.root did, and a moved demo died with "dataset root does not
     exist")."""
-    cls = PretrainConfig if path.parent.name == "pretrain" else FinetuneConfig
+    cls = PretrainConfig if path.parent.name == "pretrain" else finetune_config_class(task_of_config(path))
     shipped = load_config(cls, path).data.root.rstrip("/")
     moved = load_config(cls, path, [f"data.root={tmp_path / 'elsewhere'}"])
     stale = [(k, v) for k, v in _strings(moved) if v == shipped or v.startswith(shipped + "/")]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.method import Method
+
 from common.bands import get_sensor
 from common.datasets import SegmentationDataset, UnlabelledTiles
 from common.sampling import AugmentedDataset, CachedDataset, EpochSampler
@@ -80,7 +82,10 @@ class _Noise:
         return {"x": sample + torch.from_numpy(rng.normal(size=2).astype(np.float32))}
 
 
-class _Recorder(torch.nn.Module):
+class _Recorder(Method):
+    streams = ("main",)
+    trainable = ()
+
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(2))
@@ -89,7 +94,7 @@ class _Recorder(torch.nn.Module):
     def param_groups(self):
         return [{"params": [self.w]}]
 
-    def forward(self, batch, step, epoch):
+    def training_step(self, batch, ctx):
         x = batch["main"]["x"]
         self.seen.append(x.sum(1).tolist())
         return {"loss": (self.w * x).sum() * 0.0 + (self.w ** 2).sum()}

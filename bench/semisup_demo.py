@@ -1,0 +1,142 @@
+"""The semi-supervised results table of the README: every method on the demo data at 1/8 of the labels, from the DINO
+export and from random init, over seeds, beside supervised at 1/8 and on all labels; and the SAR building task
+(supervised vs AEL). Each run is ``finetune/semisup.py`` with the demo config, as a user would run it.
+
+    python bench/semisup_demo.py --data data/demo --export runs/demo/pretrain/backbone.safetensors \
+        --seeds 0 1 2 --parallel 2                      # S2 land cover: bench/results/semisup_demo.json
+    python bench/semisup_demo.py --suite sar --data data/demo --seeds 0 1 2    # bench/results/semisup_sar.json
+    python bench/semisup_demo.py --quick ...            # 8 steps per run: a smoke test of the script
+
+Results: ``{method: {"dino"|"random": {seed: mIoU}}}`` (methods named as in ``method=``; ``supervised_all`` is
+supervised on all labelled tiles), the mIoU of the last step on the validation split; the best-on-validation figures
+go to ``*_best.json`` beside it (SAR: building F1 and mIoU). Finished runs are reused (their ``metrics.json``), so
+an interrupted table resumes where it stopped. The script prints the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+METHODS = ("supervised", "mean_teacher", "psmt", "ael", "unimatch")
+
+
+def _run(job: dict, threads: int) -> dict:
+    out = Path(job["out"])
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        cmd = [sys.executable, str(REPO / "finetune" / "semisup.py"), "--config", job["config"], "--output-dir",
+               str(out), "--overwrite", *job["overrides"]]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+        print(f"  {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    final = json.loads(metrics.read_text())
+    return {**job, "last": final["last"], "best": final["best"], "time_s": final.get("train_time_s")}
+
+
+def _jobs(args) -> list[dict]:
+    jobs = []
+    common = ["trainer.progress_bar=false"] + (["trainer.max_steps=8", "trainer.eval_every=4"] if args.quick else [])
+    if args.suite == "semisup":
+        config = str(REPO / "configs" / "finetune" / "demo.yaml")
+        root = Path(args.data) / "s2" / "source"
+        inits = {"random": []}
+        if args.export:
+            inits["dino"] = [f"model.weights={args.export}"]
+        rows = [(m, m, []) for m in args.methods] + [("supervised_all", "supervised",
+                                                      ["data.labelled_split=train_all"])]
+    else:
+        config = str(REPO / "configs" / "finetune" / "demo_sar.yaml")
+        root = Path(args.data) / "sar"
+        inits = {"random": []}
+        rows = [(m, m, ["data.labelled_split=labelled_1_8", "data.unlabelled_split=unlabelled_1_8"])
+                for m in ("supervised", "ael")]
+        rows.append(("supervised_all", "supervised", ["data.labelled_split=train_all"]))
+    for name, method, extra in rows:
+        for init, init_over in inits.items():
+            for seed in args.seeds:
+                out = Path(args.runs) / args.suite / f"{name}_{init}_s{seed}"
+                jobs.append({"name": name, "init": init, "seed": seed, "out": str(out), "config": config,
+                             "overrides": [f"data.root={root}", f"method={method}", f"trainer.seed={seed}",
+                                           *init_over, *extra, *common]})
+    return jobs
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", choices=("semisup", "sar"), default="semisup")
+    ap.add_argument("--data", default="data/demo")
+    ap.add_argument("--export", default=None, help="DINO export (backbone.safetensors) for the 'dino' rows")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--runs", default="runs/bench_semisup")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
+    ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/semisup_<suite>.json)")
+    args = ap.parse_args(argv)
+    jobs = _jobs(args)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    print(f"{len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        done = list(pool.map(lambda j: _run(j, threads), jobs))
+
+    key = "mIoU"
+    table: dict = {}
+    best: dict = {}
+    for r in done:
+        table.setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = r["last"][key]
+        entry = {"step": r["best"]["step"], key: r["best"][key]}
+        if args.suite == "sar":
+            entry["building_f1"] = r["best"].get("building_f1")
+            table[r["name"]][r["init"]][str(r["seed"])] = r["last"][key]
+            best.setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = {
+                **entry, "last_building_f1": r["last"].get("building_f1"), "last_IoU/building": r["last"].get(
+                    "IoU/building")}
+        else:
+            best.setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = entry
+    if not args.quick:
+        out = Path(args.out or RESULTS / ("semisup_demo.json" if args.suite == "semisup" else "semisup_sar.json"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=1) + "\n")
+        out.with_name(out.stem + "_best.json").write_text(json.dumps(best, indent=1) + "\n")
+        print(f"wrote {out} and {out.with_name(out.stem + '_best.json')}")
+
+    inits = sorted({r["init"] for r in done}, key=lambda i: i != "dino")
+    print("\n| method | " + " | ".join(f"{i} last" for i in inits) + " | " + " | ".join(f"{i} best" for i in inits)
+          + " |")
+    print("|---" * (1 + 2 * len(inits)) + "|")
+    for name in dict.fromkeys(r["name"] for r in done):
+        lasts = [_fmt(list(table[name].get(i, {}).values())) for i in inits]
+        bests = [_fmt([v[key] for v in best[name].get(i, {}).values()]) for i in inits]
+        print(f"| {name} | " + " | ".join(lasts) + " | " + " | ".join(bests) + " |")
+    if args.suite == "sar":
+        print("\n| method | building F1 (last) | IoU building (last) |\n|---|---|---|")
+        for name in best:
+            f1 = [v["last_building_f1"] for v in best[name]["random"].values() if v["last_building_f1"] is not None]
+            iou = [v["last_IoU/building"] for v in best[name]["random"].values() if v["last_IoU/building"] is not None]
+            print(f"| {name} | {_fmt(f1)} | {_fmt(iou)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
