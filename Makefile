@@ -10,7 +10,7 @@ SEED ?= 0
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all demo demo-data clean-demo
+.PHONY: install test test-slow test-all demo demo-data clean-demo
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ install: $(BIN)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ''
