@@ -38,7 +38,7 @@ def training_parser(description: str, prog: str | None = None) -> argparse.Argum
 def parse_training_args(cls: type[T], parser: argparse.ArgumentParser,
                         argv: Sequence[str] | None = None) -> tuple[T, argparse.Namespace]:
     """Parse the command line and load the config; a config error exits with status 2 and one clear message."""
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may stand before or after the flags
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     try:

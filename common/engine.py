@@ -423,11 +423,13 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ set-up of a method
-    def _ddp(self, module: nn.Module) -> nn.Module | None:
+    def _ddp(self, module: nn.Module, find_unused: bool = False) -> nn.Module | None:
         acc = self.accelerator
         if acc.num_processes == 1 or not any(p.requires_grad for p in module.parameters()):
             return None
         kwargs = acc.ddp_handler.to_kwargs() if getattr(acc, "ddp_handler", None) is not None else {}
+        if find_unused:
+            kwargs["find_unused_parameters"] = True
         ids = [acc.local_process_index] if acc.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, **kwargs)
 
@@ -449,7 +451,7 @@ class Engine:
         method.train()
         wrappers = {}
         for name, module in method.trainable_modules().items():
-            ddp = self._ddp(module)
+            ddp = self._ddp(module, method.find_unused_parameters)
             if ddp is not None:
                 wrappers[name] = ddp
         method.attach_wrappers(wrappers)

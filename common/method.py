@@ -14,8 +14,9 @@ prototypes, discriminators), so one ``state_dict`` checkpoints everything. It de
   ``ctx.optimizer_step("disc")`` and ``ctx.zero_grad("disc")`` itself (``ctx.step`` / ``ctx.epoch`` are the
   position); precision (one GradScaler per optimiser),
   accumulation, clipping, the finite-loss check and logging stay the engine's.
-* hooks (all optional): ``on_train_start(ctx)``, ``on_epoch_start(epoch, ctx)`` (ctx: named datasets, an
-  evaluation-style loader, reductions across processes), ``before_optimizer_step(name, step, epoch)``,
+* hooks (all optional): ``on_train_start(ctx)`` (runs before a resumed run loads its checkpoint, which then
+  overwrites the method's state), ``on_epoch_start(epoch, ctx)`` (ctx: named datasets, an evaluation-style loader,
+  reductions across processes; not repeated when a run resumes mid-epoch), ``before_optimizer_step(name, step, epoch)``,
   ``after_optimizer_step(step, epoch)``, ``log_values(step, epoch)``, ``log_images(batch, step)``,
   ``extra_metrics(engine)`` (unsupervised selection criteria), ``sampling_weights(stream, epoch)``.
 
@@ -154,6 +155,9 @@ class Method(nn.Module):
     manual_optimization: ClassVar[bool] = False
     eval_prefix: str = "model."  # state_dict prefix of the evaluated network (an instance may set its own)
     compile_modules: tuple[str, ...] = ()  # sub-modules torch.compile'd on CUDA with trainer.compile
+    # DDP's find_unused_parameters for the trainable modules: True when a step may leave some of their parameters
+    # out of a backward (e.g. an auxiliary head that some forwards skip); costs a graph traversal per backward.
+    find_unused_parameters: bool = False
 
     def __init__(self) -> None:
         super().__init__()

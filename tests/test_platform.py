@@ -162,3 +162,20 @@ def test_method_forward_outside_the_engine():
     batch = {"labelled": {"x": torch.randn(3, 4), "y": torch.randn(3)}, "unlabelled": {"x": torch.randn(5, 4)}}
     out = m(batch)
     assert out["loss"].requires_grad and out["unlabelled_batch"] == 5
+
+
+
+@pytest.mark.slow
+def test_unimatch_with_an_aux_head_in_two_processes(tiny_demo, tmp_path):
+    """UniMatch's perturbed and strong streams call the model without its auxiliary head and several forwards share
+    one backward; the labelled forward uses the aux head, so every parameter gets a gradient each step and DDP runs
+    without find_unused_parameters (which refuses several forwards per backward)."""
+    from conftest import launch
+
+    run = tmp_path / "run"
+    launch("finetune/semisup.py", ["--config", str(REPO / "configs" / "finetune" / "demo.yaml"), "--output-dir",
+                                   str(run), f"data.root={tiny_demo / 's2' / 'source'}", "method=unimatch",
+                                   "model.aux=true", "model.arch=test_resnet", "data.batch_size=2",
+                                   "data.labelled_split=train_all", "trainer.max_steps=2", "trainer.eval_every=2",
+                                   "trainer.progress_bar=false"], processes=2)
+    assert json.loads((run / "metrics.json").read_text())["num_processes"] == 2
