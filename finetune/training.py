@@ -182,7 +182,8 @@ def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[
     setup = SegSetup(num_classes=d.num_classes, criterion=build_loss(cfg.loss, d.num_classes),
                      band_units=band_units_of(spec), band_std=spec.std_array(),
                      backbone_lr_mult=cfg.model.backbone_lr_mult, freeze_backbone=cfg.model.freeze_backbone,
-                     make_model=make_model, class_names=d.class_names)
+                     make_model=make_model, class_names=d.class_names, weights=inputs.weights,
+                     init_from=cfg.model.init_from)
     method = method_cls(getattr(cfg, cfg.method), model, setup)
     engine.check(method, loaders)  # before the run directory gets any file
     engine.start_outputs()

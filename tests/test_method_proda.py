@@ -214,8 +214,9 @@ def test_teacher_hard_labels_flip_threshold_and_invalid():
     assert labels.tolist() == [[[255, 255, 255]]]
 
 
-def _setup(k: int = 3, make=None) -> SegSetup:
-    return SegSetup(k, build_segmentation_loss("ce", k), make_model=make, class_names=("a", "b", "c"))
+def _setup(k: int = 3, make=None, weights: str | None = None) -> SegSetup:
+    return SegSetup(k, build_segmentation_loss("ce", k), make_model=make, class_names=("a", "b", "c"),
+                    weights=weights)
 
 
 def _batch(seed: int) -> dict:
@@ -255,9 +256,9 @@ def test_config_and_misuse_are_refused():
     shared = create_segmenter("test_resnet", "v3+", 3, 4)
     same = lambda: __import__("copy").deepcopy(shared)  # (what make_model gives with model.weights)
     with pytest.raises(UserInputError, match="model.init_from"):
-        ProDA(ProDAConfig(), same(), _setup(make=same))
+        ProDA(ProDAConfig(), same(), _setup(make=same, weights="backbone.safetensors"))
     with pytest.raises(UserInputError, match="teacher_run"):
-        ProDA(ProDAConfig(stage=2), same(), _setup(make=same))
+        ProDA(ProDAConfig(stage=2), same(), _setup(make=same, weights="backbone.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------------------

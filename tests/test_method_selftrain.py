@@ -158,7 +158,7 @@ def _batch(seed: int) -> dict:
 def test_step_with_and_without_an_export_backbone():
     shared = _model()
     exported = lambda: copy.deepcopy(shared)  # (make_model with model.weights: the same backbone)
-    setup = SegSetup(3, build_segmentation_loss("ce", 3), make_model=exported)
+    setup = SegSetup(3, build_segmentation_loss("ce", 3), make_model=exported, weights="backbone.safetensors")
     method = SelfTrain(SelfTrainConfig(mic_block_size=8), exported(), setup).train()
     assert method.fd_backbone is not None and not method.fd_backbone.training
     assert all(not p.requires_grad for p in method.fd_backbone.parameters())
@@ -182,7 +182,9 @@ def test_step_with_and_without_an_export_backbone():
     assert plain.fd_backbone is None and "skipped" in plain.fd_note
     out = plain.forward(_batch(1))
     assert "loss_fd" not in out and torch.isfinite(out["loss"])
-    assert export_backbone_copy(_model(), lambda: _model(1)) is None
+    assert export_backbone_copy(random_init) is None  # no model.weights
+    assert export_backbone_copy(SegSetup(3, None, make_model=exported, weights="w.safetensors",
+                                         init_from="runs/x")) is None  # model.init_from: another run's weights
     with pytest.raises(RuntimeError, match="on_train_start"):
         plain.sampling_weights("source", 0)
     assert plain.sampling_weights("target", 0) is None

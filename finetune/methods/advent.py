@@ -80,7 +80,6 @@ Deviations from the reference code:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,6 +103,7 @@ from finetune.discriminator import (
 from finetune.methods import register
 from finetune.methods.adaptsegnet import check_levels, level_logits, require_aux_head
 from finetune.methods.base import SegMethod, SegSetup
+from finetune.methods.common import normalised_entropy, self_information
 
 __all__ = ["IntraConfig", "AdventConfig", "Advent", "self_information", "normalised_entropy", "entropy_loss",
            "class_prior_loss", "source_class_prior", "entropy_rank_split", "masked_cross_entropy"]
@@ -171,20 +171,6 @@ class AdventConfig:
 # ------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------------------
-def self_information(logits: torch.Tensor) -> torch.Tensor:
-    """Weighted self-information map ``-p log p / log K`` (B, K, H, W) of logits (B, K, H, W), float32, K >= 2."""
-    k = logits.shape[1]
-    if k < 2:
-        raise ValueError("entropy needs at least 2 classes")
-    logp = logits.float().log_softmax(1)
-    return -(logp.exp() * logp) / math.log(k)
-
-
-def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax over ``log K``, ``(B, H, W)`` in [0, 1] (1: uniform, 0: one-hot)."""
-    return self_information(logits).sum(1)
-
-
 def entropy_loss(logits: torch.Tensor, valid: torch.Tensor | None = None,
                  sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean normalised entropy over the valid pixels (of the samples with ``sample_weight`` > 0, weighted by it);

@@ -36,6 +36,8 @@ class SegSetup:
     make_model: Callable[[], nn.Module] | None = None  # a fresh segmenter as configured (e.g. a second student)
     class_names: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
+    weights: str | None = None  # model.weights: the backbone file the run started from (a DINO export), if any
+    init_from: str | None = None  # model.init_from: the run whose whole segmenter the run started from, if any
 
 
 class SegMethod(Method):

@@ -12,7 +12,8 @@ import torch
 
 from common.bands import IGNORE_INDEX
 
-__all__ = ["pseudo_labels", "cutmix_masks", "mix", "sigmoid_rampup", "masked_mean"]
+__all__ = ["pseudo_labels", "cutmix_masks", "mix", "sigmoid_rampup", "masked_mean", "self_information",
+           "normalised_entropy", "target_entropy", "export_backbone_copy"]
 
 
 @torch.no_grad()
@@ -78,3 +79,46 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: str = "ke
     if denominator == "all":
         return total / max(values.numel(), 1)
     return total / m.sum().clamp_min(1.0)
+
+
+def self_information(logits: torch.Tensor) -> torch.Tensor:
+    """Weighted self-information map ``-p log p / log K`` (B, K, H, W) of logits (B, K, H, W), float32, K >= 2
+    (ADVENT's discriminator input; its sum over classes is the normalised entropy)."""
+    k = logits.shape[1]
+    if k < 2:
+        raise ValueError("entropy needs at least 2 classes")
+    logp = logits.float().log_softmax(1)
+    return -(logp.exp() * logp) / math.log(k)
+
+
+def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel entropy of ``softmax(logits)`` over ``log K``: ``(B, H, W)`` in [0, 1] (1 uniform, 0 one-hot)."""
+    return self_information(logits).sum(1)
+
+
+@torch.no_grad()
+def target_entropy(net: torch.nn.Module, dataset, engine, batch_size: int, max_tiles: int | None = None) -> float:
+    """Mean normalised entropy of ``net``'s predictions over the valid pixels of ``dataset`` (the target training
+    tiles without augmentation: an unsupervised selection criterion), each process on its shard, sums all-reduced."""
+    if max_tiles is not None and max_tiles < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_tiles))
+    device = engine.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in engine.eval_loader(dataset, batch_size):
+        x = batch["image"].to(device)
+        valid = batch["valid"].to(device).bool()
+        ent = normalised_entropy(net(x).logits)
+        total[0] += ent[valid].double().sum()
+        total[1] += valid.sum()
+    total = engine.all_reduce(total, "sum")
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def export_backbone_copy(setup) -> torch.nn.Module | None:
+    """A fresh segmenter with the export's backbone (``setup.make_model()``) when the run starts from a backbone
+    export (``model.weights``), else ``None`` (random init, or ``model.init_from``). Built under a forked RNG, so
+    the run's random stream is the same with and without it."""
+    if setup.make_model is None or setup.weights is None or setup.init_from is not None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        return setup.make_model()

@@ -52,7 +52,7 @@ Equation map, stage 2:
     L = CE(x_s, y_s) [+ aux] + CE(f_s(x_st), yhat) + lambda_kd KL(softmax h_t(x_st) || softmax f_s(x_st))
                                                                             -> ``_stage2``, :func:`kl_divergence`
 ``target_entropy``: mean normalised entropy of the student's predictions over the target training tiles
-(:func:`finetune.methods.selftrain.target_entropy`), for ``trainer.best_metric: target_entropy`` with
+(:func:`finetune.methods.common.target_entropy`), for ``trainer.best_metric: target_entropy`` with
 ``trainer.best_mode: min``.
 
 Config defaults: ``parser_train.py`` with the README's GTA5 stage-1 command (``--proto_rectify --moving_prototype
@@ -111,7 +111,7 @@ from common.ema import ema_update_, make_teacher
 from common.errors import UserInputError
 from finetune.methods import register
 from finetune.methods.base import SegMethod
-from finetune.methods.selftrain import export_backbone_copy, target_entropy
+from finetune.methods.common import target_entropy
 
 __all__ = ["ProDAConfig", "ProDA", "prototype_distances", "prototype_weights", "rectified_pseudo_labels",
            "symmetric_ce", "kl_divergence", "degeneration_regulariser", "class_mean_features", "update_prototypes",
@@ -361,7 +361,7 @@ class ProDA(SegMethod):
     def __init__(self, cfg: ProDAConfig, model: nn.Module, setup) -> None:
         super().__init__(cfg, model, setup)
         k = setup.num_classes
-        from_export = export_backbone_copy(model, setup.make_model) is not None
+        from_export = setup.weights is not None and setup.init_from is None
         if cfg.stage == 1:
             if from_export:
                 raise UserInputError("proda.stage=1 starts from a warm-up run: set model.init_from=<run dir of "

@@ -88,58 +88,13 @@ from common.ema import ema_update_, make_teacher
 from common.errors import UserInputError
 from finetune.methods import register
 from finetune.methods.base import SegMethod
-from finetune.methods.common import mix
+from finetune.methods.common import export_backbone_copy, mix, normalised_entropy, target_entropy
 from finetune.methods.mean_teacher import ema_decay_at
 
 __all__ = ["SelfTrainConfig", "SelfTrain", "quality_pseudo_labels", "classmix_masks", "block_masks", "weighted_ce",
            "feature_distance_mask", "masked_feature_distance", "rare_class_probabilities",
            "rare_class_tile_weights", "class_pixel_counts", "normalised_entropy", "target_entropy",
-           "export_backbone_copy"]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Helpers shared with finetune/methods/proda.py
-# ------------------------------------------------------------------------------------------------------------
-def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-pixel entropy of ``softmax(logits)`` divided by ``log K``: ``(B, H, W)`` in [0, 1]."""
-    k = logits.shape[1]
-    if k < 2:
-        raise ValueError("the normalised entropy needs at least two classes")
-    logp = logits.float().log_softmax(1)
-    return -(logp.exp() * logp).sum(1) / math.log(k)
-
-
-@torch.no_grad()
-def target_entropy(net: nn.Module, dataset, engine, batch_size: int, max_tiles: int | None = None) -> float:
-    """Mean normalised entropy of ``net``'s predictions over the valid pixels of ``dataset`` (the target training
-    tiles without augmentation), each process on its shard, sums all-reduced."""
-    if max_tiles is not None and max_tiles < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(max_tiles))
-    device = engine.device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in engine.eval_loader(dataset, batch_size):
-        x = batch["image"].to(device)
-        valid = batch["valid"].to(device).bool()
-        ent = normalised_entropy(net(x).logits)
-        total[0] += ent[valid].double().sum()
-        total[1] += valid.sum()
-    total = engine.all_reduce(total, "sum")
-    return float(total[0] / total[1].clamp_min(1))
-
-
-def export_backbone_copy(model: nn.Module, make_model) -> nn.Module | None:
-    """A fresh segmenter from ``make_model`` when its backbone equals ``model``'s, i.e. when the run's backbone comes
-    from a weights file (``model.weights``: random initialisations never coincide); ``None`` otherwise (random
-    init, or ``model.init_from``: ``model`` then holds another run's weights). Built under a forked RNG, so the
-    run's random stream is the same with and without this check."""
-    if make_model is None:
-        return None
-    with torch.random.fork_rng(devices=[]):
-        fresh = make_model()
-    a, b = model.backbone.state_dict(), fresh.backbone.state_dict()
-    if a.keys() != b.keys() or not all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
-        return None
-    return fresh
+           "export_backbone_copy"]  # the last three re-exported from finetune.methods.common
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -327,7 +282,7 @@ class SelfTrain(SegMethod):
         self.fd_backbone: nn.Module | None = None
         self.fd_note = "selftrain: feature distance off (selftrain.fd_weight=0)"
         if cfg.fd_weight > 0:
-            fresh = export_backbone_copy(model, setup.make_model)
+            fresh = export_backbone_copy(setup)
             if fresh is None:
                 self.fd_note = ("selftrain: feature distance skipped: no backbone export (model.weights) to stay "
                                 "close to; give model.weights=<DINO export> to use it, or set selftrain.fd_weight=0")
