@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from finetune.methods import register
-from finetune.methods.base import SegMethod
+from finetune.methods.supervised import Supervised
 
 __all__ = ["SourceOnlyConfig", "SourceOnly"]
 
@@ -35,16 +33,10 @@ class SourceOnlyConfig:
 
 
 @register
-class SourceOnly(SegMethod):
-    """Supervised training on the source stream only."""
+class SourceOnly(Supervised):
+    """:class:`~finetune.methods.supervised.Supervised` on the source stream, offered by ``finetune/uda.py``."""
 
     name = "source_only"
     Config = SourceOnlyConfig
     tasks = ("uda",)
     streams = ("source",)
-
-    def training_step(self, batch: dict, ctx) -> dict[str, torch.Tensor]:
-        x_s, y_s = batch["source"]["image"], batch["source"]["mask"]
-        out = self.wrapped("model")(x_s)
-        loss, parts = self.supervised_loss(out, y_s, self.cfg.aux_weight)
-        return {"loss": loss, **parts}

@@ -45,7 +45,8 @@ class Supervised(SegMethod):
     streams = ("labelled",)
 
     def training_step(self, batch: dict, ctx) -> dict[str, torch.Tensor]:
-        x_l, y_l = batch["labelled"]["image"], batch["labelled"]["mask"]  # 1. labelled batch
+        b = batch[self.streams[0]]  # the labelled stream ("source" for the adaptation baseline)
+        x_l, y_l = b["image"], b["mask"]  # 1. labelled batch
         out = self.wrapped("model")(x_l)  # 2. prediction (through DDP)
         loss, parts = self.supervised_loss(out, y_l, self.cfg.aux_weight)  # 3. L_total
         return {"loss": loss, **parts}
