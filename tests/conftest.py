@@ -150,3 +150,28 @@ def launch(script: str, args: Sequence[str], processes: int = 1, timeout: int = 
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
+
+
+def cut_back(run: Path, cut: Path, last_step: int = 4, drop: Sequence[str] = ()) -> Path:
+    """Copy the finished run ``run`` to ``cut`` and cut it back to its previous checkpoint, as if it had stopped
+    there: the checkpoint of ``last_step``, ``last``/``best`` weights, ``metrics.json`` and ``drop`` are removed."""
+    import shutil
+
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / f"step_{last_step:08d}")
+    for name in ("checkpoints/last.safetensors", "checkpoints/best.safetensors", "metrics.json", *drop):
+        (cut / name).unlink(missing_ok=True)
+    return cut
+
+
+def assert_same_last_weights(a: Path, b: Path) -> dict:
+    """``checkpoints/last.safetensors`` of two runs hold the same keys and bit-identical tensors; returns ``a``'s."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa = load_file(str(a / "checkpoints" / "last.safetensors"))
+    wb = load_file(str(b / "checkpoints" / "last.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    return wa

@@ -6,7 +6,6 @@ bit-exact resume, two processes)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from common.errors import UserInputError
-from conftest import REPO, launch
+from conftest import REPO, assert_same_last_weights, cut_back, launch
 from finetune.deeplab import create_segmenter
 from finetune.discriminator import bce_to_label, valid_fraction
 from finetune.losses import build_segmentation_loss
@@ -195,18 +194,9 @@ def test_run_logs_finite_losses_and_reports_the_target(run):
 def test_resume_mid_run_matches_uninterrupted(run, tiny_demo, tmp_path):
     from finetune.uda import main
 
-    cut = tmp_path / "cut"
-    shutil.copytree(run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    for name in ("last.safetensors", "best.safetensors"):
-        (cut / "checkpoints" / name).unlink(missing_ok=True)
-    (cut / "metrics.json").unlink()
+    cut = cut_back(run, tmp_path / "cut")
     main(["--config", CONFIG, "--output-dir", str(cut), "--resume", *overrides(tiny_demo / "s2" / "source")])
-    a = load_file(str(run / "checkpoints" / "last.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:  # segmenter and both discriminators
-        assert torch.equal(a[key], b[key]), key
+    assert_same_last_weights(run, cut)  # segmenter and both discriminators
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.errors import UserInputError
-from conftest import REPO, launch
+from conftest import REPO, assert_same_last_weights, cut_back, launch
 from finetune.discriminator import bce_to_label, valid_fraction
 from finetune.methods.advent import (
     Advent,
@@ -213,18 +212,9 @@ def test_run_logs_losses_and_holds_the_source_prior(run, tiny_demo):
 def test_resume_mid_run_matches_uninterrupted(run, tiny_demo, tmp_path):
     from finetune.uda import main
 
-    cut = tmp_path / "cut"
-    shutil.copytree(run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    for name in ("last.safetensors", "best.safetensors"):
-        (cut / "checkpoints" / name).unlink(missing_ok=True)
-    (cut / "metrics.json").unlink()
+    cut = cut_back(run, tmp_path / "cut")
     main(["--config", CONFIG, "--output-dir", str(cut), "--resume", *overrides(tiny_demo / "s2" / "source")])
-    a = load_file(str(run / "checkpoints" / "last.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:  # segmenter, both discriminators, class prior
-        assert torch.equal(a[key], b[key]), key
+    assert_same_last_weights(run, cut)  # segmenter, both discriminators, class prior
 
 
 def test_intra_domain_stage_from_a_first_run(run, tiny_demo, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.errors import UserInputError
-from conftest import REPO, launch
+from conftest import REPO, assert_same_last_weights, cut_back, launch
 from finetune.deeplab import create_segmenter
 from finetune.losses import build_segmentation_loss
 from finetune.methods.ael import (
@@ -284,20 +284,11 @@ def test_s2_run_reports_metrics_and_exports_the_teacher(s2_run):
 
 
 def test_resume_mid_run_matches_uninterrupted(s2_run, tiny_demo, tmp_path):
-    cut = tmp_path / "cut"
-    shutil.copytree(s2_run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    for name in ("last.safetensors", "best.safetensors"):
-        (cut / "checkpoints" / name).unlink(missing_ok=True)
-    (cut / "metrics.json").unlink()
+    cut = cut_back(s2_run, tmp_path / "cut")
     res = launch("finetune/semisup.py", ["--config", CONFIG, "--output-dir", str(cut), "--resume",
                                          *_overrides(tiny_demo / "s2" / "source")])
     assert "resumed from" in res.stdout + res.stderr
-    a = load_file(str(s2_run / "checkpoints" / "last.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:  # student, teacher, confidence bank and CutMix bank
-        assert torch.equal(a[key], b[key]), key
+    a = assert_same_last_weights(s2_run, cut)  # student, teacher, confidence bank and CutMix bank
     assert set(BANK_KEYS) <= a.keys()
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, launch
+from conftest import REPO, assert_same_last_weights, cut_back, launch
 from safetensors.torch import load_file
 
 from common.sampling import weighted_epoch_indices
@@ -255,19 +254,10 @@ def test_run_with_an_export_keeps_the_frozen_backbone(tiny_demo, tmp_path):
 def test_resume_mid_run_matches_uninterrupted(run, tiny_demo, tmp_path):
     from finetune.uda import main
 
-    cut = tmp_path / "cut"
-    shutil.copytree(run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    for name in ("last.safetensors", "best.safetensors"):
-        (cut / "checkpoints" / name).unlink(missing_ok=True)
-    (cut / "metrics.json").unlink()
+    cut = cut_back(run, tmp_path / "cut")
     main(["--config", CONFIG, "--output-dir", str(cut), "--resume", *_tiny(tiny_demo / "s2" / "source"),
           "trainer.best_metric=target_entropy", "trainer.best_mode=min"])
-    a = load_file(str(run / "checkpoints" / "last.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:  # student and teacher
-        assert torch.equal(a[key], b[key]), key
+    assert_same_last_weights(run, cut)  # student and teacher
     fa, fb = (json.loads((d / "metrics.json").read_text()) for d in (run, cut))
     assert fa["last"]["target_entropy"] == fb["last"]["target_entropy"]
 

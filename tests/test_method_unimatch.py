@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import finetune.methods.unimatch as um
-from conftest import REPO, launch
+from conftest import REPO, assert_same_last_weights, cut_back, launch
 from finetune.deeplab import SegmenterOutput, create_segmenter
 from finetune.methods.base import SegSetup
 from finetune.methods.unimatch import UniMatch, UniMatchConfig, total_loss, unsup_ce
@@ -239,20 +238,11 @@ def test_trains_on_a_plain_vit(tiny_demo, tmp_path):
 
 
 def test_resume_mid_run_matches_uninterrupted(uni_run, tiny_demo, tmp_path):
-    cut = tmp_path / "cut"
-    shutil.copytree(uni_run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    for name in ("last.safetensors", "best.safetensors"):
-        (cut / "checkpoints" / name).unlink(missing_ok=True)
-    (cut / "metrics.json").unlink()
+    cut = cut_back(uni_run, tmp_path / "cut")
     res = launch("finetune/semisup.py", ["--config", CONFIG, "--output-dir", str(cut), "--resume",
                                          *_overrides(tiny_demo)])
     assert "resumed from" in res.stdout + res.stderr
-    a = load_file(str(uni_run / "checkpoints" / "last.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:  # CutMix boxes and dropout masks come from the step's generator: identical after the resume
-        assert torch.equal(a[key], b[key]), key
+    assert_same_last_weights(uni_run, cut)  # CutMix boxes and dropout masks come from the step's generator: identical after the resume
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, launch
+from conftest import REPO, assert_same_last_weights, cut_back, launch
 
 CONFIG = str(REPO / "configs" / "pretrain" / "demo.yaml")
 
@@ -103,22 +102,12 @@ def test_export_cli_and_checksum(pretrain_run, tmp_path):
 
 def test_resume_mid_run_matches_uninterrupted(pretrain_run, tmp_path):
     """Cut the finished run back to its step-2 checkpoint, resume: the teacher export must be identical."""
-    cut = tmp_path / "cut"
-    shutil.copytree(pretrain_run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    for name in ("last.safetensors", "best.safetensors"):
-        (cut / "checkpoints" / name).unlink(missing_ok=True)
-    for name in ("backbone.safetensors", "backbone.json", "metrics.json"):
-        (cut / name).unlink()
+    cut = cut_back(pretrain_run, tmp_path / "cut", drop=("backbone.safetensors", "backbone.json"))
     res = launch("ssl/pretrain.py", ["--config", CONFIG, "--output-dir", str(cut), "--resume",
                                      *tiny_overrides(Path(json.loads((pretrain_run / "backbone.json").read_text())
                                                           ["source"]["data"]["root"]))])
     assert "resumed from" in res.stdout + res.stderr
-    a = load_file(str(pretrain_run / "checkpoints" / "last.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:  # student, teacher, head and the DINO center
-        assert torch.equal(a[k], b[k]), k
+    a = assert_same_last_weights(pretrain_run, cut)  # student, teacher, head and the DINO center
     assert "loss_fn.center" in a and a["loss_fn.center"].abs().sum() > 0
 
 
