@@ -134,6 +134,7 @@ def test_per_parameter_clipping_hand_values():
     assert torch.equal(b.grad, torch.tensor([0.5]))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

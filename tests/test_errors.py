@@ -96,6 +96,7 @@ def test_debug_shows_the_traceback(tiny_demo, tmp_path, monkeypatch):
         main(argv)
 
 
+@pytest.mark.slow
 def test_one_message_from_two_processes(tiny_demo, tmp_path):
     """Both ranks fail on the same input; only rank 0 prints it. (The launcher adds its own report of the failed
     processes after it, which a script cannot suppress; see the README.)"""

@@ -112,6 +112,7 @@ def _launch(tmp_path: Path, which: str, processes: int, batch: int, batch2: int)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     """Banks are equal on both ranks after every step; the epoch-start prototype equals the one-process value; the
     weights of one process at batch 8 + 12 equal those of two processes at 4 + 6 (no BatchNorm, no dropout)."""

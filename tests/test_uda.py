@@ -27,6 +27,8 @@ def test_source_only_reports_the_target_and_selects_on_the_source(tiny_demo, tmp
     for mask in (s2 / "target" / "masks").glob("*.tif"):
         if mask.stem not in val_ids:
             mask.unlink()
+    from finetune.uda import main
+
     run = tmp_path / "run"
     launch("finetune/uda.py", ["--config", CONFIG, "--output-dir", str(run), *_tiny(s2 / "source")])
     final = json.loads((run / "metrics.json").read_text())
@@ -36,8 +38,7 @@ def test_source_only_reports_the_target_and_selects_on_the_source(tiny_demo, tmp
     assert card["method"] == "source_only" and card["state_dict_prefix"] == "model."
 
     oracle = tmp_path / "oracle"
-    launch("finetune/uda.py", ["--config", CONFIG, "--output-dir", str(oracle), *_tiny(s2 / "source"),
-                               "trainer.best_metric=target_val/mIoU"])
+    main(["--config", CONFIG, "--output-dir", str(oracle), *_tiny(s2 / "source"), "trainer.best_metric=target_val/mIoU"])
     final = json.loads((oracle / "metrics.json").read_text())
     assert final["selection"] == "oracle" and final["best_metric"] == "target_val/mIoU"
 
