@@ -16,6 +16,8 @@ Datasheet
 
 **Land cover, Sentinel-1-like** (``DIR/s1/<domain>/``), sensor ``S1``: VV, VH backscatter as float32 dB,
     co-registered with the S2 tile of the same id (same grid, same labels), nodata NaN declared (none present).
+    ``masks/`` and ``splits/`` repeat the S2 domain's, so each S1 domain is a segmentation dataset of its own
+    (``data.root: DIR/s1/source`` with ``data.target.root`` on ``DIR/s1/target``).
 
 **Buildings, SpaceNet-6-like quad-pol SAR** (``DIR/sar/``), sensor ``SAR4``: HH, HV, VH, VV float32 linear
     intensity, 0.5 m pixels, EPSG:32631, nodata 0 (a swath edge cuts some scenes). Masks: uint8 0/1 building
@@ -26,11 +28,16 @@ Datasheet
 Two domains: ``source`` (temperate region, early summer) and ``target`` (drier region, late summer, another sensor
 calibration): class frequencies shifted (less forest, more bare soil and built-up), larger parcels, wider crop
 rows, vegetation darker in the NIR and brighter in the visible, drier phenology, lower sun, more haze, per-band
-gains. ``--shift`` scales the whole shift (1.0 = the full shift of the feasibility study; default 0.7, which leaves a
+gains; its Sentinel-1 products come from another relative orbit (incidence angles ~10 degrees steeper, so smooth
+surfaces such as water, asphalt and bare soil are darker), without thermal-noise removal (a noise floor lifts the
+darkest VH and VV backscatter) and with another radiometric calibration offset (the S2 data do not depend on these). ``--shift`` scales the whole shift (1.0 = the full shift of the feasibility study; default 0.7, which leaves a
 gap of about half the study's between source-trained and target-trained models on the target).
 
-Splits (``splits/*.txt``, one id per line): per S2 domain ``train_all``, ``labelled_1_8`` (a deterministic eighth
-of ``train_all``), ``unlabelled_1_8`` (the rest) and ``val``; for SAR ``train_all`` and ``val``.
+Splits (``splits/*.txt``, one id per line): per S2 (and S1) domain ``train_all``, ``labelled_1_8`` (a deterministic
+eighth of ``train_all``), ``unlabelled_1_8`` (the rest) and ``val``; for SAR ``train_all`` and ``val`` (whole
+scenes), and ``labelled_1_8`` (an eighth of the ``train_all`` tiles: whole scenes, then a compact block of tiles from
+a corner of one scene) with ``unlabelled_1_8`` (the other training tiles, less those that overlap a labelled tile;
+``dataset.json`` ``sar.semisup_split`` lists them).
 
 Statistics (``s2/stats.json``, ``s1/stats.json``, ``sar/stats.json``): per-band mean/std in model units computed with
 :mod:`common.stats` over every image tile of the sensor (both domains, all splits); the demo configs point
@@ -49,8 +56,10 @@ soil, algae water, ploughed soil) are concentrated in a few "hotspot" tiles, so 
 them. Per-parcel brightness/spectral tilt, per-tile phenology, illumination, topographic shading, haze
 (wavelength-dependent path radiance), water-vapour absorption in B09, calibration jitter; 10 m MTF blur, block
 means for 20/60 m bands, signal-dependent noise. S1 backscatter is mixed in linear power from per-endmember
-VV/VH values (water very dark, roofs bright, plus double-bounce points in built-up), with gamma speckle
-(4.4 looks) applied in linear power before conversion to dB.
+VV/VH values at the tile's incidence angle (each endmember falls off with its own dB-per-degree slope, steepest for
+specular water and smooth soils; water very dark, roofs bright, plus double-bounce points in built-up), the domain's
+calibration offset and thermal-noise floor, with gamma speckle (4.4 looks) applied in linear power before
+conversion to dB.
 
 SAR buildings (per scene): ground, tree and road background; rotated rectangular buildings in a jittered block
 layout; for a sensor looking east (sensor on the west side) each building gets a radar shadow behind it, a layover
@@ -100,7 +109,7 @@ __all__ = [
     "main",
 ]
 
-FORMAT = "eoseg-demo/1"
+FORMAT = "eoseg-demo/2"
 """Value of ``dataset.json``'s ``format`` key; bump when the generator's output changes."""
 
 # ---------------------------------------------------------------------------------------------------- classes
@@ -146,6 +155,12 @@ S1_LOOKS = 4.4
 """Equivalent number of looks of Sentinel-1 IW GRD."""
 S1_BLUR_PX = 0.8
 """Gaussian PSF (pixels at 10 m) standing in for the ~20 m resolution of IW GRD."""
+S1_REFERENCE_INCIDENCE_DEG = 37.0
+"""Incidence angle at which the endmembers' S1 backscatter (:data:`ENDMEMBER_S1_DB`) is given (mid-swath of IW)."""
+S1_INCIDENCE_SPREAD_DEG = 2.5
+"""Per-tile spread (uniform +-) of the incidence angle around the domain's mean (position in the swath)."""
+S1_VH_SLOPE_RATIO = 0.7
+"""Incidence-angle slope of VH relative to VV (cross-pol, more volume scattering, falls off less)."""
 SAR_PIXEL_M = get_sensor("SAR4").gsd["HH"]
 SAR_LOOKS = 3.0
 SAR_NODATA = 0.0
@@ -179,6 +194,14 @@ ENDMEMBER_NAMES = tuple(e[0] for e in _ENDMEMBERS)
 _E = {name: i for i, name in enumerate(ENDMEMBER_NAMES)}
 ENDMEMBER_REFLECTANCE = np.array([e[1] for e in _ENDMEMBERS], dtype=np.float64)  # (K, 12)
 ENDMEMBER_S1_DB = np.array([e[2] for e in _ENDMEMBERS], dtype=np.float64)  # (K, 2)
+_S1_SLOPE_DB_PER_DEG = {  # C-band VV backscatter change per degree of incidence (smooth surfaces fall fastest)
+    "water_clear": -0.5, "water_turbid": -0.45, "water_algae": -0.4, "canopy_broadleaf": -0.08,
+    "canopy_conifer": -0.08, "canopy_shade": -0.08, "crop_green": -0.15, "crop_senescent": -0.22,
+    "grass_green": -0.18, "grass_dry": -0.22, "soil_dry": -0.25, "soil_wet": -0.2, "soil_bright": -0.28,
+    "roof_tile": -0.05, "roof_concrete": -0.05, "asphalt": -0.35, "greenhouse": -0.1, "char": -0.2,
+}  # fmt: skip
+ENDMEMBER_S1_SLOPE = np.array([[_S1_SLOPE_DB_PER_DEG[n], S1_VH_SLOPE_RATIO * _S1_SLOPE_DB_PER_DEG[n]]
+                               for n in ENDMEMBER_NAMES])  # (K, 2) dB per degree of incidence, VV and VH
 VEGETATION_ENDMEMBERS = tuple(_E[n] for n in ("canopy_broadleaf", "canopy_conifer", "crop_green", "grass_green"))
 """Endmembers whose NIR/visible reflectance the target domain changes."""
 SOIL_LIKE_ENDMEMBERS = tuple(_E[n] for n in ("grass_dry", "soil_dry", "soil_wet", "soil_bright", "crop_senescent"))
@@ -220,6 +243,10 @@ class DomainSpec:
         sun: Mean illumination factor.
         haze: Mean haze amount (path radiance scale).
         soil_db: Offset (dB) of S1 backscatter of soils and dry vegetation (drier soils are darker).
+        s1_incidence_deg: Mean S1 incidence angle of the region's tiles (another relative orbit / swath position).
+        s1_noise_power: Thermal-noise power (linear) left in the S1 backscatter (0: noise removed, as ESA's
+            processing does; > 0: a product without thermal-noise removal, which lifts the dark surfaces).
+        s1_calibration_db: Offset (dB) of the S1 radiometric calibration of the region's products.
         band_gain: Per-band calibration gain (12 values).
     """
 
@@ -235,6 +262,9 @@ class DomainSpec:
     sun: float
     haze: float
     soil_db: float
+    s1_incidence_deg: float
+    s1_noise_power: float
+    s1_calibration_db: float
     band_gain: tuple[float, ...]
 
 
@@ -243,12 +273,14 @@ _SOURCE = DomainSpec(
     name="source", crs_epsg=32633, origin=(400_000.0, 5_400_000.0),
     class_prior=(0.035, 0.23, 0.42, 0.20, 0.085, 0.10), parcel_area_px=180.0, stripe_period_px=(3.0, 6.0),
     veg_visible_gain=1.0, veg_nir_gain=1.0, phenology=0.25, sun=1.0, haze=0.3, soil_db=0.0,
+    s1_incidence_deg=33.5, s1_noise_power=0.0, s1_calibration_db=0.0,
     band_gain=(1.0,) * len(S2_BANDS),
 )  # fmt: skip
 _TARGET_FULL = DomainSpec(
     name="target", crs_epsg=32630, origin=(250_000.0, 4_150_000.0),
     class_prior=(0.023, 0.081, 0.43, 0.21, 0.14, 0.21), parcel_area_px=1.6 * 180.0, stripe_period_px=(4.5, 9.0),
     veg_visible_gain=1.35, veg_nir_gain=0.85, phenology=0.55, sun=0.88, haze=0.75, soil_db=-2.0,
+    s1_incidence_deg=43.5, s1_noise_power=10 ** (-25.0 / 10), s1_calibration_db=0.5,
     band_gain=(1.0,) * len(S2_BANDS),
 )  # fmt: skip
 TARGET_BAND_GAIN_RANGE = (0.92, 1.07)
@@ -280,7 +312,8 @@ def domain_specs(seed: int, shift: float) -> dict[str, DomainSpec]:
         ),
         **{
             k: lerp(getattr(_SOURCE, k), getattr(_TARGET_FULL, k))
-            for k in ("veg_visible_gain", "veg_nir_gain", "phenology", "sun", "haze", "soil_db")
+            for k in ("veg_visible_gain", "veg_nir_gain", "phenology", "sun", "haze", "soil_db",
+                      "s1_incidence_deg", "s1_noise_power", "s1_calibration_db")
         },
         band_gain=tuple(float(1 + shift * (g - 1)) for g in gain_full),
     )
@@ -314,7 +347,7 @@ class DemoSettings:
     tiles: int = 160
     val_tiles: int = 48
     size: int = 64
-    sar_scenes: int = 3
+    sar_scenes: int = 5  # 4 training scenes: an eighth of their 64 tiles (8) fills one batch of demo_sar.yaml
     sar_grid: int = 4
     sar_size: int = 64
     sar_overlap: int = 16
@@ -650,17 +683,19 @@ def _render_s2(
 
 def _render_s1(rng: np.random.Generator, A: np.ndarray, label: np.ndarray, parcel: np.ndarray, n_parcels: int,
                dom: DomainSpec) -> np.ndarray:  # fmt: skip
-    """Sentinel-1-like VV/VH backscatter in dB ``(2, P, P)``: linear mixing, double bounce, speckle."""
-    db = ENDMEMBER_S1_DB.copy()
+    """Sentinel-1-like VV/VH backscatter in dB ``(2, P, P)``: linear mixing at the tile's incidence angle, double
+    bounce, the domain's calibration and thermal-noise floor, speckle."""
+    incidence = dom.s1_incidence_deg + rng.uniform(-S1_INCIDENCE_SPREAD_DEG, S1_INCIDENCE_SPREAD_DEG)
+    db = ENDMEMBER_S1_DB + ENDMEMBER_S1_SLOPE * (incidence - S1_REFERENCE_INCIDENCE_DEG)
     db[list(SOIL_LIKE_ENDMEMBERS)] += dom.soil_db
     lin = np.einsum("kp,kyx->pyx", 10.0 ** (db / 10.0), A)
-    incidence_db = rng.uniform(-1.0, 1.0)
     jitter = rng.normal(0.0, 1.0, n_parcels)[parcel]
-    gain_db = incidence_db + np.where(label == WATER, 0.0, jitter)
+    gain_db = dom.s1_calibration_db + np.where(label == WATER, 0.0, jitter)
     bright_points = (label == BUILT_UP) & (rng.uniform(size=label.shape) < 0.12)
     gain_db = gain_db + 8.0 * bright_points
     lin = lin * 10.0 ** (gain_db / 10.0)
     lin = ndimage.gaussian_filter(lin, sigma=(0, S1_BLUR_PX, S1_BLUR_PX), mode="nearest")
+    lin = lin + dom.s1_noise_power  # thermal noise (speckled like the signal)
     lin = lin * rng.gamma(S1_LOOKS, 1.0 / S1_LOOKS, lin.shape)
     return 10.0 * np.log10(np.maximum(lin, 1e-6))
 
@@ -931,7 +966,8 @@ def _tile_transform(dom: DomainSpec, index: int, size: int) -> Affine:
 def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int, dom: DomainSpec) -> dict:
     """Write one land-cover domain (S2, S1, masks, splits); return its ``dataset.json`` entry."""
     s2_dir, s1_dir = out / "s2" / dom.name, out / "s1" / dom.name
-    for d in (s2_dir / "images", s2_dir / "masks", s2_dir / "splits", s1_dir / "images"):
+    for d in (s2_dir / "images", s2_dir / "masks", s2_dir / "splits", s1_dir / "images", s1_dir / "masks",
+              s1_dir / "splits"):
         d.mkdir(parents=True, exist_ok=True)
     n_total = settings.tiles + settings.val_tiles
     ids = [f"{dom.name}_{i:05d}" for i in range(n_total)]
@@ -944,9 +980,10 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
         tags = {"DOMAIN": dom.name, "TILE_ID": tile_id, "GENERATOR": FORMAT, "SEED": str(seed)}
         _write_tif(s2_dir / "images" / f"{tile_id}.tif", t["s2"], epsg=dom.crs_epsg, transform=transform,
                    nodata=S2_NODATA, descriptions=S2_BANDS, tags={**tags, "SENSOR": "S2L2A"})  # fmt: skip
-        _write_tif(s2_dir / "masks" / f"{tile_id}.tif", t["mask"][None], epsg=dom.crs_epsg, transform=transform,
-                   nodata=IGNORE_INDEX, descriptions=("class",),
-                   tags={**tags, "CLASSES": ",".join(CLASS_NAMES)})  # fmt: skip
+        for sensor_dir in (s2_dir, s1_dir):  # the S1 folder is a segmentation dataset of its own (same labels)
+            _write_tif(sensor_dir / "masks" / f"{tile_id}.tif", t["mask"][None], epsg=dom.crs_epsg,
+                       transform=transform, nodata=IGNORE_INDEX, descriptions=("class",),
+                       tags={**tags, "CLASSES": ",".join(CLASS_NAMES)})  # fmt: skip
         _write_tif(s1_dir / "images" / f"{tile_id}.tif", t["s1"], epsg=dom.crs_epsg, transform=transform,
                    nodata=float("nan"), descriptions=S1_BANDS,
                    tags={**tags, "SENSOR": "S1", "UNITS": "dB"})  # fmt: skip
@@ -964,7 +1001,8 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
     unlabelled = [t for t in train if t not in set(labelled)]
     splits = {"train_all": train, "labelled_1_8": labelled, "unlabelled_1_8": unlabelled, "val": val}
     for name, split_ids in splits.items():
-        _write_lines(s2_dir / "splits" / f"{name}.txt", split_ids)
+        for sensor_dir in (s2_dir, s1_dir):
+            _write_lines(sensor_dir / "splits" / f"{name}.txt", split_ids)
 
     def freq(row: np.ndarray) -> dict[str, float]:
         return {c: round(float(row[k]) / max(1, int(row[:-1].sum())), 4) for k, c in enumerate(CLASS_NAMES)}
@@ -981,6 +1019,67 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
     return entry
 
 
+SAR_SPLIT_KEY = 100
+"""Key of the SAR semi-supervised split's random stream (the S2 domains use their index, 0 and 1)."""
+
+
+def _sar_semisup_split(seed: int, settings: DemoSettings, scene_tiles: dict[str, list[tuple[str, int, int]]]) -> dict:
+    """``labelled_1_8`` / ``unlabelled_1_8`` of the SAR training scenes, spatially apart.
+
+    ``scene_tiles``: training scene id -> its tiles ``(id, row_off, col_off)`` in row-major order. The labelled
+    tiles are whole scenes while at least a scene's worth is still to be labelled, then one compact block of
+    tiles from a random corner of the next scene (scenes in a seed-derived random order); tiles that overlap a
+    labelled tile are left out of ``unlabelled_1_8``, so no pixel is both labelled and unlabelled, unless that
+    would leave ``unlabelled_1_8`` empty (tiny settings): then every other training tile is unlabelled and the
+    overlapping ones are listed under ``overlapping_labelled``.
+    """
+    g, size = settings.sar_grid, settings.sar_size
+    train = [t for tiles in scene_tiles.values() for t in tiles]
+    n_lab = max(1, round(len(train) / LABEL_FRACTION))
+    rng = np.random.default_rng([seed, _STREAM_SPLIT, SAR_SPLIT_KEY])
+    order = [list(scene_tiles)[k] for k in rng.permutation(len(scene_tiles))]
+    labelled: list[tuple[str, int, int]] = []
+    whole: list[str] = []
+    for scene in order:
+        left = n_lab - len(labelled)
+        if left <= 0:
+            break
+        tiles = scene_tiles[scene]
+        if left >= len(tiles):
+            labelled += tiles
+            whole.append(scene)
+            continue
+        width = min(g, math.ceil(math.sqrt(left)))
+        flip_r, flip_c = (bool(b) for b in rng.integers(0, 2, 2))  # which corner the block starts from
+        cells = [(k // width, k % width) for k in range(left)]
+        cells = [(g - 1 - r if flip_r else r, g - 1 - c if flip_c else c) for r, c in cells]
+        labelled += [tiles[r * g + c] for r, c in cells]
+    lab_ids = {t[0] for t in labelled}
+    lab_scene = {t[0]: s for s, tiles in scene_tiles.items() for t in tiles}
+
+    def overlaps(a: tuple[str, int, int], b: tuple[str, int, int]) -> bool:
+        return lab_scene[a[0]] == lab_scene[b[0]] and abs(a[1] - b[1]) < size and abs(a[2] - b[2]) < size
+
+    rest = [t for t in train if t[0] not in lab_ids]
+    near = [t for t in rest if any(overlaps(t, lab) for lab in labelled)]
+    far = [t for t in rest if t not in near]
+    unlabelled, left_out, straddling = (far, near, []) if far else (rest, [], near)
+    return {
+        "labelled_1_8": [t[0] for t in train if t[0] in lab_ids],  # in train_all order
+        "unlabelled_1_8": [t[0] for t in unlabelled],
+        "info": {
+            "labelled_whole_scenes": whole,
+            "labelled_partial_scene": sorted({lab_scene[t[0]] for t in labelled} - set(whole)),
+            "left_out_overlapping_labelled": [t[0] for t in left_out],
+            "overlapping_labelled": [t[0] for t in straddling],
+            "rule": "labelled: whole training scenes, then a compact block of tiles from a corner of one more scene, "
+                    "round(train_all / 8) tiles (at least 1); unlabelled: the other training tiles except those "
+                    "overlapping a labelled tile (left out), unless none would remain (then listed as "
+                    "overlapping_labelled)",
+        },
+    }
+
+
 def _sar(out: Path, seed: int, settings: DemoSettings) -> dict:
     """Write the SAR building dataset; return its ``dataset.json`` entry."""
     for d in ("images", "masks", "geojson", "splits"):
@@ -988,6 +1087,7 @@ def _sar(out: Path, seed: int, settings: DemoSettings) -> dict:
     size, stride = settings.sar_size, settings.sar_stride
     scenes, tiles = [], {}
     split_ids: dict[str, list[str]] = {"train_all": [], "val": []}
+    scene_tiles: dict[str, list[tuple[str, int, int]]] = {}
     for s in range(settings.sar_scenes):
         image, mask, buildings, meta = _sar_scene(seed, s, settings)
         x0 = SAR_ORIGIN[0] + s * SAR_SCENE_SPACING_M
@@ -1014,6 +1114,11 @@ def _sar(out: Path, seed: int, settings: DemoSettings) -> dict:
                 tiles[tile_id] = {"scene": scene_id, "row_off": row, "col_off": col,
                                   "buildings": len(gj["features"])}  # fmt: skip
                 split_ids[split].append(tile_id)
+                if split == "train_all":
+                    scene_tiles.setdefault(scene_id, []).append((tile_id, row, col))
+    semisup = _sar_semisup_split(seed, settings, scene_tiles)
+    split_ids["labelled_1_8"] = semisup["labelled_1_8"]
+    split_ids["unlabelled_1_8"] = semisup["unlabelled_1_8"]
     for name, ids in split_ids.items():
         _write_lines(out / "sar" / "splits" / f"{name}.txt", ids)
     return {
@@ -1022,7 +1127,8 @@ def _sar(out: Path, seed: int, settings: DemoSettings) -> dict:
         "classes": ["background", "building"], "look": SAR_LOOK, "tile_size": size,
         "tile_overlap": settings.sar_overlap,
         "scenes": scenes, "tiles": tiles, "splits": {k: len(v) for k, v in split_ids.items()},
-        "split_rule": "whole scenes: tiles of one scene overlap, so they never straddle splits",
+        "split_rule": "val: whole scenes: tiles of one scene overlap, so they never straddle train_all and val",
+        "semisup_split": semisup["info"],
     }  # fmt: skip
 
 
@@ -1063,8 +1169,8 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
         out: Output directory (created).
         seed: Random seed; the output is a pure function of ``(seed, sizes)``.
         overwrite: Regenerate even if ``out`` already holds a dataset. Without it, an existing dataset with the
-            same format, seed and settings is kept as is (and its ``dataset.json`` returned) and a different one
-            raises.
+            same format, seed and settings is kept as is (and its ``dataset.json`` returned), one of an older
+            format with the same seed and settings is regenerated, and one with other settings raises.
         **sizes: Fields of :class:`DemoSettings` (``tiles``, ``val_tiles``, ``size``, ``sar_scenes``, ``sar_grid``,
             ``sar_size``, ``sar_overlap``, ``sar_val_scenes``, ``shift``).
 
@@ -1088,12 +1194,15 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
     meta_path = out / "dataset.json"
     if meta_path.exists() and not overwrite:
         old = json.loads(meta_path.read_text())
-        if old.get("format") == FORMAT and old.get("seed") == seed and old.get("settings") == asdict(settings):
+        same_settings = old.get("seed") == seed and old.get("settings") == asdict(settings)
+        if old.get("format") == FORMAT and same_settings:
             if not all((out / f).is_file() for f in STATS_FILES.values()):  # a dataset from before the stats files
                 write_stats(out)
             return old
-        raise FileExistsError(f"{out} already holds a demo dataset with another seed or settings; pass overwrite=True "
-                              "(--overwrite) to replace it")  # fmt: skip
+        if not same_settings:
+            raise FileExistsError(f"{out} already holds a demo dataset with another seed or settings; pass "
+                                  "overwrite=True (--overwrite) to replace it")  # fmt: skip
+        # the same seed and settings written by an older generator version: regenerated in place
     for name in _OWNED:
         p = out / name
         if p.is_dir():

@@ -60,8 +60,14 @@ def test_layout_follows_contract(demo):
         ids = _ids(root / "s2" / dom / "splits" / "train_all.txt") + _ids(root / "s2" / dom / "splits" / "val.txt")
         assert len(ids) == 12
         for i in ids:
-            for sub in ("s2/{d}/images", "s2/{d}/masks", "s1/{d}/images"):
+            for sub in ("s2/{d}/images", "s2/{d}/masks", "s1/{d}/images", "s1/{d}/masks"):
                 assert (root / sub.format(d=dom) / f"{i}.tif").is_file()
+        for split in S2_SPLITS:  # each S1 domain is a segmentation dataset of its own, with the S2 labels
+            assert (root / "s1" / dom / "splits" / f"{split}.txt").read_text() == \
+                (root / "s2" / dom / "splits" / f"{split}.txt").read_text()
+        tid = ids[0]
+        np.testing.assert_array_equal(_read(root / "s1" / dom / "masks" / f"{tid}.tif"),
+                                      _read(root / "s2" / dom / "masks" / f"{tid}.tif"))
     sar_ids = _ids(root / "sar" / "splits" / "train_all.txt") + _ids(root / "sar" / "splits" / "val.txt")
     assert len(sar_ids) == 2 * 2 * 2
     for i in sar_ids:
@@ -163,6 +169,57 @@ def test_splits_disjoint_and_covering(demo):
     assert train and val and not scenes(train) & scenes(val)  # overlapping tiles never straddle splits
 
 
+def _sar_overlap(meta: dict, a: str, b: str) -> bool:
+    ta, tb, size = meta["sar"]["tiles"][a], meta["sar"]["tiles"][b], meta["sar"]["tile_size"]
+    return ta["scene"] == tb["scene"] and abs(ta["row_off"] - tb["row_off"]) < size \
+        and abs(ta["col_off"] - tb["col_off"]) < size
+
+
+def _check_sar_semisup(root: Path, meta: dict) -> dict[str, list[str]]:
+    s = {k: _ids(root / "sar" / "splits" / f"{k}.txt") for k in S2_SPLITS}
+    info = meta["sar"]["semisup_split"]
+    assert meta["sar"]["splits"] == {k: len(v) for k, v in s.items()}
+    assert s["labelled_1_8"] and s["unlabelled_1_8"]
+    assert len(s["labelled_1_8"]) == max(1, round(len(s["train_all"]) / 8))
+    assert not set(s["labelled_1_8"]) & set(s["unlabelled_1_8"])
+    left_out = info["left_out_overlapping_labelled"]
+    assert sorted(s["labelled_1_8"] + s["unlabelled_1_8"] + left_out) == sorted(s["train_all"])
+    straddling = {u for u in s["unlabelled_1_8"] for lab in s["labelled_1_8"] if _sar_overlap(meta, u, lab)}
+    assert straddling == set(info["overlapping_labelled"])
+    assert all(any(_sar_overlap(meta, t, lab) for lab in s["labelled_1_8"]) for t in left_out)
+    return s
+
+
+def test_sar_semisup_splits_tiny(demo):
+    """At the tiny settings (one training scene of 2 x 2 overlapping tiles) every other tile overlaps the labelled
+    one: the splits stay non-empty (1 labelled, 3 unlabelled) and the overlap is declared."""
+    root, meta = demo
+    s = _check_sar_semisup(root, meta)
+    assert (len(s["labelled_1_8"]), len(s["unlabelled_1_8"])) == (1, 3)
+    assert sorted(meta["sar"]["semisup_split"]["overlapping_labelled"]) == sorted(s["unlabelled_1_8"])
+
+
+@pytest.mark.parametrize("scenes, grid, whole", [(3, 3, 0), (17, 2, 2)])
+def test_sar_semisup_splits_keep_overlapping_tiles_apart(tmp_path, scenes, grid, whole):
+    """Larger SAR settings: the labelled tiles are whole scenes and/or one compact block, no unlabelled tile overlaps
+    a labelled one (those are left out, listed in dataset.json), deterministic for a seed."""
+    sizes = dict(tiles=1, val_tiles=1, size=16, sar_scenes=scenes, sar_grid=grid, sar_size=16, sar_overlap=4)
+    meta = generate(tmp_path / "a", seed=5, **sizes)
+    s = _check_sar_semisup(tmp_path / "a", meta)
+    info = meta["sar"]["semisup_split"]
+    assert not info["overlapping_labelled"] and len(info["labelled_whole_scenes"]) == whole
+    tiles = meta["sar"]["tiles"]
+    lab_scenes = {tiles[i]["scene"] for i in s["labelled_1_8"]}
+    assert not set(info["labelled_whole_scenes"]) & {tiles[i]["scene"] for i in s["unlabelled_1_8"]}
+    assert len(lab_scenes) == whole + (len(s["labelled_1_8"]) > whole * grid * grid)
+    if scenes == 3:  # 18 training tiles: 2 labelled side by side in a corner, the 4 tiles around them left out
+        assert len(s["labelled_1_8"]) == 2 and len(info["left_out_overlapping_labelled"]) == 4
+    again = generate(tmp_path / "b", seed=5, **sizes)
+    assert again["sar"]["semisup_split"] == info
+    for k in ("labelled_1_8", "unlabelled_1_8"):
+        assert _ids(tmp_path / "b" / "sar" / "splits" / f"{k}.txt") == s[k]
+
+
 def test_calibration_proxies(tmp_path):
     """Per-pixel spectra cannot tell crops from grass; source and target spectra differ."""
     root = tmp_path / "calib"
@@ -208,6 +265,16 @@ def test_cli_idempotent_and_guarded(tmp_path, capsys):
     assert json.loads((tmp_path / "d" / "dataset.json").read_text())["settings"]["sar_overlap"] == 2
 
 
+def test_a_dataset_of_an_older_generator_is_regenerated(tmp_path):
+    out = tmp_path / "d"
+    meta = generate(out, seed=1, **TINY)
+    old = {**meta, "format": "eoseg-demo/1"}
+    (out / "dataset.json").write_text(json.dumps(old))
+    (out / "sar" / "splits" / "labelled_1_8.txt").unlink()  # written by this version only
+    assert generate(out, seed=1, **TINY) == meta
+    assert (out / "sar" / "splits" / "labelled_1_8.txt").is_file()
+
+
 @pytest.mark.parametrize("bad", [dict(tiles=0), dict(size=8), dict(sar_scenes=1), dict(sar_overlap=64),
                                  dict(shift=1.5), dict(bogus=1)])  # fmt: skip
 def test_invalid_settings(tmp_path, bad):
@@ -225,6 +292,7 @@ SENSOR_DIRS = {"S2L2A": "s2", "S1": "s1", "SAR4": "sar"}
 DEMO_CONFIGS = {
     "pretrain/demo.yaml": ".", "pretrain/demo_long.yaml": ".", "pretrain/demo_s2s1.yaml": "s2",
     "finetune/demo.yaml": "s2/source", "finetune/demo_s2s1.yaml": "s2/source", "finetune/demo_sar.yaml": "sar",
+    "finetune/demo_uda.yaml": "s2/source", "finetune/demo_uda_s1.yaml": "s1/source",
 }
 
 
@@ -258,6 +326,8 @@ def _load(name: str, root: Path, *extra: str):
 
     if name.startswith("pretrain/"):
         from eo_ssl.pretrain import PretrainConfig as cls
+    elif "uda" in name:
+        from finetune.uda import UDAConfig as cls
     else:
         from finetune.semisup import FinetuneConfig as cls
     return load_config(cls, REPO / "configs" / name, [f"data.root={root}", *extra])
