@@ -203,7 +203,8 @@ def test_sar_semisup_splits_tiny(demo):
 def test_sar_semisup_splits_keep_overlapping_tiles_apart(tmp_path, scenes, grid, whole):
     """Larger SAR settings: the labelled tiles are whole scenes and/or one compact block, no unlabelled tile overlaps
     a labelled one (those are left out, listed in dataset.json), deterministic for a seed."""
-    sizes = dict(tiles=1, val_tiles=1, size=16, sar_scenes=scenes, sar_grid=grid, sar_size=16, sar_overlap=4)
+    sizes = {"tiles": 1, "val_tiles": 1, "size": 16, "sar_scenes": scenes, "sar_grid": grid, "sar_size": 16,
+             "sar_overlap": 4}
     meta = generate(tmp_path / "a", seed=5, **sizes)
     s = _check_sar_semisup(tmp_path / "a", meta)
     info = meta["sar"]["semisup_split"]
