@@ -5,7 +5,7 @@ export and from random init, over seeds, beside supervised at 1/8 and on all lab
     python bench/semisup_demo.py --data data/demo --export runs/demo/pretrain/backbone.safetensors \
         --seeds 0 1 2 --parallel 2                      # S2 land cover: bench/results/semisup_demo.json
     python bench/semisup_demo.py --suite sar --data data/demo --seeds 0 1 2    # bench/results/semisup_sar.json
-    python bench/semisup_demo.py --quick ...            # 8 steps per run: a smoke test of the script
+    python bench/semisup_demo.py --quick ...            # 8 steps, batch 2, tiny backbone: a smoke test of the script
 
 Results: ``{method: {"dino"|"random": {seed: mIoU}}}`` (methods named as in ``method=``; ``supervised_all`` is
 supervised on all labelled tiles), the mIoU of the last step on the validation split; the best-on-validation figures
@@ -48,7 +48,9 @@ def _run(job: dict, threads: int) -> dict:
 
 def _jobs(args) -> list[dict]:
     jobs = []
-    common = ["trainer.progress_bar=false"] + (["trainer.max_steps=8", "trainer.eval_every=4"] if args.quick else [])
+    quick = ["trainer.max_steps=8", "trainer.eval_every=4", "data.batch_size=2", "data.unlabelled_batch_size=2",
+             "model.arch=test_resnet"]
+    common = ["trainer.progress_bar=false"] + (quick if args.quick else [])
     if args.suite == "semisup":
         config = str(REPO / "configs" / "finetune" / "demo.yaml")
         root = Path(args.data) / "s2" / "source"
