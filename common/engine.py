@@ -52,7 +52,7 @@ from common.checkpoint import (
 )
 from common.config import config_to_dict, save_config
 from common.errors import RunDirError, UserInputError
-from common.method import Method, StepContext, TrainContext
+from common.method import Method, StepContext, TrainContext, check_method
 from common.optim import OptimConfig, build_optimizer, clip_gradients_per_parameter
 from common.sampling import EpochSampler, seed_worker
 from common.schedules import build_lr_schedule, cosine_schedule
@@ -486,6 +486,7 @@ class Engine:
         Raises:
             UserInputError: naming the config key and the fix.
         """
+        check_method(method)
         missing = [s for s in method.streams if s not in loaders]
         if missing:
             raise ValueError(f"{type(method).__name__} consumes streams {tuple(method.streams)}; no loader for "
@@ -580,7 +581,6 @@ class Engine:
         prepared = {name: acc.prepare_data_loader(dl) for name, (dl, _) in built.items()}
         samplers = {name: sampler for name, (_, sampler) in built.items()}
         n_batches = {name: len(dl) for name, dl in prepared.items()}
-        primary = streams[0]
         k = cfg.grad_accum_steps
         steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
 

@@ -42,7 +42,7 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from common.optim import OptimConfig
 
-__all__ = ["Method", "OptimizerSpec", "TrainContext", "StepContext", "MethodRegistry", "frozen"]
+__all__ = ["Method", "OptimizerSpec", "TrainContext", "StepContext", "MethodRegistry", "frozen", "check_method"]
 
 
 @dataclass
@@ -172,19 +172,18 @@ class Method(nn.Module):
         return self._wrappers.get(name) or getattr(self, name)
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
-        return {"main": OptimizerSpec(self.param_groups())}
-
-    def param_groups(self) -> list[dict]:
-        raise NotImplementedError(f"{type(self).__name__} defines neither optimizers() nor param_groups()")
-
-    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__}.training_step")
+        """Default: one optimiser ``main`` over ``self.param_groups()`` with the run's ``optim`` settings."""
+        groups = getattr(self, "param_groups", None)
+        if groups is None:
+            raise TypeError(f"{type(self).__name__} must define optimizers() or param_groups()")
+        return {"main": OptimizerSpec(groups())}
 
     def forward(self, batch: dict[str, Any], step: int = 0, epoch: int = 0) -> dict[str, torch.Tensor]:
         """One ``training_step`` outside the engine (automatic mode only): the losses of a batch, e.g. in tests and
         benchmarks. The engine itself calls ``training_step`` with its context."""
         if self.manual_optimization:
             raise RuntimeError(f"{type(self).__name__} optimises manually: run it through the engine")
+        check_method(self)
         return self.training_step(batch, StepContext(None, step, epoch, 0, 1))
 
     @property
@@ -200,6 +199,12 @@ class Method(nn.Module):
                 raise TypeError(f"{type(self).__name__}.trainable names {name!r}, which is not a sub-module")
             out[name] = module
         return out
+
+
+def check_method(method: "Method") -> None:
+    """A method must define ``training_step`` (the engine calls it; there is no default)."""
+    if not callable(getattr(method, "training_step", None)):
+        raise TypeError(f"{type(method).__name__} defines no training_step(batch, ctx)")
 
 
 @contextlib.contextmanager

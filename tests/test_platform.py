@@ -180,3 +180,21 @@ def test_unimatch_with_an_aux_head_in_two_processes(tiny_demo, tmp_path):
                                    "data.labelled_split=train_all", "trainer.max_steps=2", "trainer.eval_every=2",
                                    "trainer.progress_bar=false"], processes=2)
     assert json.loads((run / "metrics.json").read_text())["num_processes"] == 2
+
+
+def test_a_method_without_a_training_step_or_optimiser_is_refused():
+    from common.method import OptimizerSpec, check_method
+
+    class Empty(Method):
+        name = "empty"
+
+    with pytest.raises(TypeError, match="training_step"):
+        check_method(Empty())
+    with pytest.raises(TypeError, match="optimizers\\(\\) or param_groups\\(\\)"):
+        Empty().optimizers()
+
+    class WithGroups(Empty):
+        def param_groups(self):
+            return [{"params": []}]
+
+    assert isinstance(WithGroups().optimizers()["main"], OptimizerSpec)
