@@ -30,20 +30,38 @@ RESULTS = REPO / "bench" / "results"
 METHODS = ("supervised", "mean_teacher", "psmt", "ael", "unimatch")
 
 
-def _run(job: dict, threads: int) -> dict:
+def _run_script(job: dict, threads: int) -> dict:
+    """Run ``job["script"]`` (default ``finetune/semisup.py``) unless its ``metrics.json`` exists; its final metrics."""
     out = Path(job["out"])
     metrics = out / "metrics.json"
     if not metrics.is_file():
-        cmd = [sys.executable, str(REPO / "finetune" / "semisup.py"), "--config", job["config"], "--output-dir",
+        cmd = [sys.executable, str(REPO / job.get("script", "finetune/semisup.py")), "--config", job["config"],
+               "--output-dir",
                str(out), "--overwrite", *job["overrides"]]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        res = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
         print(f"  {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
     final = json.loads(metrics.read_text())
-    return {**job, "last": final["last"], "best": final["best"], "time_s": final.get("train_time_s")}
+    return {**job, "last": final["last"], "best": final["best"], "time_s": final.get("train_time_s"),
+            "selection": final.get("selection")}
+
+
+def run_all(jobs: list[dict], parallel: int, threads: int) -> tuple[list[dict], list[str]]:
+    """Every job, ``parallel`` at a time; a failed run is reported (its stderr tail) and the others go on."""
+
+    def one(job: dict) -> dict | None:
+        try:
+            return _run_script(job, threads)
+        except RuntimeError as exc:
+            print(f"  FAILED {job['out']}: {exc}", flush=True)
+            return None
+
+    with ThreadPoolExecutor(parallel) as pool:
+        results = list(pool.map(one, jobs))
+    return [r for r in results if r is not None], [j["out"] for j, r in zip(jobs, results) if r is None]
 
 
 def _jobs(args) -> list[dict]:
@@ -66,9 +84,10 @@ def _jobs(args) -> list[dict]:
         rows = [(m, m, ["data.labelled_split=labelled_1_8", "data.unlabelled_split=unlabelled_1_8"])
                 for m in ("supervised", "ael")]
         rows.append(("supervised_all", "supervised", ["data.labelled_split=train_all"]))
-    for name, method, extra in rows:
+    # seed-major order: an interrupted table already holds every row for its first seeds
+    for seed in args.seeds:
         for init, init_over in inits.items():
-            for seed in args.seeds:
+            for name, method, extra in rows:
                 out = Path(args.runs) / args.suite / f"{name}_{init}_s{seed}"
                 jobs.append({"name": name, "init": init, "seed": seed, "out": str(out), "config": config,
                              "overrides": [f"data.root={root}", f"method={method}", f"trainer.seed={seed}",
@@ -99,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = _jobs(args)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        done = list(pool.map(lambda j: _run(j, threads), jobs))
+    done, failed = run_all(jobs, args.parallel, threads)
 
     key = "mIoU"
     table: dict = {}
@@ -131,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         lasts = [_fmt(list(table[name].get(i, {}).values())) for i in inits]
         bests = [_fmt([v[key] for v in best[name].get(i, {}).values()]) for i in inits]
         print(f"| {name} | " + " | ".join(lasts) + " | " + " | ".join(bests) + " |")
+    if failed:
+        print(f"\n{len(failed)} run(s) failed: {failed}")
     if args.suite == "sar":
         print("\n| method | building F1 (last) | IoU building (last) |\n|---|---|---|")
         for name in best:
             f1 = [v["last_building_f1"] for v in best[name]["random"].values() if v["last_building_f1"] is not None]
             iou = [v["last_IoU/building"] for v in best[name]["random"].values() if v["last_IoU/building"] is not None]
             print(f"| {name} | {_fmt(f1)} | {_fmt(iou)} |")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

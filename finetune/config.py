@@ -93,6 +93,8 @@ class SegModelConfig:
     version: Literal["v2", "v3", "v3+"] = "v3+"
     output_stride: int | None = 16  # 8 or 16 for dilated CNNs; null for backbones that cannot dilate
     aux: bool = False  # auxiliary head on the stage before the deepest
+    aspp_channels: int = 256  # width of every ASPP branch (v3/v3+); 256 as published, smaller for small data/CPU
+    decoder_channels: int = 256  # width of the fused decoder feature (v3/v3+)
     weights: str | None = None  # backbone weights: an export of ssl/export.py (.safetensors with .json) or a
     #                             timm state_dict file; null: random init
     band_mapping: bool = False  # map the first conv by band name when the weights were trained on other bands
@@ -109,6 +111,9 @@ class SegModelConfig:
             raise ValueError(f"model.output_stride must be 8, 16, 32 or null, got {self.output_stride}")
         if self.backbone_lr_mult < 0:
             raise ValueError("model.backbone_lr_mult must be >= 0")
+        for key in ("aspp_channels", "decoder_channels"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

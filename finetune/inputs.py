@@ -193,13 +193,20 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
     return ResolvedInputs(spec, str(path), (list(meta.bands), bands), meta, notes)
 
 
+def head_widths(model: SegModelConfig) -> dict[str, int]:
+    """The DeepLab head widths of ``model`` (v2 has a classifier per rate and no widths)."""
+    if model.version == "v2":
+        return {}
+    return {"aspp_channels": int(model.aspp_channels), "decoder_channels": int(model.decoder_channels)}
+
+
 def build_model(model: SegModelConfig, num_classes: int, inputs: ResolvedInputs | None, in_chans: int,
                 load_weights: bool = True) -> nn.Module:
     weights = inputs.weights if (inputs is not None and load_weights) else None
     band_map = inputs.band_map if (inputs is not None and load_weights) else None
     return create_segmenter(model.arch, model.version, num_classes, in_chans, output_stride=model.output_stride,
                             aux=model.aux, pretrained_file=weights, band_map=band_map,
-                            drop_path_rate=model.drop_path_rate)
+                            drop_path_rate=model.drop_path_rate, **head_widths(model))
 
 
 def build_loss(loss: LossConfig, num_classes: int) -> nn.Module:

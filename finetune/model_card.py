@@ -47,7 +47,8 @@ class ModelCard:
 
     Attributes:
         path: the file it was read from (for messages).
-        method / arch / version / output_stride / aux: how the network was trained and built.
+        method / arch / version / output_stride / aux / aspp_channels / decoder_channels: how the network was
+            trained and built (cards without the widths had the published 256).
         num_classes: K.
         class_names: one name per class (``"0"``, ``"1"``, ... when the run set none).
         sensor: sensor registry name (:func:`common.bands.get_sensor`).
@@ -79,6 +80,8 @@ class ModelCard:
     state_dict_prefix: str
     weights_init: str | None = None
     sensor_def: dict[str, Any] | None = None
+    aspp_channels: int = 256
+    decoder_channels: int = 256
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelCard":
@@ -118,6 +121,7 @@ class ModelCard:
             std=tuple(float(v) for v in norm["std"]), offset=float(norm["offset"]),
             state_dict_prefix=str(raw["state_dict_prefix"]), weights_init=raw.get("weights_init"),
             sensor_def=raw.get("sensor_def") if isinstance(raw.get("sensor_def"), dict) else None,
+            aspp_channels=int(raw.get("aspp_channels", 256)), decoder_channels=int(raw.get("decoder_channels", 256)),
         )  # fmt: skip
         card.validate()
         return card
@@ -171,6 +175,8 @@ def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, 
         "version": model.version,
         "output_stride": model.output_stride,
         "aux": model.aux,
+        "aspp_channels": model.aspp_channels,
+        "decoder_channels": model.decoder_channels,
         "num_classes": data.num_classes,
         "class_names": list(data.class_names) if data.class_names else None,
         "sensor": spec.name,

@@ -461,3 +461,27 @@ def test_a_stacked_model_takes_band_folders_for_each_sensor(tmp_path):
     mb = write_tif(tmp_path / "mb" / "P_7.tif", stacked, nodata=0, band_names=[*S2L2A_BANDS, "VV", "VH"])
     same = predict_file(run_dir, mb, tmp_path / "mb_pred" / "P_7.tif", checkpoint="last", device="cpu")
     np.testing.assert_array_equal(classes, _read(same.mask)[0])
+
+
+def test_narrow_head_widths_travel_through_the_model_card(tiles, tmp_path):
+    """model.aspp_channels / decoder_channels are written to model.json and predict rebuilds that network (a card
+    read as the published 256 would not load the checkpoint)."""
+    data = SegDataConfig(num_classes=K, class_names=tuple(CLASS_NAMES), sensor="S2L2A")
+    model = SegModelConfig(arch="resnet10t", version="v3+", output_stride=16, aspp_channels=32, decoder_channels=24)
+    inputs = resolve_inputs(data, model)
+    torch.manual_seed(0)
+    net = build_model(model, K, inputs, len(inputs.spec.bands), load_weights=False)
+    assert net.head.aspp.project[0][0].out_channels == 32
+    assert net.head.classifier.in_channels == 24
+    method = Supervised(SupervisedConfig(), net, SegSetup(K, build_loss(LossConfig(), K)))
+    run_dir = tmp_path / "narrow"
+    run_dir.mkdir()
+    write_model_card(run_dir, model, data, inputs, "supervised", method.eval_prefix)
+    atomic_save_safetensors(method.state_dict(), run_dir / CHECKPOINT_DIR / "last.safetensors")
+    card = _card(run_dir)
+    assert (card["aspp_channels"], card["decoder_channels"]) == (32, 24)
+    loaded = load_run_model(run_dir, "last")
+    x, _ = _normalised(tiles[0], card)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(x).logits, net(x).logits)

@@ -1,0 +1,129 @@
+"""The domain-adaptation results table of the README: every method on the two demo scenarios (S2 region shift,
+S1 region + incidence-angle shift), from the DINO export and from random init, over seeds, beside source-only and the
+target-supervised upper bound. Each run is ``finetune/uda.py`` with the scenario's demo config, as a user would run
+it.
+
+    python bench/uda_demo.py --data data/demo --export s2=runs/demo/pretrain/backbone.safetensors \
+        --seeds 0 1 2 --parallel 2                         # bench/results/uda_demo.json
+    python bench/uda_demo.py --quick ...                   # 8 steps, batch 2, tiny backbone: a smoke test
+
+Rows: ``source_only`` (baseline), each method, ``target_supervised`` (``method=source_only`` trained on the target
+domain's labelled tiles: the upper bound). ``proda`` is its stage 1, started (``model.init_from``) from the
+``source_only`` run of the same init and seed, as the method prescribes; ``adaptsegnet`` runs with ``model.aux=true``
+(its multi-level discriminators). Results: ``{scenario: {method: {"dino"|"random": {seed: mIoU}}}}``, the target
+validation mIoU (``target_val/mIoU``, a report: never used for selection) of the last step; the figures of the
+checkpoint selected on source validation go to ``uda_demo_best.json``. Finished runs are reused (their
+``metrics.json``), so an interrupted table resumes where it stopped. The script prints the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from semisup_demo import _fmt, run_all
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+METHODS = ("source_only", "adaptsegnet", "advent", "proda", "selftrain")
+SCENARIOS = {"s2": ("demo_uda.yaml", "s2"), "s1": ("demo_uda_s1.yaml", "s1")}
+EXTRA = {"adaptsegnet": ["model.aux=true"]}
+
+
+def _jobs(args) -> tuple[list[dict], list[dict]]:
+    """Two waves: everything that does not depend on another run, then ProDA (needs its source-only run)."""
+    quick = ["trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_every=4", "data.batch_size=2",
+             "data.unlabelled_batch_size=2", "model.arch=test_resnet"]
+    common = ["trainer.progress_bar=false"] + (quick if args.quick else [])
+    exports = dict(e.split("=", 1) for e in args.export)
+    first, second = [], []
+    for scenario in args.scenarios:
+        config, sub = SCENARIOS[scenario]
+        source = Path(args.data) / sub / "source"
+        target = Path(args.data) / sub / "target"
+        inits = {"random": []}
+        if scenario in exports:
+            inits["dino"] = [f"model.weights={exports[scenario]}"]
+        for seed in args.seeds:  # seed-major order: an interrupted table holds every row for its first seeds
+            for init, init_over in inits.items():
+                def job(name, method, extra, root=source, scenario=scenario, config=config, init=init, seed=seed):
+                    out = Path(args.runs) / scenario / f"{name}_{init}_s{seed}"
+                    return {"scenario": scenario, "name": name, "init": init, "seed": seed, "out": str(out),
+                            "config": str(REPO / "configs" / "finetune" / config), "script": "finetune/uda.py",
+                            "overrides": [f"data.root={root}", f"method={method}", f"trainer.seed={seed}", *extra,
+                                          *common]}
+
+                for m in args.methods:
+                    if m == "proda":
+                        base = Path(args.runs) / scenario / f"source_only_{init}_s{seed}"
+                        second.append(job("proda", "proda", [f"model.init_from={base}", f"data.target.root={target}"]))
+                    else:
+                        first.append(job(m, m, [*init_over, *EXTRA.get(m, [])]))
+                if "proda" in args.methods and "source_only" not in args.methods:
+                    first.append(job("source_only", "source_only", init_over))
+                first.append(job("target_supervised", "source_only", [*init_over, f"data.target.root={target}"],
+                                 root=target))
+    return first, second
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/demo")
+    ap.add_argument("--export", nargs="*", default=[], metavar="SCENARIO=PATH",
+                    help="DINO export per scenario for the 'dino' rows (s2=..., s1=...)")
+    ap.add_argument("--scenarios", nargs="+", choices=tuple(SCENARIOS), default=list(SCENARIOS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--runs", default="runs/bench_uda")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
+    ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/uda_demo.json)")
+    args = ap.parse_args(argv)
+    for e in args.export:
+        if "=" not in e or e.split("=", 1)[0] not in SCENARIOS:
+            ap.error(f"--export takes SCENARIO=PATH with SCENARIO in {list(SCENARIOS)}, got {e!r}")
+    first, second = _jobs(args)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    print(f"{len(first) + len(second)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
+    done, failed = run_all(first, args.parallel, threads)
+    more, failed_too = run_all(second, args.parallel, threads)
+    done, failed = done + more, failed + failed_too
+
+    table: dict = {}
+    best: dict = {}
+    for r in done:
+        last = r["last"].get("target_val/mIoU", r["last"].get("mIoU"))
+        if r["name"] == "target_supervised":  # trained and validated on the target: its validation is the target's
+            last = r["last"]["mIoU"]
+        table.setdefault(r["scenario"], {}).setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = last
+        sel = r["best"]
+        best.setdefault(r["scenario"], {}).setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = {
+            "step": sel.get("step"), "selection": r.get("selection"),
+            "target_val/mIoU": sel["mIoU"] if r["name"] == "target_supervised" else sel.get("target_val/mIoU"),
+            "source_val/mIoU": None if r["name"] == "target_supervised" else sel.get("mIoU")}
+    if not args.quick:
+        out = Path(args.out or RESULTS / "uda_demo.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=1) + "\n")
+        out.with_name(out.stem + "_best.json").write_text(json.dumps(best, indent=1) + "\n")
+        print(f"wrote {out} and {out.with_name(out.stem + '_best.json')}")
+
+    for scenario, rows in table.items():
+        inits = sorted({i for row in rows.values() for i in row}, key=lambda i: i != "dino")
+        print(f"\n{scenario}: target mIoU (last step)\n| method | " + " | ".join(inits) + " |")
+        print("|---" * (1 + len(inits)) + "|")
+        order = ["source_only", *[m for m in rows if m not in ("source_only", "target_supervised")],
+                 "target_supervised"]
+        for name in [n for n in order if n in rows]:
+            print(f"| {name} | " + " | ".join(_fmt(list(rows[name].get(i, {}).values())) for i in inits) + " |")
+    if failed:
+        print(f"\n{len(failed)} run(s) failed: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
