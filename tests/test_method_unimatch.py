@@ -237,6 +237,38 @@ def test_trains_on_a_plain_vit(tiny_demo, tmp_path):
     assert json.loads((run / "model.json").read_text())["arch"] == "test_vit"
 
 
+def test_trains_from_a_dino_vit_export(tiny_demo, tmp_path):
+    """UniMatch V2's setting: a plain ViT encoder pretrained with DINO (here by ssl/pretrain.py, 2 steps) and
+    exported; the fine-tuning starts from that export (its backbone weights are loaded, bands and normalisation from
+    its sidecar). With the backbone frozen the trained one must still be the export, tensor for tensor."""
+    from eo_ssl.pretrain import main as pretrain
+    from finetune.semisup import main
+
+    pre = tmp_path / "dino_vit"
+    pretrain(["--config", str(REPO / "configs" / "pretrain" / "demo.yaml"), "--output-dir", str(pre), "--cpu",
+              f"data.root={tiny_demo}", "data.batch_size=4", "model.arch=test_vit", "dino.out_dim=64",
+              "dino.hidden_dim=32", "dino.bottleneck_dim=16", "augment.global_size=32", "augment.local_size=16",
+              "augment.local_number=2", "trainer.max_steps=2", "trainer.epochs=null", "trainer.eval_every=2",
+              "trainer.checkpoint_every=2", "trainer.progress_bar=false", "optim.warmup_epochs=0",
+              "optim.warmup_steps=1", f"probe.root={tiny_demo / 's2' / 'source'}", "probe.k=3"])
+    export = pre / "backbone.safetensors"
+    assert json.loads(export.with_suffix(".json").read_text())["architecture"] == "test_vit"
+    run = tmp_path / "uni_vit"
+    main(["--config", CONFIG, "--output-dir", str(run), "--cpu", *_overrides(tiny_demo, steps=2, arch="test_vit"),
+          "model.version=v3", f"model.weights={export}", "model.freeze_backbone=true"])
+    _check_run(run, 2)
+    assert json.loads((run / "model.json").read_text())["weights_init"] == str(export)
+    exported = load_file(str(export))
+    trained = load_file(str(run / "checkpoints" / "last.safetensors"))
+    matched = 0
+    for key, value in exported.items():
+        found = [k for k in trained if k.startswith("model.backbone.") and k.endswith("." + key)]
+        if found and trained[found[0]].shape == value.shape:
+            torch.testing.assert_close(trained[found[0]], value, rtol=0, atol=0)
+            matched += 1
+    assert matched >= len(exported) - 2, (matched, len(exported))  # all but the final norm / head of the export
+
+
 def test_resume_mid_run_matches_uninterrupted(uni_run, tiny_demo, tmp_path):
     cut = cut_back(uni_run, tmp_path / "cut")
     res = launch("finetune/semisup.py", ["--config", CONFIG, "--output-dir", str(cut), "--resume",
