@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEMISUP = ("supervised", "mean_teacher", "psmt", "ael", "unimatch")
 UDA = ("source_only", "adaptsegnet", "advent", "proda", "selftrain")
 # What a method needs beyond the shared config (its documented requirements).
-EXTRA = {"adaptsegnet": ["model.aux=true"]}
+EXTRA = {"adaptsegnet": ["model.aux=true"], "advent": ["model.aux=true"]}  # multi-level by default
 
 
 def _run(script: str, config: str, out: Path, overrides: list[str], threads: int) -> tuple[float, float]:

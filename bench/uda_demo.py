@@ -9,10 +9,10 @@ it.
 
 Rows: ``source_only`` (baseline), each method, ``target_supervised`` (``method=source_only`` trained on the target
 domain's labelled tiles: the upper bound). ``proda`` is its stage 1, started (``model.init_from``) from the
-``source_only`` run of the same init and seed, as the method prescribes; ``adaptsegnet`` runs with ``model.aux=true``
-(its multi-level discriminators). Results: ``{scenario: {method: {"dino"|"random": {seed: mIoU}}}}``, the target
-validation mIoU (``target_val/mIoU``, a report: never used for selection) of the last step; the figures of the
-checkpoint selected on source validation go to ``uda_demo_best.json``. Finished runs are reused (their
+``source_only`` run of the same init and seed, as the method prescribes; ``adaptsegnet`` and ``advent`` run with
+``model.aux=true`` (their multi-level default). Results: ``{scenario: {method: {"dino"|"random": {seed: mIoU}}}}``,
+the target validation mIoU (``target_val/mIoU``, a report: never used for selection) of the last step; the figures
+of the checkpoint selected on source validation go to ``uda_demo_best.json``. Finished runs are reused (their
 ``metrics.json``), so an interrupted table resumes where it stopped. The script prints the README's table.
 """
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 METHODS = ("source_only", "adaptsegnet", "advent", "proda", "selftrain")
 SCENARIOS = {"s2": ("demo_uda.yaml", "s2"), "s1": ("demo_uda_s1.yaml", "s1")}
-EXTRA = {"adaptsegnet": ["model.aux=true"]}
+EXTRA = {"adaptsegnet": ["model.aux=true"], "advent": ["model.aux=true"]}  # multi-level by default
 
 
 def _jobs(args) -> tuple[list[dict], list[dict]]:

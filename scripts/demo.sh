@@ -49,7 +49,7 @@ stamp "6/8 domain adaptation baseline: source-only on the labelled source region
 stamp "7/8 domain adaptation: $UDA_METHOD to the unlabelled target region -> $RUNS/adapted"
 if [ "$UDA_METHOD" = proda ]; then init=(model.init_from="$RUNS/source_only"); else
   init=(model.weights="$RUNS/backbone.safetensors"); fi
-if [ "$UDA_METHOD" = adaptsegnet ]; then init+=(model.aux=true); fi
+case "$UDA_METHOD" in adaptsegnet|advent) init+=(model.aux=true) ;; esac  # multi-level by default
 "${LAUNCH[@]}" finetune/uda.py --config configs/finetune/demo_uda.yaml --output-dir "$RUNS/adapted" \
     data.root="$DATA/s2/source" method="$UDA_METHOD" "${init[@]}" trainer.progress_bar=false
 
