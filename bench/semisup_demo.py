@@ -9,13 +9,15 @@ export and from random init, over seeds, beside supervised at 1/8 and on all lab
 
 Results: ``{method: {"dino"|"random": {seed: mIoU}}}`` (methods named as in ``method=``; ``supervised_all`` is
 supervised on all labelled tiles), the mIoU of the last step on the validation split; the best-on-validation figures
-go to ``*_best.json`` beside it (SAR: building F1 and mIoU). Finished runs are reused (their ``metrics.json``), so
-an interrupted table resumes where it stopped. The script prints the README's table.
+go to ``*_best.json`` beside it (SAR: building F1 and mIoU). Finished runs are reused from their records under
+``bench/results/runs/`` (committed), so an interrupted table resumes where it stopped, in another session too. The
+script prints the README's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -27,24 +29,58 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-METHODS = ("supervised", "mean_teacher", "psmt", "ael", "unimatch")
+METHODS = ("supervised", "unimatch", "ael", "mean_teacher", "psmt")
+
+
+def _record_path(job: dict) -> Path:
+    """Where a finished run's final metrics are kept under ``bench/results/runs/`` (committed with the tables)."""
+    return RESULTS / "runs" / job["record"]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _record_key(job: dict) -> dict:
+    """What makes a run the same run: the config file's content, the overrides other than paths, and the content of
+    the weights it starts from (an export, or the model of an ``init_from`` run)."""
+    paths = ("data.root=", "data.target.root=", "model.weights=", "model.init_from=")
+    key = {"config": Path(job["config"]).name, "config_sha256": _sha256(Path(job["config"])),
+           "overrides": [o for o in job["overrides"] if not o.startswith(paths)]}
+    for o in job["overrides"]:
+        if o.startswith("model.weights="):
+            key["weights_sha256"] = _sha256(Path(o.split("=", 1)[1]))
+        elif o.startswith("model.init_from="):
+            key["init_from_sha256"] = _sha256(Path(o.split("=", 1)[1]) / "checkpoints" / "best.safetensors")
+    return key
 
 
 def _run_script(job: dict, threads: int) -> dict:
-    """Run ``job["script"]`` (default ``finetune/semisup.py``) unless its ``metrics.json`` exists; its final metrics."""
+    """Run ``job["script"]`` (default ``finetune/semisup.py``) unless it already finished; its final metrics.
+
+    A finished run is one whose record (``bench/results/runs/<record>.json``: the run's ``metrics.json`` and what
+    made it, :func:`_record_key`) exists with the same key; a record is written after every run, so a table
+    interrupted in one session resumes in the next from the committed records. A record made from another config
+    content, other overrides or other starting weights is not reused: the run is made again."""
     out = Path(job["out"])
     metrics = out / "metrics.json"
-    if not metrics.is_file():
-        cmd = [sys.executable, str(REPO / job.get("script", "finetune/semisup.py")), "--config", job["config"],
-               "--output-dir",
-               str(out), "--overwrite", *job["overrides"]]
+    record = _record_path(job)
+    cmd = [sys.executable, str(REPO / job.get("script", "finetune/semisup.py")), "--config", job["config"],
+           "--output-dir", str(out), "--overwrite", *job["overrides"]]
+    args = _record_key(job)
+    if record.is_file() and json.loads(record.read_text()).get("args") == args:
+        final = json.loads(record.read_text())["metrics"]
+    else:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         t0 = time.perf_counter()
         res = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-        print(f"  {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    final = json.loads(metrics.read_text())
+        print(f"  {job['record']}: {time.perf_counter() - t0:.0f} s", flush=True)
+        final = json.loads(metrics.read_text())
+        if not job.get("quick"):
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"args": args, "threads": threads, "metrics": final}, indent=1) + "\n")
     return {**job, "last": final["last"], "best": final["best"], "time_s": final.get("train_time_s"),
             "selection": final.get("selection")}
 
@@ -67,7 +103,8 @@ def run_all(jobs: list[dict], parallel: int, threads: int) -> tuple[list[dict], 
 def _jobs(args) -> list[dict]:
     jobs = []
     quick = ["trainer.max_steps=8", "trainer.eval_every=4", "data.batch_size=2", "data.unlabelled_batch_size=2",
-             "model.arch=test_resnet"]
+             "model.arch=test_resnet", "trainer.checkpoint_every=4", "psmt.warmup_steps=2",
+             "mean_teacher.rampup_steps=2", "ael.rampup_steps=2"]
     common = ["trainer.progress_bar=false"] + (quick if args.quick else [])
     if args.suite == "semisup":
         config = str(REPO / "configs" / "finetune" / "demo.yaml")
@@ -75,8 +112,10 @@ def _jobs(args) -> list[dict]:
         inits = {"random": []}
         if args.export:
             inits["dino"] = [f"model.weights={args.export}"]
-        rows = [(m, m, []) for m in args.methods] + [("supervised_all", "supervised",
-                                                      ["data.labelled_split=train_all"])]
+        # the baselines first, then the methods (an interrupted table has its reference rows)
+        rows = [(m, m, []) for m in args.methods if m == "supervised"]
+        rows.append(("supervised_all", "supervised", ["data.labelled_split=train_all"]))
+        rows += [(m, m, []) for m in args.methods if m != "supervised"]
     else:
         config = str(REPO / "configs" / "finetune" / "demo_sar.yaml")
         root = Path(args.data) / "sar"
@@ -90,6 +129,7 @@ def _jobs(args) -> list[dict]:
             for name, method, extra in rows:
                 out = Path(args.runs) / args.suite / f"{name}_{init}_s{seed}"
                 jobs.append({"name": name, "init": init, "seed": seed, "out": str(out), "config": config,
+                             "record": f"{args.suite}/{out.name}", "quick": args.quick,
                              "overrides": [f"data.root={root}", f"method={method}", f"trainer.seed={seed}",
                                            *init_over, *extra, *common]})
     return jobs

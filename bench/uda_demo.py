@@ -12,8 +12,9 @@ domain's labelled tiles: the upper bound). ``proda`` is its stage 1, started (``
 ``source_only`` run of the same init and seed, as the method prescribes; ``adaptsegnet`` and ``advent`` run with
 ``model.aux=true`` (their multi-level default). Results: ``{scenario: {method: {"dino"|"random": {seed: mIoU}}}}``,
 the target validation mIoU (``target_val/mIoU``, a report: never used for selection) of the last step; the figures
-of the checkpoint selected on source validation go to ``uda_demo_best.json``. Finished runs are reused (their
-``metrics.json``), so an interrupted table resumes where it stopped. The script prints the README's table.
+of the checkpoint selected on source validation go to ``uda_demo_best.json``. Finished runs are reused from their
+records under ``bench/results/runs/`` (committed), so an interrupted table resumes where it stopped, in another
+session too. The script prints the README's table.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _jobs(args) -> tuple[list[dict], list[dict]]:
                 def job(name, method, extra, root=source, scenario=scenario, config=config, init=init, seed=seed):
                     out = Path(args.runs) / scenario / f"{name}_{init}_s{seed}"
                     return {"scenario": scenario, "name": name, "init": init, "seed": seed, "out": str(out),
+                            "record": f"uda/{scenario}/{out.name}", "quick": args.quick,
                             "config": str(REPO / "configs" / "finetune" / config), "script": "finetune/uda.py",
                             "overrides": [f"data.root={root}", f"method={method}", f"trainer.seed={seed}", *extra,
                                           *common]}
