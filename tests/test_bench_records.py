@@ -1,0 +1,68 @@
+"""The results-table scripts (bench/semisup_demo.py, bench/uda_demo.py) resume from committed per-run records: a
+record is reused only for the same config content, the same non-path overrides and the same starting weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import semisup_demo
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch) -> dict:
+    monkeypatch.setattr(semisup_demo, "RESULTS", tmp_path / "results")
+    config = tmp_path / "demo.yaml"
+    config.write_text("trainer:\n  max_steps: 900\n")
+    weights = tmp_path / "backbone.safetensors"
+    weights.write_bytes(b"weights-v1")
+    return {"name": "supervised", "init": "dino", "seed": 0, "out": str(tmp_path / "run"), "config": str(config),
+            "record": "semisup/supervised_dino_s0", "script": "no/such/script.py",
+            "overrides": ["data.root=/somewhere/s2/source", "method=supervised", "trainer.seed=0",
+                          f"model.weights={weights}"]}
+
+
+def _write_record(job: dict, last: float) -> Path:
+    path = semisup_demo._record_path(job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"last": {"step": 900, "mIoU": last}, "best": {"step": 600, "mIoU": last + 1}, "selection": "validation"}
+    path.write_text(json.dumps({"args": semisup_demo._record_key(job), "metrics": metrics}))
+    return path
+
+
+def test_the_key_ignores_paths_but_not_content(job, tmp_path):
+    key = semisup_demo._record_key(job)
+    assert key["overrides"] == ["method=supervised", "trainer.seed=0"]
+    assert len(key["config_sha256"]) == 64 and len(key["weights_sha256"]) == 64
+    moved = {**job, "overrides": ["data.root=/elsewhere", *job["overrides"][1:]]}
+    assert semisup_demo._record_key(moved) == key  # another machine's paths: the same run
+    Path(job["config"]).write_text("trainer:\n  max_steps: 450\n")
+    assert semisup_demo._record_key(job) != key  # another recipe
+    Path(job["config"]).write_text("trainer:\n  max_steps: 900\n")
+    Path(job["overrides"][-1].split("=", 1)[1]).write_bytes(b"weights-v2")
+    assert semisup_demo._record_key(job) != key  # another export
+    seed = {**job, "overrides": [o.replace("trainer.seed=0", "trainer.seed=1") for o in job["overrides"]]}
+    assert semisup_demo._record_key(seed)["overrides"] != key["overrides"]
+
+
+def test_a_matching_record_is_reused_and_a_stale_one_is_run_again(job):
+    _write_record(job, 64.25)
+    out = semisup_demo._run_script(job, threads=1)  # the script does not exist: reuse or fail
+    assert out["last"]["mIoU"] == 64.25 and out["best"]["step"] == 600 and out["selection"] == "validation"
+    Path(job["config"]).write_text("trainer:\n  max_steps: 450\n")  # the recipe changed: the record is stale
+    with pytest.raises(RuntimeError, match="no/such/script.py"):
+        semisup_demo._run_script(job, threads=1)
+
+
+def test_run_all_reports_failures_and_keeps_the_others(job, capsys):
+    _write_record(job, 60.0)
+    broken = {**job, "record": "semisup/psmt_dino_s0", "out": job["out"] + "_psmt"}
+    done, failed = semisup_demo.run_all([job, broken], parallel=1, threads=1)
+    assert [d["last"]["mIoU"] for d in done] == [60.0]
+    assert failed == [broken["out"]]
+    assert "FAILED" in capsys.readouterr().out
