@@ -108,10 +108,17 @@ def load_init_from(model: torch.nn.Module, run_dir: str, checkpoint: str, arch: 
                              f"{'last' if checkpoint == 'best' else 'best'} or finish that run")
     prefix = card.get("state_dict_prefix", "model.")
     state = {k[len(prefix):]: v for k, v in load_safetensors(path).items() if k.startswith(prefix)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    fix = "match model.aux / model.output_stride / model.aspp_channels / model.decoder_channels to the run's model.json"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ (e.g. another head width)
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise UserInputError(f"model.init_from: {path} does not fit the configured segmenter ({first}); {fix} "
+                             f"(it has aspp_channels={card.get('aspp_channels', 256)}, decoder_channels="
+                             f"{card.get('decoder_channels', 256)})") from None
     if missing or unexpected:
         raise UserInputError(f"model.init_from: {path} does not fit the configured segmenter (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}); match model.aux / model.output_stride")
+                             f"{missing[:3]}, unexpected {unexpected[:3]}); {fix}")
     return str(path)
 
 

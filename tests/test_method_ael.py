@@ -277,7 +277,8 @@ def test_s2_run_reports_metrics_and_exports_the_teacher(s2_run):
     state = load_file(str(s2_run / "checkpoints" / "last.safetensors"))
     prefix = card["state_dict_prefix"]
     fresh = create_segmenter(card["arch"], card["version"], card["num_classes"], len(card["bands"]),
-                             output_stride=card["output_stride"], aux=card["aux"])
+                             output_stride=card["output_stride"], aux=card["aux"],
+                             aspp_channels=card["aspp_channels"], decoder_channels=card["decoder_channels"])
     fresh.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     # the bank is in the checkpoint: moved from its 0.5 start, the CutMix bank filled one image per step
     assert state["confidence"].shape == (6,) and not torch.equal(state["confidence"], torch.full((6,), 0.5))

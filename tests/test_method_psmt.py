@@ -301,7 +301,8 @@ def test_end_to_end_trains_both_teachers_and_exports_the_student(psmt_run):
     # the evaluated student loads strictly into a fresh DeepLab
     card = json.loads((psmt_run / "model.json").read_text())
     prefix = card["state_dict_prefix"]
-    fresh = build_model(SegModelConfig(arch="test_resnet"), 6, None, len(card["bands"]))
+    fresh = build_model(SegModelConfig(arch="test_resnet", aspp_channels=card["aspp_channels"],
+                                       decoder_channels=card["decoder_channels"]), 6, None, len(card["bands"]))
     fresh.load_state_dict({k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}, strict=True)
 
 

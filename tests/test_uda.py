@@ -75,6 +75,12 @@ def test_init_from_a_previous_run(tiny_demo, tmp_path, capsys):
               f"model.init_from={first}", "model.arch=resnet10t"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "model.init_from" in err and "arch" in err
+    with pytest.raises(SystemExit) as exc:  # another head width: named, with the run's widths
+        main(["--config", CONFIG, "--output-dir", str(tmp_path / "wide"), *_tiny(tiny_demo / "s2" / "source"),
+              f"model.init_from={first}", "model.aspp_channels=32"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "size mismatch" in err and "aspp_channels=64" in err
+    assert "Traceback" not in err
 
 
 def test_each_entry_script_defaults_to_its_baseline():
