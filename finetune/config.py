@@ -44,6 +44,7 @@ class SegTargetConfig:
     root: str  # holds images/ (and masks/ for val_split) and splits/
     train_split: str = "train"  # unlabelled target tiles the method adapts on
     val_split: str | None = None  # target tiles with masks, for the report (null: none)
+    store: str | None = None  # a store packed from this root (python -m common.store pack --target): read instead
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class SegDataConfig:
     checks: Literal["full", "header", "none"] = "full"  # input checks at start-up (full: reads every mask)
     stack: tuple[SegStackConfig, ...] = ()  # co-registered sensors appended as channels (S2 + S1 tiles), by id
     target: SegTargetConfig | None = None  # the unlabelled target domain of domain-adaptation methods
+    store: str | None = None  # a store packed from data.root (python -m common.store pack): read instead of the
+    #                           image/mask folders; splits resolve in it (sensor and bands must match the store)
 
     def validate(self) -> None:
         if not 1 <= self.num_classes < IGNORE_INDEX:

@@ -26,6 +26,7 @@ from common.bands import SensorSpec
 from common.datasets import stacked_segmentation_dataset
 from common.errors import UserInputError
 from common.sampling import AugmentedDataset, CachedDataset
+from common.store import store_segmentation
 from finetune.transforms import MultiViewTransform, SegAugConfig, SegmentationTransform
 
 __all__ = ["ROLES", "stream_dataset", "plain_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
@@ -75,28 +76,39 @@ def _kw(data: Any) -> dict:
                 class_names=data.class_names)
 
 
-def _source(data: Any, role: str) -> tuple[str, str, bool]:
-    """(root, split, labelled) of a role, or a UserInputError naming the missing key."""
+def _source(data: Any, role: str) -> tuple[str, str, bool, tuple[str, str] | None]:
+    """(root, split, labelled, (store, its config key) or None) of a role, or a UserInputError naming the missing
+    key."""
+    store = getattr(data, "store", None)
     if role in ("labelled", "source"):
-        return data.root, data.labelled_split, True
+        return data.root, data.labelled_split, True, (store, "data.store") if store else None
     if role == "unlabelled":
         if data.unlabelled_split is None:
             raise UserInputError("this method trains on unlabelled tiles: set data.unlabelled_split (a split file "
                                  "under data.root/splits/)")
-        return data.root, data.unlabelled_split, False
+        return data.root, data.unlabelled_split, False, (store, "data.store") if store else None
     if role == "target":
         if data.target is None:
             raise UserInputError("this method adapts to a target domain: set data.target.root (and "
                                  "data.target.train_split) to the unlabelled target tiles")
-        return data.target.root, data.target.train_split, False
+        store = getattr(data.target, "store", None)
+        return data.target.root, data.target.train_split, False, (store, "data.target.store") if store else None
     raise ValueError(f"unknown data role {role!r}; roles: {ROLES}")
+
+
+def _tiles(root: str, split: str, spec: SensorSpec, store: tuple[str, str] | None, **kw: Any) -> Any:
+    """The tiles of ``split``: from the image/mask folders of ``root``, or from a tile store packed from them."""
+    if store is None:
+        return stacked_segmentation_dataset(root, split, spec, **kw)
+    kw.pop("image_dirs"), kw.pop("image_patterns"), kw.pop("mask_dir")
+    return store_segmentation(store[0], split, spec, key=store[1], **kw)
 
 
 def stream_dataset(role: str, data: Any, spec: SensorSpec, augment: SegAugConfig, seed: int,
                    n_strong: int = 0, split: str | None = None) -> AugmentedDataset:
     """The augmented training dataset of ``role`` (see the module docstring); ``n_strong > 0`` adds strong views."""
-    root, default_split, labelled = _source(data, role)
-    base = stacked_segmentation_dataset(root, split or default_split, spec, labelled=labelled, **_kw(data))
+    root, default_split, labelled, store = _source(data, role)
+    base = _tiles(root, split or default_split, spec, store, labelled=labelled, **_kw(data))
     base = _Strip(base)
     if data.cache:
         base = CachedDataset(base)
@@ -111,19 +123,21 @@ def plain_dataset(role: str, data: Any, spec: SensorSpec) -> Any:
     """The tiles of a training role without augmentation, normalised (masks for labelled roles): for passes over a
     stream's data in a method's hooks (prototype initialisation, class statistics for rare-class sampling). The
     engine hands them to methods as ``ctx.datasets["<role>_plain"]``, index for index the stream's tiles."""
-    root, split, labelled = _source(data, role)
-    return stacked_segmentation_dataset(root, split, spec, labelled=labelled, transform=EvalTransform(spec),
-                                        **_kw(data))
+    root, split, labelled, store = _source(data, role)
+    return _tiles(root, split, spec, store, labelled=labelled, transform=EvalTransform(spec), **_kw(data))
 
 
 def validation_sets(data: Any, spec: SensorSpec) -> dict[str, Any]:
     """``{"val": ..., ["target_val": ...]}``, normalised, with masks."""
     kw = _kw(data)
-    out = {"val": stacked_segmentation_dataset(data.root, data.val_split, spec, transform=EvalTransform(spec), **kw)}
+    store = getattr(data, "store", None)
+    out = {"val": _tiles(data.root, data.val_split, spec, (store, "data.store") if store else None,
+                         transform=EvalTransform(spec), **kw)}
     target = getattr(data, "target", None)
     if target is not None and target.val_split is not None:
-        out["target_val"] = stacked_segmentation_dataset(target.root, target.val_split, spec,
-                                                         transform=EvalTransform(spec), **kw)
+        store = getattr(target, "store", None)
+        out["target_val"] = _tiles(target.root, target.val_split, spec,
+                                   (store, "data.target.store") if store else None, transform=EvalTransform(spec), **kw)
     return out
 
 

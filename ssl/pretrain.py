@@ -34,6 +34,7 @@ from common.datasets import StackedDataset, UnlabelledTiles, stacked_segmentatio
 from common.engine import Engine, LoaderSpec, RunPlan, TrainerConfig
 from common.optim import OptimConfig
 from common.sampling import AugmentedDataset, CachedDataset
+from common.store import store_tiles
 from eo_ssl.dino import DINOConfig, DINOMethod
 from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform, band_units, collate_multicrop
 from common.errors import MissingFileError, UserInputError, cli_entry
@@ -79,6 +80,8 @@ class PretrainDataConfig:
     stack: tuple[StackSourceConfig, ...] = ()  # co-registered sensors appended as channels (S2 + S1 tiles)
     stack_match: Literal["path", "stem", "bigearthnet"] = "path"  # pairing: path under root / file stem / BigEarthNet
     stack_missing: Literal["error", "skip"] = "error"  # a tile without a partner: refuse, or leave it out
+    store: str | None = None  # a tile store packed from this config (python -m common.store pack): read instead of
+    #                           root/glob/layout and the stack roots (sensor, bands, tile_size must match the store)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -230,7 +233,8 @@ def resolve_data_sensor(d: PretrainDataConfig) -> SensorSpec:
 
 def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
     d = cfg.data
-    for key, root in [("data.root", d.root)] + [(f"data.stack[{i}].root", x.root) for i, x in enumerate(d.stack)]:
+    roots = [("data.root", d.root)] + [(f"data.stack[{i}].root", x.root) for i, x in enumerate(d.stack)]
+    for key, root in roots if d.store is None else []:
         if not Path(root).exists():
             raise MissingFileError(f"{key}: {root} does not exist; set {key} to the folder of your tiles")
     excluded: set[str] = set()
@@ -240,10 +244,13 @@ def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
             raise MissingFileError(f"data.exclude_ids_from: split file {path} not found; fix the path or remove it "
                                    f"from data.exclude_ids_from")
         excluded |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
-    if excluded and not Path(d.root).is_dir():
+    if excluded and d.store is None and not Path(d.root).is_dir():
         raise MissingFileError(f"data.root: {d.root} is not a directory; set data.root to the folder of your tiles")
     tiles: Any
-    if d.stack:
+    if d.store is not None:
+        tiles = store_tiles(d.store, spec, tile_size=d.tile_size, offset=d.offset, validate=d.checks,
+                            exclude_ids=excluded)
+    elif d.stack:
         if len(spec.parts) != 1 + len(d.stack):
             raise UserInputError(f"data.stack: sensor {spec.name} has {len(spec.parts)} parts for {1 + len(d.stack)} "
                              f"sources")
