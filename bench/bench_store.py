@@ -46,9 +46,9 @@ from affine import Affine
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.bands import get_sensor  # noqa: E402
-from common.datasets import UnlabelledTiles  # noqa: E402
-from common.store import TileStore, pack_dataset, store_tiles  # noqa: E402
+from common.bands import get_sensor
+from common.datasets import UnlabelledTiles
+from common.store import TileStore, pack_dataset, store_tiles
 
 BANDS_10M = ("B02", "B03", "B04", "B08")
 BANDS_20M = ("B05", "B06", "B07", "B8A", "B11", "B12")

@@ -51,9 +51,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Collection, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +62,17 @@ from common.bands import IGNORE_INDEX, SensorSpec
 from common.datasets import RasterGrid, StackedDataset, _RasterDataset
 from common.errors import DataError, MissingFileError, UserInputError, cli_entry
 
-__all__ = ["STORE_FORMAT", "STORE_VERSION", "StoreError", "TileStore", "StorePart", "store_tiles",
-           "store_segmentation", "pack_dataset", "main"]
+__all__ = [
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "StoreError",
+    "StorePart",
+    "TileStore",
+    "main",
+    "pack_dataset",
+    "store_segmentation",
+    "store_tiles",
+]
 
 STORE_FORMAT = "eoseg-tile-store"
 """``format`` of ``store.json``."""
@@ -242,7 +252,7 @@ class TileStore:
         channels = [len(p["raw_bands"]) for p in self.parts]
         segs, (m_start, m_bytes), _ = sample_layout(channels, [d.itemsize for d in dtypes], h, w,
                                                     bool(self.has_mask[row]))
-        r_start, r_bytes, v_start, v_bytes = segs[part]
+        r_start, _, v_start, v_bytes = segs[part]
         end = v_start + v_bytes
         want_mask = with_mask and part == 0 and m_bytes > 0
         if want_mask:
@@ -601,7 +611,7 @@ def _write_index(out: Path, results: list[dict[str, Any]], spec: SensorSpec, kin
         "splits": splits,
         "shards": [{k: res[k] for k in ("file", "samples", "bytes", "sha256")} for res in results],
         "source": source,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     tmp = out / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -650,7 +660,8 @@ def pretrain_source(cfg: Any) -> tuple[Any, SensorSpec, dict[str, Any]]:
 def finetune_source(cfg: Any, target: bool = False) -> tuple[Any, SensorSpec, dict[str, list[str]], dict[str, Any]]:
     """Every image tile of a fine-tuning config's ``data.root`` (or ``data.target.root``), with its mask where the
     mask file exists, in id order; its spec, the root's split files and a description."""
-    from common.datasets import StackedDataset as _Stacked, _ids_in_dir, stacked_segmentation_dataset
+    from common.datasets import StackedDataset as _Stacked
+    from common.datasets import _ids_in_dir, stacked_segmentation_dataset
     from common.splits import read_ids
     from finetune.data import _kw
     from finetune.inputs import resolve_inputs
@@ -696,7 +707,7 @@ class _Concat:
         self.order = [where[i] for i in ids]
         self.stacked = isinstance(groups[0], stacked_cls)
 
-    def install_capture(self) -> list["_PartGroup"]:
+    def install_capture(self) -> list[_PartGroup]:
         """Capture the raw pixels of every part of every group; one :class:`_PartGroup` per part position."""
         n_parts = len(self.groups[0].parts) if self.stacked else 1
         groups = [_PartGroup([ds.parts[k] if self.stacked else ds for ds in self.groups]) for k in range(n_parts)]
@@ -746,8 +757,8 @@ def _describe(store: TileStore) -> str:
     m = store.meta
     size = sum(int(s["bytes"]) for s in m["shards"])
     parts = " + ".join(f"{p['name']} [{', '.join(p['raw_bands'])}] {p['input_units']}" for p in m["parts"])
-    lines = [f"{store.path}: {m['kind']}, {m['num_samples']} samples in {len(m['shards'])} shard(s), "
-             f"{size / 2**20:.1f} MiB", f"  sensor: {parts}; dtypes {', '.join(m['dtypes'])}",
+    lines = [(f"{store.path}: {m['kind']}, {m['num_samples']} samples in {len(m['shards'])} shard(s), "
+              f"{size / 2**20:.1f} MiB"), f"  sensor: {parts}; dtypes {', '.join(m['dtypes'])}",
              f"  tile_size: {m['tile_size']}; created {m['created']}; source {json.dumps(m['source'])}"]
     if m.get("splits"):
         lines.append("  splits: " + ", ".join(f"{k} ({len(v)})" for k, v in m["splits"].items()))
@@ -811,13 +822,14 @@ def main(argv: list[str] | None = None) -> int:
         dataset, spec, splits, source = finetune_source(cfg, target=args.target)
         kind, tile_size = "segmentation", None
     source = {"config": str(args.config), "overrides": list(args.overrides), **source}
-    print(f"packing {len(dataset)} samples ({kind}) of {spec.name} ({', '.join(spec.bands)}) into {args.out}", flush=True)
+    print(f"packing {len(dataset)} samples ({kind}) of {spec.name} ({', '.join(spec.bands)}) into {args.out}",
+          flush=True)
     out = pack_dataset(dataset, args.out, spec, kind=kind, tile_size=tile_size, splits=splits, source=source,
                        samples_per_shard=args.samples_per_shard, workers=args.workers, overwrite=args.overwrite,
                        progress=True)
     print(_describe(TileStore(out, key="--out")))
-    print(f"packed in {time.perf_counter() - t0:.1f} s; use it with data.store={out}"
-          + (" (data.target.store for the target domain)" if args.target else ""))
+    print(f"packed in {time.perf_counter() - t0:.1f} s; use it with "
+          f"{'data.target.store' if args.target else 'data.store'}={out}")
     return 0
 
 

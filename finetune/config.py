@@ -44,7 +44,8 @@ class SegTargetConfig:
     root: str  # holds images/ (and masks/ for val_split) and splits/
     train_split: str = "train"  # unlabelled target tiles the method adapts on
     val_split: str | None = None  # target tiles with masks, for the report (null: none)
-    store: str | None = None  # a store packed from this root (python -m common.store pack --target): read instead
+    store: str | None = None  # a store packed from this root (python -m common.store pack --target), read
+    #                           instead of its image folders; splits resolve in it
 
 
 @dataclass(frozen=True)
