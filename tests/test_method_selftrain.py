@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, assert_same_last_weights, cut_back, launch
 from safetensors.torch import load_file
 
+import finetune.methods.selftrain as selftrain_module
 from common.sampling import weighted_epoch_indices
 from finetune.deeplab import create_segmenter
 from finetune.losses import build_segmentation_loss
@@ -187,6 +188,32 @@ def test_step_with_and_without_an_export_backbone():
     with pytest.raises(RuntimeError, match="on_train_start"):
         plain.sampling_weights("source", 0)
     assert plain.sampling_weights("target", 0) is None
+
+
+def test_more_target_than_source_tiles_pair_them_cyclically():
+    """data.unlabelled_batch_size != data.batch_size: target tile i is mixed with source tile i mod B_s (the
+    reference's batches are equal). 3 target tiles, 2 source tiles: tile 2 gets source tile 0's classes."""
+    random_init = SegSetup(3, build_segmentation_loss("ce", 3), make_model=lambda: _model(1))
+    method = SelfTrain(SelfTrainConfig(mic_block_size=8, mix_weight=1.0), _model(), random_init).train()
+    batch = _batch(2)
+    t = batch["target"]
+    t["image"], t["valid"], t["strong"] = (torch.cat([v, v[:1]]) for v in (t["image"], t["valid"], t["strong"]))
+    seen = {}
+    real_mix = selftrain_module.mix
+
+    def spy(a, b, mask):
+        seen.setdefault("b", []).append(b)
+        return real_mix(a, b, mask)
+
+    selftrain_module.mix = spy
+    try:
+        out = method.forward(batch, step=0)
+    finally:
+        selftrain_module.mix = real_mix
+    assert torch.isfinite(out["loss"])
+    x_pasted = seen["b"][0]
+    assert x_pasted.shape[0] == 3 and torch.equal(x_pasted[2], batch["source"]["strong"][0, 0])
+    assert torch.equal(x_pasted[1], batch["source"]["strong"][1, 0])
 
 
 def test_config_is_checked():

@@ -379,10 +379,13 @@ class SelfTrain(SegMethod):
             t_logits = self.teacher(x_t, return_aux=False).logits
         labels, weights, q = quality_pseudo_labels(t_logits, v_t, cfg.threshold)
 
-        # 3. ClassMix: half of each source sample's classes pasted onto the target (strong views)
-        masks, _ = classmix_masks(y_s, g)
-        x_mix = mix(x_t1, x_s1, masks)
-        y_mix = mix(labels, y_s, masks)
+        # 3. ClassMix: half of each source sample's classes pasted onto the target (strong views); target tile i
+        #    gets source tile i mod B_s (the reference's batches are equal: i with i)
+        pair = torch.arange(b, device=y_s.device) % y_s.shape[0]
+        y_p, x_p = y_s[pair], x_s1[pair]
+        masks, _ = classmix_masks(y_p, g)
+        x_mix = mix(x_t1, x_p, masks)
+        y_mix = mix(labels, y_p, masks)
         w_mix = mix(weights, torch.ones_like(weights), masks)
         loss_mix = weighted_ce(net(x_mix, return_aux=False).logits, y_mix, w_mix)
         loss = loss + cfg.mix_weight * loss_mix
