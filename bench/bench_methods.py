@@ -28,7 +28,9 @@ SEMISUP = ("supervised", "mean_teacher", "psmt", "ael", "unimatch")
 UDA = ("source_only", "adaptsegnet", "advent", "proda", "selftrain")
 # What a method needs beyond the shared config (its documented requirements).
 EXTRA = {"adaptsegnet": ["model.aux=true"], "advent": ["model.aux=true"],  # multi-level by default
-         "psmt": ["psmt.warmup_steps=0"]}  # time its semi-supervised step, not the demo's supervised warm-up
+         # time the semi-supervised step, not the demo recipe's supervised warm-up / ramp-ups
+         "psmt": ["psmt.warmup_steps=0"], "mean_teacher": ["mean_teacher.rampup_steps=0"],
+         "ael": ["ael.rampup_steps=0"]}
 
 
 def _run(script: str, config: str, out: Path, overrides: list[str], threads: int) -> tuple[float, float]:

@@ -85,10 +85,13 @@ def _run_script(job: dict, threads: int) -> dict:
             "selection": final.get("selection")}
 
 
-def run_all(jobs: list[dict], parallel: int, threads: int) -> tuple[list[dict], list[str]]:
-    """Every job, ``parallel`` at a time; a failed run is reported (its stderr tail) and the others go on."""
+def run_all(jobs: list[dict], parallel: int, threads: int, recorded_only: bool = False) -> tuple[list[dict], list[str]]:
+    """Every job, ``parallel`` at a time; a failed run is reported (its stderr tail) and the others go on.
+    ``recorded_only``: run nothing, take the runs that have a matching record (the table so far)."""
 
     def one(job: dict) -> dict | None:
+        if recorded_only and not _has_record(job):
+            return None
         try:
             return _run_script(job, threads)
         except RuntimeError as exc:
@@ -97,7 +100,19 @@ def run_all(jobs: list[dict], parallel: int, threads: int) -> tuple[list[dict], 
 
     with ThreadPoolExecutor(parallel) as pool:
         results = list(pool.map(one, jobs))
-    return [r for r in results if r is not None], [j["out"] for j, r in zip(jobs, results) if r is None]
+    missing = [j["out"] for j, r in zip(jobs, results) if r is None]
+    if recorded_only:
+        print(f"{len(jobs) - len(missing)} of {len(jobs)} runs recorded; the table holds those")
+        missing = []
+    return [r for r in results if r is not None], missing
+
+
+def _has_record(job: dict) -> bool:
+    record = _record_path(job)
+    try:
+        return record.is_file() and json.loads(record.read_text()).get("args") == _record_key(job)
+    except FileNotFoundError:  # the starting weights of the key do not exist (yet)
+        return False
 
 
 def _jobs(args) -> list[dict]:
@@ -153,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="runs/bench_semisup")
     ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
     ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
+    ap.add_argument("--recorded-only", action="store_true",
+                    help="run nothing: write and print the table of the runs recorded so far")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/semisup_<suite>.json)")
     args = ap.parse_args(argv)
     jobs = _jobs(args)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
-    done, failed = run_all(jobs, args.parallel, threads)
+    done, failed = run_all(jobs, args.parallel, threads, args.recorded_only)
 
     key = "mIoU"
     table: dict = {}

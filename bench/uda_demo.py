@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="runs/bench_uda")
     ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
     ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
+    ap.add_argument("--recorded-only", action="store_true",
+                    help="run nothing: write and print the table of the runs recorded so far")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/uda_demo.json)")
     args = ap.parse_args(argv)
     for e in args.export:
@@ -91,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     first, second = _jobs(args)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(first) + len(second)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
-    done, failed = run_all(first, args.parallel, threads)
-    more, failed_too = run_all(second, args.parallel, threads)
+    done, failed = run_all(first, args.parallel, threads, args.recorded_only)
+    more, failed_too = run_all(second, args.parallel, threads, args.recorded_only)
     done, failed = done + more, failed + failed_too
 
     table: dict = {}

@@ -66,3 +66,11 @@ def test_run_all_reports_failures_and_keeps_the_others(job, capsys):
     assert [d["last"]["mIoU"] for d in done] == [60.0]
     assert failed == [broken["out"]]
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_recorded_only_runs_nothing_and_keeps_the_recorded_runs(job, capsys):
+    _write_record(job, 61.0)
+    other = {**job, "record": "semisup/ael_dino_s0", "out": job["out"] + "_ael"}  # no record: would fail if run
+    done, failed = semisup_demo.run_all([job, other], parallel=1, threads=1, recorded_only=True)
+    assert [d["last"]["mIoU"] for d in done] == [61.0] and failed == []
+    assert "1 of 2 runs recorded" in capsys.readouterr().out
