@@ -10,7 +10,7 @@ export and from random init, over seeds, beside supervised at 1/8 and on all lab
 Results: ``{method: {"dino"|"random": {seed: mIoU}}}`` (methods named as in ``method=``; ``supervised_all`` is
 supervised on all labelled tiles), the mIoU of the last step on the validation split; the best-on-validation figures
 go to ``*_best.json`` beside it (SAR: building F1 and mIoU). Finished runs are reused from their records under
-``bench/results/runs/`` (committed), so an interrupted table resumes where it stopped, in another session too. The
+``bench/results/records/`` (committed), so an interrupted table resumes where it stopped, in another session too. The
 script prints the README's table.
 """
 
@@ -33,8 +33,8 @@ METHODS = ("supervised", "unimatch", "ael", "mean_teacher", "psmt")
 
 
 def _record_path(job: dict) -> Path:
-    """Where a finished run's final metrics are kept under ``bench/results/runs/`` (committed with the tables)."""
-    return RESULTS / "runs" / job["record"]
+    """Where a finished run's final metrics are kept under ``bench/results/records/`` (committed with the tables)."""
+    return RESULTS / "records" / f"{job['record']}.json"
 
 
 def _sha256(path: Path) -> str:
@@ -58,7 +58,7 @@ def _record_key(job: dict) -> dict:
 def _run_script(job: dict, threads: int) -> dict:
     """Run ``job["script"]`` (default ``finetune/semisup.py``) unless it already finished; its final metrics.
 
-    A finished run is one whose record (``bench/results/runs/<record>.json``: the run's ``metrics.json`` and what
+    A finished run is one whose record (``bench/results/records/<record>.json``: the run's ``metrics.json`` and what
     made it, :func:`_record_key`) exists with the same key; a record is written after every run, so a table
     interrupted in one session resumes in the next from the committed records. A record made from another config
     content, other overrides or other starting weights is not reused: the run is made again."""

@@ -13,7 +13,7 @@ domain's labelled tiles: the upper bound). ``proda`` is its stage 1, started (``
 ``model.aux=true`` (their multi-level default). Results: ``{scenario: {method: {"dino"|"random": {seed: mIoU}}}}``,
 the target validation mIoU (``target_val/mIoU``, a report: never used for selection) of the last step; the figures
 of the checkpoint selected on source validation go to ``uda_demo_best.json``. Finished runs are reused from their
-records under ``bench/results/runs/`` (committed), so an interrupted table resumes where it stopped, in another
+records under ``bench/results/records/`` (committed), so an interrupted table resumes where it stopped, in another
 session too. The script prints the README's table.
 """
 
