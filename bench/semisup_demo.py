@@ -2,8 +2,9 @@
 export and from random init, over seeds, beside supervised at 1/8 and on all labels; and the SAR building task
 (supervised vs AEL). Each run is ``finetune/semisup.py`` with the demo config, as a user would run it.
 
-    python bench/semisup_demo.py --data data/demo --export runs/demo/pretrain/backbone.safetensors \
+    python bench/semisup_demo.py --data data/demo --pretrain runs/tables/pretrain \
         --seeds 0 1 2 --parallel 2                      # S2 land cover: bench/results/semisup_demo.json
+    (--pretrain DIR makes the DINO export once, 2 threads; --export FILE takes an existing one instead)
     python bench/semisup_demo.py --suite sar --data data/demo --seeds 0 1 2    # bench/results/semisup_sar.json
     python bench/semisup_demo.py --quick ...            # 8 steps, batch 2, tiny backbone: a smoke test of the script
 
@@ -85,6 +86,23 @@ def _run_script(job: dict, threads: int) -> dict:
             "selection": final.get("selection")}
 
 
+def ensure_export(config: str, out: Path, data: str, probe_root: str, threads: int = 2) -> Path:
+    """The DINO export of ``config`` pretrained on ``data`` into ``out`` (made once, with ``threads`` threads, one
+    process: the same command gives the same weights on this machine, so the records of the 'dino' rows, keyed by
+    the export's SHA-256, are reused in a later session). Returns ``out/backbone.safetensors``."""
+    export = Path(out) / "backbone.safetensors"
+    if not export.is_file():
+        cmd = [sys.executable, str(REPO / "ssl" / "pretrain.py"), "--config", str(REPO / config), "--output-dir",
+               str(out), "--overwrite", f"data.root={data}", f"probe.root={probe_root}", "trainer.progress_bar=false"]
+        print(f"pretraining the export: {' '.join(cmd)}", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        res = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"pretraining failed:\n{res.stderr[-3000:]}")
+    print(f"export {export}: sha256 {_sha256(export)}", flush=True)
+    return export
+
+
 def run_all(jobs: list[dict], parallel: int, threads: int, recorded_only: bool = False) -> tuple[list[dict], list[str]]:
     """Every job, ``parallel`` at a time; a failed run is reported (its stderr tail) and the others go on.
     ``recorded_only``: run nothing, take the runs that have a matching record (the table so far)."""
@@ -163,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=("semisup", "sar"), default="semisup")
     ap.add_argument("--data", default="data/demo")
     ap.add_argument("--export", default=None, help="DINO export (backbone.safetensors) for the 'dino' rows")
+    ap.add_argument("--pretrain", default=None, metavar="DIR",
+                    help="make the 'dino' rows' export with configs/pretrain/demo.yaml in DIR (once; 2 threads)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--runs", default="runs/bench_semisup")
@@ -172,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: write and print the table of the runs recorded so far")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/semisup_<suite>.json)")
     args = ap.parse_args(argv)
+    if args.pretrain and not args.quick:
+        args.export = str(ensure_export("configs/pretrain/demo.yaml", Path(args.pretrain), args.data,
+                                        str(Path(args.data) / "s2" / "source")))
     jobs = _jobs(args)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
