@@ -42,17 +42,32 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a safetensors file's content: its header with sorted keys, then its tensor bytes. The file's own
+    SHA-256 is not reproducible: safetensors writes the metadata entries in a per-process random order (a hash map),
+    so the same weights saved twice differ in the header's byte order."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (ValueError, UnicodeDecodeError):  # not a safetensors file: its bytes
+        return hashlib.sha256(raw).hexdigest()
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    digest.update(raw[8 + n:])
+    return digest.hexdigest()
+
+
 def _record_key(job: dict) -> dict:
     """What makes a run the same run: the config file's content, the overrides other than paths, and the content of
-    the weights it starts from (an export, or the model of an ``init_from`` run)."""
+    the weights it starts from (an export, or the model of an ``init_from`` run: :func:`weights_digest`)."""
     paths = ("data.root=", "data.target.root=", "model.weights=", "model.init_from=")
     key = {"config": Path(job["config"]).name, "config_sha256": _sha256(Path(job["config"])),
            "overrides": [o for o in job["overrides"] if not o.startswith(paths)]}
     for o in job["overrides"]:
         if o.startswith("model.weights="):
-            key["weights_sha256"] = _sha256(Path(o.split("=", 1)[1]))
+            key["weights_sha256"] = weights_digest(Path(o.split("=", 1)[1]))
         elif o.startswith("model.init_from="):
-            key["init_from_sha256"] = _sha256(Path(o.split("=", 1)[1]) / "checkpoints" / "best.safetensors")
+            key["init_from_sha256"] = weights_digest(Path(o.split("=", 1)[1]) / "checkpoints" / "best.safetensors")
     return key
 
 
@@ -99,7 +114,7 @@ def ensure_export(config: str, out: Path, data: str, probe_root: str, threads: i
         res = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"pretraining failed:\n{res.stderr[-3000:]}")
-    print(f"export {export}: sha256 {_sha256(export)}", flush=True)
+    print(f"export {export}: content sha256 {weights_digest(export)}", flush=True)
     return export
 
 

@@ -74,3 +74,23 @@ def test_recorded_only_runs_nothing_and_keeps_the_recorded_runs(job, capsys):
     done, failed = semisup_demo.run_all([job, other], parallel=1, threads=1, recorded_only=True)
     assert [d["last"]["mIoU"] for d in done] == [61.0] and failed == []
     assert "1 of 2 runs recorded" in capsys.readouterr().out
+
+
+def test_weights_digest_ignores_the_header_order_but_not_the_content(tmp_path):
+    """safetensors writes metadata in a per-process random order, so the file SHA-256 of the same weights varies;
+    the records key the weights by content."""
+    import torch
+    from safetensors.torch import save
+
+    raw = save({"w": torch.arange(6.0).reshape(2, 3)}, metadata={"format": "x", "bands": "B02,B03"})
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    reordered = json.dumps({"__metadata__": dict(reversed(list(header["__metadata__"].items()))),
+                            **{k: v for k, v in header.items() if k != "__metadata__"}}).encode()
+    reordered += b" " * (n - len(reordered)) if len(reordered) <= n else b""
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    a.write_bytes(raw)
+    b.write_bytes(len(reordered).to_bytes(8, "little") + reordered + raw[8 + n:])
+    c.write_bytes(save({"w": torch.arange(6.0).reshape(2, 3) + 1}, metadata={"format": "x", "bands": "B02,B03"}))
+    assert a.read_bytes() != b.read_bytes()
+    assert semisup_demo.weights_digest(a) == semisup_demo.weights_digest(b) != semisup_demo.weights_digest(c)
