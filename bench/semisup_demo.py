@@ -101,6 +101,18 @@ def _run_script(job: dict, threads: int) -> dict:
             "selection": final.get("selection")}
 
 
+def add_table_arguments(ap: argparse.ArgumentParser, methods: tuple[str, ...], runs: str, out: str) -> None:
+    """The options every results-table script shares."""
+    ap.add_argument("--methods", nargs="+", default=list(methods))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--runs", default=runs, help="run directories (scratch; the records are the results)")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
+    ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
+    ap.add_argument("--recorded-only", action="store_true",
+                    help="run nothing: write and print the table of the runs recorded so far")
+    ap.add_argument("--out", default=None, help=f"results JSON (default {out})")
+
+
 def ensure_export(config: str, out: Path, data: str, probe_root: str, threads: int = 2) -> Path:
     """The DINO export of ``config`` pretrained on ``data`` into ``out`` (made once, with ``threads`` threads, one
     process: the same command gives the same weights on this machine, so the records of the 'dino' rows, keyed by
@@ -198,14 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", default=None, help="DINO export (backbone.safetensors) for the 'dino' rows")
     ap.add_argument("--pretrain", default=None, metavar="DIR",
                     help="make the 'dino' rows' export with configs/pretrain/demo.yaml in DIR (once; 2 threads)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--runs", default="runs/bench_semisup")
-    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
-    ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
-    ap.add_argument("--recorded-only", action="store_true",
-                    help="run nothing: write and print the table of the runs recorded so far")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/results/semisup_<suite>.json)")
+    add_table_arguments(ap, METHODS, "runs/bench_semisup", "bench/results/semisup_<suite>.json")
     args = ap.parse_args(argv)
     if args.pretrain and not args.quick:
         args.export = str(ensure_export("configs/pretrain/demo.yaml", Path(args.pretrain), args.data,

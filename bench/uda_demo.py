@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semisup_demo import _fmt, run_all
+from semisup_demo import _fmt, add_table_arguments, run_all
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -78,14 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", nargs="*", default=[], metavar="SCENARIO=PATH",
                     help="DINO export per scenario for the 'dino' rows (s2=..., s1=...)")
     ap.add_argument("--scenarios", nargs="+", choices=tuple(SCENARIOS), default=list(SCENARIOS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--runs", default="runs/bench_uda")
-    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
-    ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
-    ap.add_argument("--recorded-only", action="store_true",
-                    help="run nothing: write and print the table of the runs recorded so far")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/results/uda_demo.json)")
+    add_table_arguments(ap, METHODS, "runs/bench_uda", "bench/results/uda_demo.json")
     args = ap.parse_args(argv)
     for e in args.export:
         if "=" not in e or e.split("=", 1)[0] not in SCENARIOS:
