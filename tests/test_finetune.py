@@ -83,8 +83,9 @@ def test_two_process_evaluation_counts_every_tile_once(tiny_demo, tmp_path):
 
     card = json.loads((run / "model.json").read_text())
     data = SegDataConfig(root=str(tiny_demo / "s2" / "source"))
-    inputs = resolve_inputs(data, SegModelConfig(arch="resnet10t"))
-    model = build_model(SegModelConfig(arch="resnet10t"), 6, inputs, 12)
+    widths = {"aspp_channels": card["aspp_channels"], "decoder_channels": card["decoder_channels"]}
+    inputs = resolve_inputs(data, SegModelConfig(arch="resnet10t", **widths))
+    model = build_model(SegModelConfig(arch="resnet10t", **widths), 6, inputs, 12)
     state = load_file(str(run / "checkpoints" / "last.safetensors"))
     model.load_state_dict({k[len(card["state_dict_prefix"]):]: v for k, v in state.items()})
     model.eval()

@@ -253,7 +253,8 @@ def test_config_and_classes_are_checked():
 # End to end through accelerate launch
 # ------------------------------------------------------------------------------------------------------------
 def _overrides(root: Path, steps: int = 4) -> list[str]:
-    return ["method=ael", f"data.root={root}", "data.batch_size=2", "model.arch=test_resnet",
+    return ["method=ael", f"data.root={root}", "data.batch_size=2",
+            "data.unlabelled_batch_size=2", "model.arch=test_resnet",
             f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.eval_every=2", "trainer.checkpoint_every=2",
             "trainer.progress_bar=false", "optim.warmup_steps=1", "eval.batch_size=4",
             "augment.crop_size=null"]  # the whole 32 px tiny tiles (the demo recipe crops 64 px tiles)

@@ -117,6 +117,7 @@ def test_rampup_longer_than_the_run_is_refused():
 # ---------------------------------------------------------------------------------------------- end to end
 def _overrides(root: Path, steps: int = 4, labelled: str = "labelled_1_8") -> list[str]:
     return [f"data.root={root / 's2' / 'source'}", "method=mean_teacher", "data.batch_size=2",
+            "data.unlabelled_batch_size=2",
             f"data.labelled_split={labelled}", "model.arch=test_resnet", f"trainer.max_steps={steps}",
             "trainer.log_every=1", "trainer.eval_every=2", "trainer.checkpoint_every=2",
             "trainer.progress_bar=false", "optim.warmup_steps=1", "eval.batch_size=4",

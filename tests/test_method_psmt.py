@@ -264,6 +264,7 @@ def test_rampup_and_config_checks():
 # ------------------------------------------------------------------------------------------------- end to end
 def psmt_overrides(root: Path, steps: int = 4) -> list[str]:
     return [f"data.root={root / 's2' / 'source'}", "method=psmt", "model.arch=test_resnet", "data.batch_size=2",
+            "data.unlabelled_batch_size=2",
             f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.eval_every=2",
             "trainer.checkpoint_every=2", "trainer.keep_checkpoints=3", "trainer.progress_bar=false",
             "optim.warmup_steps=1", "eval.batch_size=4", "data.stats_file=null", "psmt.warmup_steps=1"]

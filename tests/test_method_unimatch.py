@@ -195,6 +195,7 @@ def test_config_is_validated():
 # ---------------------------------------------------------------------------------------------- end to end
 def _overrides(root: Path, steps: int = 4, labelled: str = "labelled_1_8", arch: str = "test_resnet") -> list[str]:
     return [f"data.root={root / 's2' / 'source'}", "method=unimatch", "data.batch_size=2",
+            "data.unlabelled_batch_size=2",
             f"data.labelled_split={labelled}", f"model.arch={arch}", f"trainer.max_steps={steps}",
             "trainer.log_every=1", "trainer.eval_every=2", "trainer.checkpoint_every=2",
             "trainer.progress_bar=false", "optim.warmup_steps=1", "eval.batch_size=4"]

@@ -177,6 +177,7 @@ def test_unimatch_with_an_aux_head_in_two_processes(tiny_demo, tmp_path):
     launch("finetune/semisup.py", ["--config", str(REPO / "configs" / "finetune" / "demo.yaml"), "--output-dir",
                                    str(run), f"data.root={tiny_demo / 's2' / 'source'}", "method=unimatch",
                                    "model.aux=true", "model.arch=test_resnet", "data.batch_size=2",
+                                   "data.unlabelled_batch_size=2",
                                    "data.labelled_split=train_all", "trainer.max_steps=2", "trainer.eval_every=2",
                                    "trainer.progress_bar=false"], processes=2)
     assert json.loads((run / "metrics.json").read_text())["num_processes"] == 2
