@@ -28,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 METHODS = ("supervised", "unimatch", "ael", "mean_teacher", "psmt")
@@ -38,8 +40,10 @@ def _record_path(job: dict) -> Path:
     return RESULTS / "records" / f"{job['record']}.json"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def config_digest(text: str) -> str:
+    """SHA-256 of a YAML config's content: the parsed mapping as sorted JSON, so that editing a comment or the layout
+    of a config does not invalidate the runs recorded from it, while any changed value does."""
+    return hashlib.sha256(json.dumps(yaml.safe_load(text), sort_keys=True).encode()).hexdigest()
 
 
 def weights_digest(path: Path) -> str:
@@ -58,10 +62,11 @@ def weights_digest(path: Path) -> str:
 
 
 def _record_key(job: dict) -> dict:
-    """What makes a run the same run: the config file's content, the overrides other than paths, and the content of
-    the weights it starts from (an export, or the model of an ``init_from`` run: :func:`weights_digest`)."""
+    """What makes a run the same run: the config's content (its values: :func:`config_digest`), the overrides other
+    than paths, and the content of the weights it starts from (an export, or the model of an ``init_from`` run:
+    :func:`weights_digest`)."""
     paths = ("data.root=", "data.target.root=", "model.weights=", "model.init_from=")
-    key = {"config": Path(job["config"]).name, "config_sha256": _sha256(Path(job["config"])),
+    key = {"config": Path(job["config"]).name, "config_content_sha256": config_digest(Path(job["config"]).read_text()),
            "overrides": [o for o in job["overrides"] if not o.startswith(paths)]}
     for o in job["overrides"]:
         if o.startswith("model.weights="):

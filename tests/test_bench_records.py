@@ -38,9 +38,11 @@ def _write_record(job: dict, last: float) -> Path:
 def test_the_key_ignores_paths_but_not_content(job, tmp_path):
     key = semisup_demo._record_key(job)
     assert key["overrides"] == ["method=supervised", "trainer.seed=0"]
-    assert len(key["config_sha256"]) == 64 and len(key["weights_sha256"]) == 64
+    assert len(key["config_content_sha256"]) == 64 and len(key["weights_sha256"]) == 64
     moved = {**job, "overrides": ["data.root=/elsewhere", *job["overrides"][1:]]}
     assert semisup_demo._record_key(moved) == key  # another machine's paths: the same run
+    Path(job["config"]).write_text("# a comment\ntrainer:\n    max_steps: 900   # the layout changed, not a value\n")
+    assert semisup_demo._record_key(job) == key  # the same recipe
     Path(job["config"]).write_text("trainer:\n  max_steps: 450\n")
     assert semisup_demo._record_key(job) != key  # another recipe
     Path(job["config"]).write_text("trainer:\n  max_steps: 900\n")
