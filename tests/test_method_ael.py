@@ -249,6 +249,14 @@ def test_config_and_classes_are_checked():
         _method(copy_paste_exclude=(0, 1, 2))
 
 
+def test_rampup_longer_than_the_run_is_refused():
+    class Ctx:
+        total_steps = 4
+
+    with pytest.raises(UserInputError, match=r"ael.rampup_steps=5 is longer than the run \(4 steps\)"):
+        _method(rampup_steps=5).on_train_start(Ctx())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # End to end through accelerate launch
 # ------------------------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ from common.ema import ema_update_
 from common.errors import UserInputError
 from finetune.methods import register
 from finetune.methods.base import SegMethod, SegSetup, make_teacher
-from finetune.methods.common import mix, pseudo_labels, sigmoid_rampup
+from finetune.methods.common import check_rampup_fits, mix, pseudo_labels, sigmoid_rampup
 
 __all__ = ["AELConfig", "AEL", "class_confidence_sums", "class_confidence", "update_confidence_bank",
            "class_probabilities", "copy_paste", "class_presence", "component_box", "random_box",
@@ -356,6 +356,7 @@ class AEL(SegMethod):
         return self
 
     def on_train_start(self, ctx) -> None:
+        check_rampup_fits("ael.rampup_steps", self.cfg.rampup_steps, ctx.total_steps, "ael.consistency_weight")
         self._rank, self._world = int(ctx.accelerator.process_index), int(ctx.num_processes)
 
     def after_optimizer_step(self, step: int, epoch: int) -> None:

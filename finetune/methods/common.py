@@ -11,6 +11,7 @@ import math
 import torch
 
 from common.bands import IGNORE_INDEX
+from common.errors import UserInputError
 
 __all__ = ["pseudo_labels", "cutmix_masks", "mix", "sigmoid_rampup", "masked_mean", "self_information",
            "normalised_entropy", "target_entropy", "export_backbone_copy"]
@@ -68,6 +69,14 @@ def sigmoid_rampup(step: int, length: int) -> float:
         return 1.0
     t = min(max(step / length, 0.0), 1.0)
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def check_rampup_fits(key: str, length: int, total_steps: int, weight_key: str) -> None:
+    """Refuse a ramp-up (config key ``key``) longer than the run: the weight ``weight_key`` would never reach its
+    configured value, which a user reading the config would not expect (one message, before the first step)."""
+    if length > total_steps:
+        raise UserInputError(f"{key}={length} is longer than the run ({total_steps} steps): {weight_key} would never "
+                             f"be reached; lower {key} to at most {total_steps}")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: str = "kept") -> torch.Tensor:

@@ -55,7 +55,7 @@ from common.ema import ema_update_, make_teacher
 from common.errors import UserInputError
 from finetune.methods import register
 from finetune.methods.base import SegMethod
-from finetune.methods.common import pseudo_labels, sigmoid_rampup
+from finetune.methods.common import check_rampup_fits, pseudo_labels, sigmoid_rampup
 
 __all__ = ["MeanTeacherConfig", "MeanTeacher", "ema_decay_at", "consistency_loss"]
 
@@ -139,10 +139,8 @@ class MeanTeacher(SegMethod):
         return self.teacher if self.cfg.eval_model == "teacher" else self.model
 
     def on_train_start(self, ctx) -> None:
-        if self.cfg.rampup_steps > ctx.total_steps:
-            raise UserInputError(f"mean_teacher.rampup_steps={self.cfg.rampup_steps} is longer than the run "
-                                 f"({ctx.total_steps} steps): the consistency weight would never reach "
-                                 f"mean_teacher.consistency_weight; lower it to at most {ctx.total_steps}")
+        check_rampup_fits("mean_teacher.rampup_steps", self.cfg.rampup_steps, ctx.total_steps,
+                          "mean_teacher.consistency_weight")
 
     def training_step(self, batch: dict, ctx) -> dict[str, torch.Tensor]:
         lab, unl = batch["labelled"], batch["unlabelled"]
