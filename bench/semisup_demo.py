@@ -71,12 +71,18 @@ def _record_key(job: dict) -> dict:
     for o in job["overrides"]:
         if o.startswith("model.weights="):
             key["weights_sha256"] = weights_digest(Path(o.split("=", 1)[1]))
-        elif o.startswith("model.init_from="):
+        elif o.startswith("model.init_from=") and "init_job" not in job:
             key["init_from_sha256"] = weights_digest(Path(o.split("=", 1)[1]) / "checkpoints" / "best.safetensors")
+    if "init_job" in job:  # started from a table run: that run's record identifies it (its files may be gone)
+        key["init_from_record_sha256"] = _sha256_file(_record_path(job["init_job"]))
     return key
 
 
-def _run_script(job: dict, threads: int) -> dict:
+def _sha256_file(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _run_script(job: dict, threads: int, force: bool = False) -> dict:
     """Run ``job["script"]`` (default ``finetune/semisup.py``) unless it already finished; its final metrics.
 
     A finished run is one whose record (``bench/results/records/<record>.json``: the run's ``metrics.json`` and what
@@ -86,10 +92,16 @@ def _run_script(job: dict, threads: int) -> dict:
     out = Path(job["out"])
     metrics = out / "metrics.json"
     record = _record_path(job)
+    init = job.get("init_job")
+    if init is not None and not _has_record(job) and not (Path(init["out"]) / "checkpoints"
+                                                          / "best.safetensors").is_file():
+        # the run this one starts from was recorded (in another session) but its weights are gone: make it again,
+        # which renews its record, so that this run's record names the run it really started from
+        _run_script(init, threads, force=True)
     cmd = [sys.executable, str(REPO / job.get("script", "finetune/semisup.py")), "--config", job["config"],
            "--output-dir", str(out), "--overwrite", *job["overrides"]]
     args = _record_key(job)
-    if record.is_file() and json.loads(record.read_text()).get("args") == args:
+    if not force and record.is_file() and json.loads(record.read_text()).get("args") == args:
         final = json.loads(record.read_text())["metrics"]
     else:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -59,14 +59,18 @@ def _jobs(args) -> tuple[list[dict], list[dict]]:
                             "overrides": [f"data.root={root}", f"method={method}", f"trainer.seed={seed}", *extra,
                                           *common]}
 
+                source_only = job("source_only", "source_only", init_over)
                 for m in args.methods:
                     if m == "proda":
-                        base = Path(args.runs) / scenario / f"source_only_{init}_s{seed}"
-                        second.append(job("proda", "proda", [f"model.init_from={base}", f"data.target.root={target}"]))
+                        proda = job("proda", "proda", [f"model.init_from={source_only['out']}",
+                                                       f"data.target.root={target}"])
+                        second.append({**proda, "init_job": source_only})  # keyed by the source-only record
+                    elif m == "source_only":
+                        first.append(source_only)
                     else:
                         first.append(job(m, m, [*init_over, *EXTRA.get(m, [])]))
                 if "proda" in args.methods and "source_only" not in args.methods:
-                    first.append(job("source_only", "source_only", init_over))
+                    first.append(source_only)
                 first.append(job("target_supervised", "source_only", [*init_over, f"data.target.root={target}"],
                                  root=target))
     return first, second

@@ -4,6 +4,7 @@ record is reused only for the same config content, the same non-path overrides a
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -96,3 +97,44 @@ def test_weights_digest_ignores_the_header_order_but_not_the_content(tmp_path):
     c.write_bytes(save({"w": torch.arange(6.0).reshape(2, 3) + 1}, metadata={"format": "x", "bands": "B02,B03"}))
     assert a.read_bytes() != b.read_bytes()
     assert semisup_demo.weights_digest(a) == semisup_demo.weights_digest(b) != semisup_demo.weights_digest(c)
+
+
+FAKE_RUN = '''
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--output-dir") + 1])
+(out / "checkpoints").mkdir(parents=True, exist_ok=True)
+(out / "checkpoints" / "best.safetensors").write_bytes(b"weights of " + out.name.encode())
+with open(out.parent / "calls.txt", "a") as f:
+    f.write(out.name + "\\n")
+m = {"step": 8, "mIoU": 50.0 + len(open(out.parent / "calls.txt").read().split())}
+(out / "metrics.json").write_text(json.dumps({"last": m, "best": m}))
+'''
+
+
+def test_a_run_started_from_another_table_run_is_keyed_by_its_record(job, tmp_path):
+    """ProDA starts from the source-only run (model.init_from): its record names that run's record, so it is reused
+    in a later session whose run folders are gone; when it must run and the source-only weights are gone, the
+    source-only run is made again first (renewing its record, hence this run's key)."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    runs = tmp_path / "runs"
+    base = {**job, "script": str(script), "overrides": job["overrides"][:-1]}
+    source = {**base, "name": "source_only", "out": str(runs / "source_only"), "record": "uda/s2/source_only"}
+    proda = {**base, "name": "proda", "out": str(runs / "proda"), "record": "uda/s2/proda", "init_job": source,
+             "overrides": [*base["overrides"], f"model.init_from={runs / 'source_only'}"]}
+    assert semisup_demo._run_script(source, threads=1)["last"]["mIoU"] == 51.0
+    first = semisup_demo._record_key(proda)
+    assert first["init_from_record_sha256"] is not None and "init_from_sha256" not in first
+    assert semisup_demo._run_script(proda, threads=1)["last"]["mIoU"] == 52.0
+    calls = runs / "calls.txt"
+    assert calls.read_text().split() == ["source_only", "proda"]
+    shutil.rmtree(runs / "source_only")
+    shutil.rmtree(runs / "proda")  # a later session: only the records are left
+    assert semisup_demo._run_script(proda, threads=1)["last"]["mIoU"] == 52.0  # reused, nothing run
+    assert calls.read_text().split() == ["source_only", "proda"]
+    semisup_demo._record_path(proda).unlink()  # ProDA must run: its source-only weights are made again first
+    assert semisup_demo._run_script(proda, threads=1)["last"]["mIoU"] == 54.0
+    assert calls.read_text().split() == ["source_only", "proda", "source_only", "proda"]
+    assert semisup_demo._record_key(proda) != first  # the source-only record was renewed
