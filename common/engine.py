@@ -299,7 +299,11 @@ class Engine:
         return self.accelerator.device
 
     def print(self, *args: Any) -> None:
-        self.accelerator.print(*args)
+        """Print on the main process only. ``Accelerator.print`` prints once per *node* (local main process), so a
+        multi-node run would repeat every line per node in a merged log (Slurm's default ``srun`` output); the
+        progress bar and ``error:`` lines (:func:`common.errors.cli_entry`) are already global-main only."""
+        if self.is_main:
+            print(*args, flush=True)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """All-reduce over processes (``sum`` or ``mean``); returns a new tensor, identity with one process."""
@@ -442,7 +446,7 @@ class Engine:
                 setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(method, name)))
         if cfg.compile:
             if acc.device.type != "cuda":
-                acc.print("trainer.compile: skipped on CPU (torch.compile is used on CUDA only)")
+                self.print("trainer.compile: skipped on CPU (torch.compile is used on CUDA only)")
             else:
                 compile_in_place(method, method.compile_modules)
         # On the training device before the optimisers are built, so that build_optimizer picks the implementation
@@ -598,9 +602,9 @@ class Engine:
             ckpt = latest_checkpoint(self.run_dir)
             state = self._load(method, ckpt)
             step, consumed, best = state["step"], state["consumed"], state.get("best", {})
-            acc.print(f"resumed from {ckpt} at step {step}/{total_steps}")
+            self.print(f"resumed from {ckpt} at step {step}/{total_steps}")
             if step >= total_steps:
-                acc.print("run already complete; re-running the final evaluation")
+                self.print("run already complete; re-running the final evaluation")
 
         def stream(name: str) -> Iterator[Any]:
             while True:
