@@ -82,6 +82,14 @@ class TrainContext:
         """Concatenate ``tensor`` (same shape on every process) over processes along dim 0, in rank order."""
         return self.accelerator.gather(tensor.contiguous())
 
+    def print(self, *args: Any) -> None:
+        """Print once per run (the global main process), also on several nodes (``Accelerator.print`` prints once
+        per node)."""
+        if self._engine is not None:
+            self._engine.print(*args)
+        elif self.accelerator.is_main_process:
+            print(*args, flush=True)
+
 
 class StepContext:
     """Passed to ``training_step``: the step's position (``step``, ``epoch``, ``micro``) and, in manual mode,

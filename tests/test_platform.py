@@ -16,7 +16,7 @@ import torch
 
 from common.checkpoint import latest_checkpoint
 from common.errors import UserInputError
-from common.method import Method, MethodRegistry
+from common.method import Method, MethodRegistry, TrainContext
 from common.sampling import EpochSampler, weighted_epoch_indices
 from toy_methods import TwoStreamToy, run
 from toy_train import ToyData
@@ -199,3 +199,19 @@ def test_a_method_without_a_training_step_or_optimiser_is_refused():
             return [{"params": []}]
 
     assert isinstance(WithGroups().optimizers()["main"], OptimizerSpec)
+
+
+def test_a_methods_notes_print_once_per_run_not_once_per_node(capsys):
+    """``TrainContext.print`` prints on the global main process only (``Accelerator.print`` would print once per
+    node of a multi-node run), through the engine when there is one."""
+    from types import SimpleNamespace
+
+    def ctx(main: bool, engine=None) -> TrainContext:
+        return TrainContext(SimpleNamespace(is_main_process=main), 1, 1, 1, 2, 2, torch.device("cpu"), Path("."),
+                            _engine=engine)
+
+    ctx(False).print("rank 1 of node 2")
+    ctx(True).print("rank 0")
+    said = []
+    ctx(False, SimpleNamespace(print=lambda *a: said.append(a))).print("via", "engine")
+    assert capsys.readouterr().out == "rank 0\n" and said == [("via", "engine")]

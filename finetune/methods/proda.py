@@ -412,7 +412,7 @@ class ProDA(SegMethod):
         missing = [i for i, c in enumerate(counts.tolist()) if c == 0]
         if missing:
             names = self.setup.class_names or tuple(str(c) for c in range(self.setup.num_classes))
-            ctx.accelerator.print("proda: no target tile has >= proda.proto_min_pixels pixels predicted as "
+            ctx.print("proda: no target tile has >= proda.proto_min_pixels pixels predicted as "
                                   + ", ".join(names[i] for i in missing) + ": zero prototype (as released)")
 
     def extra_metrics(self, engine) -> dict[str, float]:

@@ -303,7 +303,7 @@ class SelfTrain(SegMethod):
     # ---- hooks
     def on_train_start(self, ctx) -> None:
         self._target_tiles = ctx.datasets["target_plain"]
-        ctx.accelerator.print(self.fd_note)
+        ctx.print(self.fd_note)
         if self.cfg.rcs:
             self._init_rare_class_sampling(ctx)
         self._rcs_ready = True
@@ -325,10 +325,10 @@ class SelfTrain(SegMethod):
         self._rcs_weights = weights
         names = self.setup.class_names or tuple(str(c) for c in range(k))
         if weights is None:
-            ctx.accelerator.print("selftrain: rare-class sampling off: no source tile holds a class above "
+            ctx.print("selftrain: rare-class sampling off: no source tile holds a class above "
                                   f"selftrain.rcs_min_fraction={self.cfg.rcs_min_fraction}")
         else:
-            ctx.accelerator.print("selftrain: rare-class sampling P(c): " + ", ".join(
+            ctx.print("selftrain: rare-class sampling P(c): " + ", ".join(
                 f"{n} {float(v):.3f}" for n, v in zip(names, p)))
 
     def sampling_weights(self, stream: str, epoch: int) -> np.ndarray | None:
