@@ -50,13 +50,20 @@ Definitions (deviations from DINO's RGB pipeline, each a config value):
 * Determinism: every random decision comes from the ``np.random.Generator`` passed to the transform; use
   :func:`common.sampling.sample_rng` ``(seed, epoch, index)`` (or :class:`common.sampling.AugmentedDataset`).
 
-Implementation notes (measured with OpenCV 5.0 on one core): warps and blurs run on an interleaved ``(H, W, C)``
-copy of the tile (made once per sample, only if needed), about 1.7x faster than C separate planes; plain resizes
-and single-band views run per plane on ``(C, H, W)``, which saves the transposing read of the final copy. The
-Python bindings accept at most 128 interleaved channels (more bands fall back to planes), ``INTER_AREA`` at most 4
-(not used), and ``warpAffine`` samples at 1/32-px positions for 2 or >= 5 interleaved channels (exact for 1, 3 and
-4): harmless for augmentation, and the reason a 10-band view differs from its 10 single-band views by ~0.02
-(normalised units) on affine views. ``bench/bench_multicrop.py`` compares throughput with the seed's pipeline.
+Implementation notes (measured with OpenCV 5.0 and numpy 2.4 on one core): warps and blurs run on an interleaved
+``(H, W, C)`` copy of the tile (made once per sample, only if needed), about 1.7x faster than C separate planes, and
+the view comes back to ``(C, h, w)`` by ``cv2.transpose`` of its ``(h w, C)`` plane (half the cost of a transposing
+read); plain resizes and single-band views run per plane on ``(C, H, W)``, straight into the output, which is then
+normalised in place (small views with cached full-size scale/shift maps: numpy broadcasts ``(C, 1, 1)`` slowly over
+small planes). ``cv2.flip`` copies pixels of more than 4 float32 channels one by one, so such views are flipped as two
+2-D planes (exact copies). The Python bindings accept at most 128 interleaved channels (more bands fall back to
+planes), ``warpAffine`` with cubic interpolation and ``INTER_AREA`` at most 4 (cubic warps of more bands use planes;
+area is not used), and ``warpAffine`` samples at 1/32-px positions for 2 or >= 5 interleaved channels (exact for 1, 3
+and 4): harmless for augmentation, and the reason a 10-band view differs from its 10 single-band views by ~0.02
+(normalised units) on affine views. These layout choices do not change the values: the views are bit-identical to
+those of the straightforward version this replaced (``cv2.merge``, a transposing read, per-pixel flips),
+checked on 12,300 views over all options; ``tests/test_multicrop.py`` compares them with a per-band reference.
+``bench/bench_multicrop.py`` compares throughput with the seed's pipeline.
 The ``valid`` mask of a sample is not cropped: datasets fill invalid pixels with the band mean (0 once normalised).
 """
 
@@ -98,6 +105,8 @@ P3 = tuple[float, float, float]
 _U_HFLIP, _U_VFLIP, _U_AFFINE, _U_ROT, _U_SCALE, _U_TX, _U_TY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(10)
 _U_CHANNEL, _U_BAND, _U_JITTER, _U_GAIN, _U_CONTRAST, _U_NOISE, _U_BDROP, _U_SDROP, _U_CROP_I, _U_CROP_J = range(10, 20)
 _N_U = 20
+_FULL_MAP_MAX_PIXELS = 64 * 64  # views up to this size normalise with full (C, h, w) maps (see _normalisation)
+_N_CROP = 2 * _MAX_CROP_ATTEMPTS + 2  # uniform draws of one crop box (sample_crop_box), after the view's _N_U
 
 
 @dataclass(frozen=True)
@@ -215,17 +224,24 @@ def sample_crop_box(
     Up to 10 attempts draw an area fraction uniformly in ``scale`` and a log-uniform aspect ratio in ``ratio``; when
     none fits, the largest centre crop with an aspect ratio inside ``ratio``.
     """
+    return _crop_box(rng.random(_N_CROP).tolist(), 0, height, width, scale, ratio)  # one call for all draws
+
+
+def _crop_box(
+    draws: list[float], at: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """:func:`sample_crop_box` on the ``_N_CROP`` uniform draws ``draws[at:at + _N_CROP]`` (the last two place the
+    crop)."""
     area = height * width
-    draws = rng.random(2 * _MAX_CROP_ATTEMPTS + 2).tolist()  # one call; the last two place the crop
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for k in range(_MAX_CROP_ATTEMPTS):
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * draws[2 * k])
-        aspect = math.exp(log_lo + (log_hi - log_lo) * draws[2 * k + 1])
+    for k in range(at, at + 2 * _MAX_CROP_ATTEMPTS, 2):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * draws[k])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * draws[k + 1])
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(draws[-2] * (height - h + 1))
-            left = int(draws[-1] * (width - w + 1))
+            top = int(draws[at + _N_CROP - 2] * (height - h + 1))
+            left = int(draws[at + _N_CROP - 1] * (width - w + 1))
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -239,14 +255,15 @@ def sample_crop_box(
 
 def _crop_affine_matrix(
     box: tuple[int, int, int, int], out_hw: tuple[int, int], src_hw: tuple[int, int],
-    angle_deg: float, zoom: float, shift_xy: tuple[float, float],
+    angle_deg: float, zoom: float, shift_xy: tuple[float, float], hflip: bool = False, vflip: bool = False,
 ) -> np.ndarray:
     """2x3 map from output pixel to source pixel (``WARP_INVERSE_MAP``) for "affine the tile, then resize a crop".
 
     Forward affine of the tile (pixel centres): ``A(p) = zoom * R(angle) (p - c) + c + t`` with ``c`` the tile centre
     and ``t`` the shift in pixels. The crop ``box`` is taken in the affined tile and resized to ``out_hw`` with the
     ``cv2.resize`` convention (pixel centres aligned), so an output pixel ``(u, v)`` samples the source at
-    ``A^-1(left + (u + 0.5) cw / w - 0.5, top + (v + 0.5) ch / h - 0.5)``.
+    ``A^-1(left + (u + 0.5) cw / w - 0.5, top + (v + 0.5) ch / h - 0.5)``. ``hflip`` / ``vflip`` mirror the
+    output: column ``u`` reads what column ``w - 1 - u`` would have read (row ``v``: ``h - 1 - v``).
     """
     top, left, ch, cw = box
     h, w = out_hw
@@ -259,10 +276,13 @@ def _crop_affine_matrix(
     cos_a, sin_a = math.cos(a) / zoom, math.sin(a) / zoom
     cx, cy = (src_w - 1) / 2.0, (src_h - 1) / 2.0
     qx, qy = ex - cx - shift_xy[0] * src_w, ey - cy - shift_xy[1] * src_h
-    return np.array([
-        [cos_a * sx, sin_a * sy, cos_a * qx + sin_a * qy + cx],
-        [-sin_a * sx, cos_a * sy, -sin_a * qx + cos_a * qy + cy],
-    ])
+    a00, a01, a02 = cos_a * sx, sin_a * sy, cos_a * qx + sin_a * qy + cx
+    a10, a11, a12 = -sin_a * sx, cos_a * sy, -sin_a * qx + cos_a * qy + cy
+    if hflip:  # u -> w - 1 - u
+        a02, a12, a00, a10 = a02 + a00 * (w - 1), a12 + a10 * (w - 1), -a00, -a10
+    if vflip:  # v -> h - 1 - v
+        a02, a12, a01, a11 = a02 + a01 * (h - 1), a12 + a11 * (h - 1), -a01, -a11
+    return np.array([[a00, a01, a02], [a10, a11, a12]])
 
 
 def _as_chw_float32(image: Any) -> np.ndarray:
@@ -330,6 +350,9 @@ class MultiCropTransform:
         self._shift = (-self.mean / self.std).astype(np.float32)[:, None, None]
         self._scale_n = [np.float32(v) for v in self._scale.ravel()]
         self._shift_n = [np.float32(v) for v in self._shift.ravel()]
+        self._maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # full-size maps, see _normalisation
+        # OpenCV warps more than 4 interleaved channels only with nearest or linear interpolation
+        self._warp_interleaved = n <= 4 or self._interp != cv2.INTER_CUBIC
         # (kind index into the P3 probabilities, output size, scale range) of every view
         self.views: list[tuple[int, tuple[int, int], tuple[float, float]]] = [
             (0, (cfg.global_size, cfg.global_size), cfg.global_scale),
@@ -356,16 +379,20 @@ class MultiCropTransform:
         cfg = self.cfg
         n, src_h, src_w = src.chw.shape
         h, w = size
-        u = rng.random(_N_U).tolist()  # Python floats: cheaper to compare than numpy scalars
-        box = sample_crop_box(rng, src_h, src_w, scale, cfg.ratio)
+        # the view's draws, then its crop box's: one call (the same stream as two), Python floats (cheap to compare)
+        u = rng.random(_N_U + _N_CROP).tolist()
+        box = _crop_box(u, _N_U, src_h, src_w, scale, cfg.ratio)
         band = int(u[_U_BAND] * n) if u[_U_CHANNEL] < cfg.channel_p[kind] else None
         hflip, vflip = u[_U_HFLIP] < cfg.hflip_p[kind], u[_U_VFLIP] < cfg.vflip_p[kind]
         affine = u[_U_AFFINE] < cfg.affine_p[kind]
         blur = u[_U_BLUR] < cfg.blur_p[kind]
-        # Layout: OpenCV warps and blurs interleaved (H, W, C) images about 1.7x faster than C separate planes, but
-        # the (C, h, w) output then needs a transposing read; plain resizes are as fast per plane. Under channel
+        # Layout: OpenCV warps and blurs interleaved (H, W, C) images about 1.7x faster than C separate planes (the
+        # (C, h, w) output is then one cv2.transpose away); plain resizes are as fast per plane. Under channel
         # augmentation only the chosen band is resampled.
-        interleaved = band is None and 2 <= n <= _CV_MAX_CHANNELS and (affine or blur)
+        interleaved = band is None and 2 <= n <= _CV_MAX_CHANNELS and (self._warp_interleaved if affine else blur)
+        out = np.empty((n, h, w), np.float32)  # (C, h, w), the view returned
+        # planar views of all bands are resampled straight into `out` and normalised in place
+        y = None if interleaved or band is not None else out
 
         # 1. geometry: crop box (+ affine and flips folded into one warp), resampled to (h, w)
         if affine:
@@ -374,19 +401,15 @@ class MultiCropTransform:
                 angle_deg=cfg.affine_rotate * (2.0 * u[_U_ROT] - 1.0),
                 zoom=cfg.affine_scale[0] + (cfg.affine_scale[1] - cfg.affine_scale[0]) * u[_U_SCALE],
                 shift_xy=(cfg.affine_shift * (2.0 * u[_U_TX] - 1.0), cfg.affine_shift * (2.0 * u[_U_TY] - 1.0)),
+                hflip=hflip, vflip=vflip,
             )
-            if hflip:  # output column u reads what column w - 1 - u would have read
-                m[:, 2] += m[:, 0] * (w - 1)
-                m[:, 0] *= -1.0
-            if vflip:
-                m[:, 2] += m[:, 1] * (h - 1)
-                m[:, 1] *= -1.0
             flags = self._interp | cv2.WARP_INVERSE_MAP
             if interleaved:
                 y = cv2.warpAffine(src.hwc, m, (w, h), flags=flags, borderMode=_BORDER)  # (h, w, C)
             else:
                 planes = [band] if band is not None else range(n)
-                y = np.empty((len(planes), h, w), np.float32)  # (C', h, w)
+                if y is None:
+                    y = np.empty((1, h, w), np.float32)  # (1, h, w): the channel-augmentation band
                 for k, b in enumerate(planes):
                     cv2.warpAffine(src.chw[b], m, (w, h), dst=y[k], flags=flags, borderMode=_BORDER)
         else:
@@ -394,16 +417,28 @@ class MultiCropTransform:
             flip_code = _FLIP_CODE.get((hflip, vflip))
             if interleaved:
                 y = cv2.resize(src.hwc[top:top + ch, left:left + cw], (w, h), interpolation=self._interp)
-                if flip_code is not None:
+                if hflip and n > 4:
+                    # cv2.flip copies pixels of more than 4 float32 channels one by one (~3x slower than this): flip
+                    # the (h, w C) plane (pixel x <- w - 1 - x, but also band c <- C - 1 - c), then every pixel's
+                    # C values back, as a (h w, C) plane. Two exact copies: bit-identical to cv2.flip.
+                    flat, pixels = y.reshape(h, w * n), y.reshape(h * w, n)
+                    cv2.flip(flat, flip_code, dst=flat)
+                    cv2.flip(pixels, 1, dst=pixels)
+                elif flip_code is not None:
                     cv2.flip(y, flip_code, dst=y)
             else:
                 planes = [band] if band is not None else range(n)
-                y = np.empty((len(planes), h, w), np.float32)
+                if y is None:
+                    y = np.empty((1, h, w), np.float32)
                 for k, b in enumerate(planes):
                     cv2.resize(src.chw[b, top:top + ch, left:left + cw], (w, h), dst=y[k], interpolation=self._interp)
-                    if flip_code is not None:
-                        cv2.flip(y[k], flip_code, dst=y[k])
-        chw = y.transpose(2, 0, 1) if interleaved else y  # (C', h, w) view in model units
+                if flip_code == 1:  # horizontal only: all planes in one call, as one (C' h, w) plane
+                    stack = y.reshape(-1, w)
+                    cv2.flip(stack, 1, dst=stack)
+                elif flip_code is not None:
+                    for plane in y:
+                        cv2.flip(plane, flip_code, dst=plane)
+        chw = y.transpose(2, 0, 1) if interleaved else y  # (C', h, w) in model units (a view of y)
 
         # 2. Gaussian blur (sigma in output pixels), in place
         if blur:
@@ -431,9 +466,12 @@ class MultiCropTransform:
         elif band is not None and cfg.channel_mode == "normalized":
             scale_c, shift_c = self._scale_n[band], self._shift_n[band]  # scalars: band b's own statistics
         else:
-            scale_c, shift_c = self._scale, self._shift  # (C, 1, 1)
-        out = np.empty((n, h, w), np.float32)
-        np.multiply(chw, scale_c, out=out)
+            scale_c, shift_c = self._normalisation(h, w)
+        if interleaved:  # (h, w, C) -> (C, h, w) by cv2.transpose of (h w, C): ~2x cheaper than a transposing read
+            cv2.transpose(y.reshape(h * w, n), dst=out.reshape(n, h * w))
+            np.multiply(out, scale_c, out=out)
+        else:
+            np.multiply(chw, scale_c, out=out)  # in place for planar views of all bands (chw is out)
         out += shift_c
 
         # 5. on normalised values: Gaussian noise, solarisation of optical bands, band and sensor dropout
@@ -455,6 +493,19 @@ class MultiCropTransform:
             group = cfg.sensor_groups[int(rng.integers(len(cfg.sensor_groups)))]
             out[list(group)] = 0.0
         return out
+
+    def _normalisation(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, shift)`` of the normalisation for an ``(h, w)`` view: ``(C, 1, 1)``, or for views of at most
+        ``_FULL_MAP_MAX_PIXELS`` pixels full ``(C, h, w)`` maps, cached (numpy's broadcast of ``(C, 1, 1)`` over
+        ``(C, 56, 56)`` takes ~1.7x as long as a contiguous operand; the same products and sums)."""
+        if h * w > _FULL_MAP_MAX_PIXELS:
+            return self._scale, self._shift
+        maps = self._maps.get((h, w))
+        if maps is None:
+            shape = (self.num_bands, h, w)
+            maps = self._maps[(h, w)] = (np.broadcast_to(self._scale, shape).copy(),
+                                         np.broadcast_to(self._shift, shape).copy())
+        return maps
 
     def _jitter_coefficients(
         self, chw: np.ndarray, band: int | None, rng: np.random.Generator, u: list[float]
@@ -492,7 +543,8 @@ class _Source:
     @property
     def hwc(self) -> np.ndarray:
         if self._hwc is None:
-            self._hwc = cv2.merge(list(self.chw))  # ~2x faster than numpy's transposing copy
+            c, h, w = self.chw.shape  # (C, H W) -> (H W, C): cv2.transpose, ~25% faster than cv2.merge
+            self._hwc = cv2.transpose(self.chw.reshape(c, h * w)).reshape(h, w, c)
         return self._hwc
 
 

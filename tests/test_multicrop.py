@@ -189,6 +189,92 @@ def test_bands_are_processed_independently(bands, atol):
             np.testing.assert_allclose(f[b], s[0], atol=atol)
 
 
+def reference_views(t: MultiCropTransform, img: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """The views of ``t`` written the straightforward way, one band at a time: the same draws (20 per view, then the
+    crop box's), warp or crop + resize, numpy flips, blur, ``(x - mean) / std``, solarisation. Options covered: those
+    of the seed (no jitter, noise or dropout), linear interpolation, channel_mode="raw", all bands in reflectance."""
+    cfg = t.cfg
+    n, height, width = img.shape
+    views = []
+    for kind, (h, w), scale in t.views:
+        u = rng.random(20)
+        box = sample_crop_box(rng, height, width, scale, cfg.ratio)
+        # draw indices (eo_ssl.multicrop._U_*): hflip 0, vflip 1, affine 2, rotation 3, zoom 4, shift 5-6, blur 7,
+        # sigma 8, solarise 9, channel 10, band 11
+        band = int(u[11] * n) if u[10] < cfg.channel_p[kind] else None
+        planes = []
+        for b in range(n):
+            x = img[b if band is None else band]
+            if u[2] < cfg.affine_p[kind]:
+                m = _crop_affine_matrix(
+                    box, (h, w), (height, width), angle_deg=cfg.affine_rotate * (2 * u[3] - 1),
+                    zoom=cfg.affine_scale[0] + (cfg.affine_scale[1] - cfg.affine_scale[0]) * u[4],
+                    shift_xy=(cfg.affine_shift * (2 * u[5] - 1), cfg.affine_shift * (2 * u[6] - 1)))
+                x = cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                   borderMode=cv2.BORDER_REFLECT_101)
+            else:
+                top, left, ch, cw = box
+                x = cv2.resize(x[top:top + ch, left:left + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+            if u[0] < cfg.hflip_p[kind]:
+                x = x[:, ::-1]
+            if u[1] < cfg.vflip_p[kind]:
+                x = x[::-1]
+            x = np.ascontiguousarray(x)
+            if u[7] < cfg.blur_p[kind]:
+                sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u[8]
+                r = max(1, min(int(cfg.blur_truncate * sigma), h - 1, w - 1))
+                x = cv2.GaussianBlur(x, (2 * r + 1, 2 * r + 1), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+            z = (x - t.mean[b]) / t.std[b]
+            if u[9] < cfg.solarize_p[kind]:
+                z = np.where(z > cfg.solarize_threshold, 2 * cfg.solarize_threshold - z, z)
+            planes.append(z)
+        views.append(np.stack(planes))
+    return views
+
+
+@pytest.mark.parametrize("bands", [4, 10])
+def test_views_match_a_straightforward_per_band_reference(bands):
+    """The optimised layouts (interleaved warps and blurs, cv2.transpose back, flips of > 4 interleaved bands as two
+    2-D flips, in-place normalisation with cached maps for small views) against :func:`reference_views`, on every
+    path: affine or not, flips, blur, channel augmentation, solarisation, a global size above and a local size below
+    the cached-map limit. Interpolation rounding only (per band vs interleaved), except 10-band warps: OpenCV samples
+    >= 5 interleaved channels at 1/32-px positions (see test_bands_are_processed_independently)."""
+    half = (0.5, 0.5, 0.5)
+    cfg = MultiCropConfig(global_size=72, local_size=16, local_number=4, hflip_p=half, vflip_p=half, affine_p=half,
+                          blur_p=half, solarize_p=half, channel_p=(0.3, 0.3, 0.3), blur_sigma=(0.5, 3.0))
+    mean, std = stats(bands)
+    t = MultiCropTransform(cfg, mean, std, as_tensor=False)
+    img = smooth_image(bands, size=48)
+    paths = set()
+    for seed in range(12):
+        ours = t(img, np.random.default_rng([seed, 0, 1]))
+        reference = reference_views(t, img, np.random.default_rng([seed, 0, 1]))
+        rng = np.random.default_rng([seed, 0, 1])
+        for view, ref in zip(ours, reference):
+            u = rng.random(42)
+            affine, hflip, blur, channel = u[2] < 0.5, u[0] < 0.5, u[7] < 0.5, u[10] < 0.3
+            paths.add((affine, hflip, blur, channel))
+            atol = 0.05 if affine and not channel and bands > 4 else 2e-4
+            np.testing.assert_allclose(view, ref, atol=atol, err_msg=f"seed {seed}, path {(affine, hflip, blur)}")
+    assert len(paths) >= 14  # nearly all 16 (affine, hflip, blur, channel) combinations were compared
+
+
+def test_cubic_interpolation_with_more_than_four_bands():
+    """OpenCV warps more than 4 interleaved channels only with nearest or linear interpolation: cubic affine views of
+    more bands run per plane (they used to fail with a cv2.error)."""
+    cfg = MultiCropConfig(global_size=32, local_size=16, local_number=2, interpolation="cubic", affine_p=ALL3,
+                          blur_p=(1.0, 0.0, 0.5), channel_p=NONE3)
+    mean, std = stats(10)
+    img = smooth_image(10, size=40)
+    full = MultiCropTransform(cfg, mean, std, as_tensor=False)(img, np.random.default_rng(2))
+    assert [v.shape for v in full] == [(10, 32, 32)] * 2 + [(10, 16, 16)] * 2
+    for b in (0, 7):  # planes: each band as its own single-band view
+        single = MultiCropTransform(cfg, mean[b:b + 1], std[b:b + 1], as_tensor=False)(img[b:b + 1],
+                                                                                     np.random.default_rng(2))
+        for f, s in zip(full, single):
+            np.testing.assert_allclose(f[b], s[0], atol=1e-5)
+
+
 def test_channel_augmentation_replaces_every_band_by_one_band():
     img = smooth_image(6, size=32)
     mean, std = stats(6)
@@ -369,3 +455,25 @@ def test_albumentations_2_misbehaves_on_multispectral_and_db():
     # Geometric transforms keep the values (and our pipeline uses OpenCV directly for them).
     flipped = A.HorizontalFlip(p=1.0)(image=db)["image"]
     np.testing.assert_array_equal(flipped, db[:, ::-1])
+
+
+def test_seed_shift_scale_rotate_is_a_warp_in_albumentations_2():
+    """The seed's ``A.ShiftScaleRotate(p=.5)`` still warps in Albumentations 2.0.8 (a deprecated ``Affine`` with the
+    1.x ranges; only its border default became constant 0), so ``bench/bench_multicrop.py`` charges the seed's
+    pipeline a warp on half of its views, as ours does. ``A.Affine()`` without arguments would be the identity. If this
+    test fails, Albumentations changed: update the docstring of ``bench/bench_multicrop.py``."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    A = pytest.importorskip("albumentations")
+    import warnings
+
+    img = smooth_image(10, size=40).transpose(1, 2, 0).copy()  # (H, W, C) as the seed's open_tif
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "ShiftScaleRotate is a special case of Affine"
+        ssr = A.ShiftScaleRotate(p=1.0)
+    assert isinstance(ssr, A.Affine)
+    assert ssr.rotate == (-45.0, 45.0) and ssr.scale == {"x": (0.9, 1.1), "y": (0.9, 1.1)}
+    assert ssr.translate_percent == {"x": (-0.0625, 0.0625), "y": (-0.0625, 0.0625)}
+    assert ssr.interpolation == cv2.INTER_LINEAR and ssr.border_mode == cv2.BORDER_CONSTANT
+    ssr.set_random_seed(0)
+    assert all(not np.array_equal(ssr(image=img)["image"], img) for _ in range(5))
+    np.testing.assert_array_equal(A.Affine(p=1.0)(image=img)["image"], img)
