@@ -3,7 +3,9 @@
 A *method* (:class:`common.method.Method`, its contract) says what one step computes; the engine owns the rest:
 
 * Accelerate set-up (CPU, one or many GPUs/nodes, bf16/fp16 mixed precision with a clean CPU fallback),
-  seeding, deterministic DataLoaders (the method's named streams: labelled + unlabelled, source + target),
+  seeding, deterministic DataLoaders (the method's named streams: labelled + unlabelled, source + target), and a
+  stream's batched augmentation on the device (``LoaderSpec.device_transform``, :mod:`common.device_aug`: the
+  loader only decodes, the engine augments the batch on the GPU before ``training_step``),
 * DDP around the method's ``trainable`` sub-modules only (teachers, banks, prototypes stay outside; their state is
   still checkpointed), SyncBatchNorm on multi-GPU runs,
 * one optimiser per name of ``method.optimizers()``, each with its own settings, lr / weight-decay schedule and (fp16)
@@ -18,8 +20,9 @@ teachers, centers, banks), Accelerate's state (optimisers and GradScalers as reg
 process) and ``engine_state.json`` (step, batches consumed per loader, best metric). We name checkpoint directories
 ourselves, so Accelerate's automatic checkpoint counter (which ``load_state`` does not restore) is never used. Data
 order is a pure function of (seed, loader, epoch) and augmentations draw from ``np.random.default_rng((seed, epoch,
-index))`` (see :mod:`common.sampling`), so a resumed run sees exactly the batches an uninterrupted run would have
-seen and ends with bit-identical weights on CPU.
+index))`` (see :mod:`common.sampling`) or, on the device, from a generator seeded by (seed, step, micro-batch, rank,
+stream), so a resumed run sees exactly the batches an uninterrupted run would have seen and ends with bit-identical
+weights on CPU.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+DEVICE_TRANSFORM_STREAM = 4096
+"""``StepContext.generator`` stream of the first loader's device transform (the n-th loader's: + n); methods draw
+from small stream numbers (0, 1, ...), so the augmentation never repeats a method's random numbers."""
 
 # Files of a run directory that a new run would overwrite (refused without --overwrite / --resume).
 RUN_OUTPUTS = ("metrics.jsonl", "metrics.json", CHECKPOINT_DIR, "tb")
@@ -126,6 +133,9 @@ class LoaderSpec:
     shuffle: bool = True
     drop_last: bool = True
     batch_size_key: str = "data.batch_size"  # the config key that sets batch_size (named in errors)
+    # Batched augmentation of this stream's batches (common.device_aug.DeviceTransform), applied by the engine after
+    # the loader moved a batch to the training device and before training_step: the loader only decodes.
+    device_transform: Any = None
 
 
 @dataclass(frozen=True)
@@ -622,6 +632,12 @@ class Engine:
                     yield batch
 
         iters = {name: stream(name) for name in prepared}
+        device_transforms = {name: (i, spec.device_transform) for i, (name, spec) in enumerate(loaders.items())
+                             if spec.device_transform is not None}
+        for name, (_, transform) in device_transforms.items():
+            if transform.device == "cuda" and acc.device.type != "cuda":
+                self.print(f"augment.device=cuda: no CUDA device in this run, the batched augmentation of stream "
+                           f"{name!r} runs on the {acc.device.type}")
         sums: dict[str, torch.Tensor] = {}
         count = 0
         self._nonfinite = torch.zeros((), device=acc.device, dtype=torch.bool)
@@ -646,6 +662,8 @@ class Engine:
             for micro in range(k):
                 batch = {name: next(it) for name, it in iters.items()}
                 sctx = StepContext(self, step, epoch, micro, k)
+                if device_transforms:
+                    batch = self._device_transform(batch, device_transforms, sctx)
                 with self._no_sync(micro < k - 1):
                     with acc.autocast():
                         out = method.training_step(batch, sctx)
@@ -720,6 +738,22 @@ class Engine:
         self.model = method
         self.final_metrics = final
         return final
+
+    def _device_transform(self, batch: dict[str, Any], transforms: dict[str, tuple[int, Any]],
+                          ctx: StepContext) -> dict[str, Any]:
+        """Each stream's :attr:`LoaderSpec.device_transform` applied to its batch (no gradient, outside autocast: the
+        augmentation runs in float32), with a generator seeded by (seed, step, micro-batch, rank, stream): random
+        choices independent across processes and identical after a resume (see :mod:`common.device_aug`)."""
+        from accelerate.utils import send_to_device
+
+        out = dict(batch)
+        for name, (index, transform) in transforms.items():
+            device = transform.run_device(self.device)
+            g = ctx.generator(device, stream=DEVICE_TRANSFORM_STREAM + index)
+            with torch.no_grad():
+                views = transform(send_to_device(batch[name], device), g)
+            out[name] = send_to_device(views, self.device, non_blocking=self.device.type == "cuda")
+        return out
 
     def _check_finite(self, step: int) -> None:
         flag = self.accelerator.reduce(self._nonfinite.to(torch.float32), reduction="sum")

@@ -77,6 +77,8 @@ import cv2
 import numpy as np
 import torch
 
+from common.device_aug import AugmentDevice
+
 __all__ = [
     "MultiCropConfig",
     "MultiCropTransform",
@@ -147,6 +149,8 @@ class MultiCropConfig:
     sensor_dropout_p: P3 = (0.0, 0.0, 0.0)  # zero one whole sensor group (see sensor_groups)
     sensor_groups: tuple[tuple[int, ...], ...] = ()  # band indices of each sensor in a stack, e.g. ((0..9), (10, 11));
     #                                                  empty: pretraining takes them from the data's sensor stack
+    device: AugmentDevice = "workers"  # where the views are made: workers (this module, per sample, in the loader
+    #                                    workers), cuda (eo_ssl.multicrop_device, batched on the training device) or cpu
 
     def validate(self) -> None:
         """Raise ``ValueError`` on impossible values."""

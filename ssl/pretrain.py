@@ -12,6 +12,10 @@ One step (facebookresearch/dino ``train_one_epoch``, Caron et al. 2021), mapped 
    steps with the lr (warm-up + cosine, scaled by global batch / 256) and weight-decay (cosine) schedules;
 3. ``after_optimizer_step``: ``teacher <- m teacher + (1 - m) student`` with the cosine momentum schedule.
 
+Augmentation: the views are made per sample in the DataLoader workers (:mod:`eo_ssl.multicrop`, ``augment.device:
+workers``, the default) or in batch on the GPU (:mod:`eo_ssl.multicrop_device`, ``augment.device: cuda``; the
+workers only decode), see :func:`tile_stream`.
+
 At the end (and with ``python ssl/export.py --run DIR``) the teacher backbone is exported as
 ``DIR/backbone.safetensors`` + ``DIR/backbone.json`` (see :mod:`eo_ssl.export`).
 """
@@ -30,6 +34,7 @@ from torch import nn
 from common.backbones import create_embedding_backbone
 from common.bands import InputUnits, SensorDef, SensorSpec, resolve_sensors
 from common.cli import parse_training_args, training_parser
+from common.device_aug import DecodedTiles, collate_decoded
 from common.datasets import StackedDataset, UnlabelledTiles, stacked_segmentation_dataset
 from common.engine import Engine, LoaderSpec, RunPlan, TrainerConfig
 from common.optim import OptimConfig
@@ -37,9 +42,11 @@ from common.sampling import AugmentedDataset, CachedDataset
 from common.store import store_tiles
 from eo_ssl.dino import DINOConfig, DINOMethod
 from eo_ssl.multicrop import MultiCropConfig, MultiCropTransform, band_units, collate_multicrop
+from eo_ssl.multicrop_device import DeviceMultiCrop
 from common.errors import MissingFileError, UserInputError, cli_entry
 
-__all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe", "check_schedule", "build_method"]
+__all__ = ["PretrainConfig", "DINOMethod", "main", "knn_probe", "check_schedule", "build_method", "build_dataset",
+           "resolve_augment", "tile_stream"]
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -231,7 +238,9 @@ def resolve_data_sensor(d: PretrainDataConfig) -> SensorSpec:
                            + [(x.sensor, x.bands, x.stats_file, x.input_units) for x in d.stack])
 
 
-def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
+def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset | DecodedTiles:
+    """The training tiles of ``cfg.data``, with the multi-crop views made per sample (``augment.device: workers``) or
+    decoded only (the device path, see :func:`tile_stream`). Every input is checked here, before any run starts."""
     d = cfg.data
     roots = [("data.root", d.root)] + [(f"data.stack[{i}].root", x.root) for i, x in enumerate(d.stack)]
     for key, root in roots if d.store is None else []:
@@ -264,6 +273,17 @@ def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
     else:
         tiles = UnlabelledTiles(d.root, sensor=spec, bands=spec.bands, glob=d.glob, layout=d.layout,
                                 tile_size=d.tile_size, validate=d.checks, offset=d.offset, exclude_ids=excluded)
+    aug = resolve_augment(cfg, spec)
+    base = CachedDataset(tiles) if d.cache else tiles
+    if aug.device != "workers":  # the loader only decodes; tile_stream's device transform makes the views
+        return DecodedTiles(base)
+    transform = MultiCropTransform(aug, spec.mean_array(), spec.std_array(), units=band_units(spec))
+    return AugmentedDataset(base, transform, seed=cfg.trainer.seed)
+
+
+def resolve_augment(cfg: PretrainConfig, spec: SensorSpec) -> MultiCropConfig:
+    """``cfg.augment`` for the data's sensors: a stack's sensor groups filled in (sensor dropout), raw channel
+    augmentation refused on stacks that mix units."""
     aug = cfg.augment
     if spec.is_stack:
         if not aug.sensor_groups:
@@ -272,8 +292,19 @@ def build_dataset(cfg: PretrainConfig, spec: SensorSpec) -> AugmentedDataset:
             raise UserInputError(f"augment.channel_mode: raw copies one band's raw values into every band, but the "
                              f"{spec.name} stack mixes units ({', '.join(sorted(set(band_units(spec))))}); set "
                              f"augment.channel_mode: normalized (or augment.channel_p: [0, 0, 0])")
-    transform = MultiCropTransform(aug, spec.mean_array(), spec.std_array(), units=band_units(spec))
-    return AugmentedDataset(CachedDataset(tiles) if d.cache else tiles, transform, seed=cfg.trainer.seed)
+    return aug
+
+
+def tile_stream(cfg: PretrainConfig, spec: SensorSpec, dataset: Any) -> LoaderSpec:
+    """The training stream of :func:`build_dataset`'s dataset: views made in the loader workers and stacked by
+    :func:`~eo_ssl.multicrop.collate_multicrop` (``augment.device: workers``), or decoded tiles stacked by
+    :func:`~common.device_aug.collate_decoded` whose views the engine makes in batch on the device
+    (:class:`~eo_ssl.multicrop_device.DeviceMultiCrop`; ``augment.device: cuda`` or ``cpu``)."""
+    aug = resolve_augment(cfg, spec)
+    if aug.device == "workers":
+        return LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)
+    transform = DeviceMultiCrop(aug, spec.mean_array(), spec.std_array(), units=band_units(spec))
+    return LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_decoded, device_transform=transform)
 
 
 @cli_entry
@@ -287,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     engine = Engine(cfg.trainer, args.output_dir, config=cfg, resume=args.resume, cpu=args.cpu,
                     overwrite=args.overwrite)
-    loaders = {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)}
+    loaders = {"tiles": tile_stream(cfg, spec, dataset)}
     plan = engine.plan(loaders)
     check_schedule(cfg, plan)  # before any model is built
     engine.print(f"DINO pretraining: {cfg.model.arch} on {len(dataset.base)} tiles of {spec.name} "
