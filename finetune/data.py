@@ -12,8 +12,9 @@ Validation sets (:func:`validation_sets`): ``val`` (``data.val_split``; its metr
 report of labels a real user lacks, so selecting a checkpoint on it is labelled ``"oracle"`` in ``metrics.json``.
 
 A method that wants several views of a sample (``views = {"unlabelled": 2}``) gets a weak view and that many
-strong views of one crop (:class:`finetune.transforms.MultiViewTransform`). Training streams are checked here, at
-start-up, file by file.
+strong views of one crop (:class:`finetune.transforms.MultiViewTransform`, in the loader workers; or
+:class:`finetune.device_views.DeviceSegViews` on the GPU with ``augment.device: cuda``, :func:`stream_loader`).
+Training streams are checked here, at start-up, file by file.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import torch
 
 from common.bands import SensorSpec
 from common.datasets import stacked_segmentation_dataset
+from common.device_aug import DecodedTiles, collate_decoded
+from common.engine import LoaderSpec
 from common.errors import UserInputError
 from common.sampling import AugmentedDataset, CachedDataset
 from common.store import store_segmentation
+from finetune.device_views import DeviceSegViews
 from finetune.transforms import MultiViewTransform, SegAugConfig, SegmentationTransform
 
-__all__ = ["ROLES", "stream_dataset", "plain_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
+__all__ = ["ROLES", "stream_dataset", "stream_loader", "plain_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
            "TARGET_PREFIX"]
 
 ROLES = ("labelled", "source", "unlabelled", "target")
@@ -105,18 +109,35 @@ def _tiles(root: str, split: str, spec: SensorSpec, store: tuple[str, str] | Non
 
 
 def stream_dataset(role: str, data: Any, spec: SensorSpec, augment: SegAugConfig, seed: int,
-                   n_strong: int = 0, split: str | None = None) -> AugmentedDataset:
-    """The augmented training dataset of ``role`` (see the module docstring); ``n_strong > 0`` adds strong views."""
+                   n_strong: int = 0, split: str | None = None) -> AugmentedDataset | DecodedTiles:
+    """The augmented training dataset of ``role`` (see the module docstring); ``n_strong > 0`` adds strong views.
+    With ``augment.device`` cpu / cuda the tiles are only decoded: :func:`stream_loader` adds the views on the
+    device."""
     root, default_split, labelled, store = _source(data, role)
     base = _tiles(root, split or default_split, spec, store, labelled=labelled, **_kw(data))
     base = _Strip(base)
     if data.cache:
         base = CachedDataset(base)
+    if augment.device != "workers":
+        return DecodedTiles(base)
     tf: Any = SegmentationTransform(spec.mean_array(), spec.std_array(), augment, train=True)
     if n_strong:
         tf = MultiViewTransform(tf, augment.strong, n_strong, band_units_of(spec))
     offset = {"labelled": 0, "source": 0, "unlabelled": 1, "target": 2}[role]
     return AugmentedDataset(base, tf, seed=seed + offset)
+
+
+def stream_loader(dataset: Any, batch_size: int, spec: SensorSpec, augment: SegAugConfig, n_strong: int = 0,
+                  batch_size_key: str = "data.batch_size") -> LoaderSpec:
+    """The engine's stream of a :func:`stream_dataset` dataset: per-sample views from the loader workers
+    (``augment.device: workers``), or decoded tiles (:func:`common.device_aug.collate_decoded`) whose weak and
+    ``n_strong`` strong views the engine makes in batch on the device
+    (:class:`finetune.device_views.DeviceSegViews`)."""
+    if augment.device == "workers":
+        return LoaderSpec(dataset, batch_size, batch_size_key=batch_size_key)
+    transform = DeviceSegViews(spec.mean_array(), spec.std_array(), augment, n_strong, band_units_of(spec))
+    return LoaderSpec(dataset, batch_size, collate_fn=collate_decoded, batch_size_key=batch_size_key,
+                      device_transform=transform)
 
 
 def plain_dataset(role: str, data: Any, spec: SensorSpec) -> Any:

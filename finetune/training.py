@@ -20,14 +20,14 @@ import torch
 
 from common.checkpoint import CHECKPOINT_DIR, load_safetensors
 from common.cli import parse_training_args, training_parser
-from common.engine import Engine, LoaderSpec
+from common.engine import Engine
 from common.errors import UserInputError
 from common.optim import OptimConfig
 from finetune.config import EvalConfig, LossConfig, SegDataConfig, SegModelConfig, default_optim, default_trainer
 from finetune.evaluation import make_multi_evaluate
 from finetune.inputs import ResolvedInputs, build_loss, build_model, resolve_inputs
 from finetune.model_card import write_model_card
-from finetune.data import TARGET_PREFIX, band_units_of, plain_dataset, stream_dataset, validation_sets
+from finetune.data import TARGET_PREFIX, band_units_of, plain_dataset, stream_dataset, stream_loader, validation_sets
 from finetune.methods import methods_for
 from finetune.methods.base import SegSetup
 from finetune.transforms import SegAugConfig
@@ -170,8 +170,9 @@ def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[
     loaders = {}
     for role, ds in streams.items():
         unl = role in _UNLABELLED_STREAMS and d.unlabelled_batch_size is not None
-        loaders[role] = LoaderSpec(ds, d.unlabelled_batch_size if unl else d.batch_size,
-                                   batch_size_key="data.unlabelled_batch_size" if unl else "data.batch_size")
+        loaders[role] = stream_loader(ds, d.unlabelled_batch_size if unl else d.batch_size, spec, cfg.augment,
+                                      n_strong=method_cls.views.get(role, 0),
+                                      batch_size_key="data.unlabelled_batch_size" if unl else "data.batch_size")
     plan = engine.plan(loaders)
     init = inputs.weights if inputs.weights else "random init"
     model = build_model(cfg.model, d.num_classes, inputs, len(spec.bands))

@@ -9,6 +9,9 @@ ignored. Photometric transforms never clip: reflectance and dB have no [0, 1] ra
 images and limits colour transforms to 1 or 3 channels, which is why these are written here). For SAR the
 "strong" view uses multiplicative speckle (in the linear domain, applied as an additive term in dB) and per-band
 calibration offsets instead of colour jitter.
+
+These run per sample in the DataLoader workers (``augment.device: workers``, the default);
+:mod:`finetune.device_views` makes the same views in batch on the GPU (``augment.device: cuda``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from common.bands import IGNORE_INDEX
+from common.device_aug import AugmentDevice
 
 __all__ = ["SegAugConfig", "StrongAugConfig", "SegmentationTransform", "MultiViewTransform", "strong_view", "normalise",
            "to_tensors"]
@@ -72,11 +76,16 @@ class SegAugConfig:
     noise_std: float = 0.0  # additive Gaussian noise in normalised units
     sar_speckle_looks: float | None = None  # strong SAR view: gamma speckle with this many looks (dB bands)
     strong: StrongAugConfig = field(default_factory=StrongAugConfig)  # strong views of multi-view methods
+    device: AugmentDevice = "workers"  # where the views are made: workers (this module, per sample, in the loader
+    #                                    workers), cuda (finetune.device_views, batched on the training device) or cpu
 
     def validate(self) -> None:
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"augment.scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        if self.device != "workers" and hi > lo and self.crop_size is None:
+            raise ValueError("augment.device: the batched views of a batch must have one size, but augment.scale_range "
+                             "varies it; set augment.crop_size (or use augment.device: workers)")
         if self.crop_size is not None and self.crop_size < 8:
             raise ValueError(f"augment.crop_size must be >= 8 or null, got {self.crop_size}")
         for key in ("brightness", "contrast", "noise_std"):
