@@ -31,6 +31,11 @@ CUDA each mark synchronises the device):
   (incl. the last-layer freeze of ``before_optimizer_step``), optimiser step, ``zero_grad``, EMA
   (``after_optimizer_step``).
 
+Augmentation on the device (``--augment-device cuda``, ``augment.device``): the loader only decodes and the engine
+makes the views of each batch on the GPU (:mod:`eo_ssl.multicrop_device`) before ``training_step``; that time is
+reported as ``device_augment`` (taken out of the data wait; each call synchronised). ``--augment-device cpu`` runs
+the same batched torch code on the CPU (for information: on a CPU the per-sample OpenCV pipeline is the faster one).
+
 Fairness: ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` unless ``--threads`` says otherwise. With
 ``--workers 0`` (the default) the augmentations run in the training process, so their cost is part of the full step
 and shows as data wait; with ``--workers N`` they run in worker processes (overlapped on a machine with spare cores).
@@ -59,8 +64,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steptiming import (  # noqa: E402,F401  (TARGET_RATIO: named in the docstring, kept as this module's)
-    TARGET_RATIO, Marks, StepTimes, TimedMethod, add_bare_options, fit_timed, make_demo_tiles, report_steps, sync,
-    take_batches, time_full_and_bare,
+    TARGET_RATIO, Marks, StepTimes, TimedDeviceTransform, TimedMethod, add_bare_options, device_views, fit_timed,
+    make_demo_tiles, report_steps, sync, take_batches, time_full_and_bare,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +86,7 @@ def build_cfg(data_root: Path, args: argparse.Namespace, max_steps: int):
         "trainer.progress_bar=false",
         f"trainer.log_every={args.log_every}",
         f"trainer.num_workers={args.workers}",
+        f"augment.device={args.augment_device}",
     ]
     return load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo.yaml", overrides)
 
@@ -128,14 +134,17 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     s/step). With ``bare = (method, batches)`` one bare step runs after every full step (after its EMA, before its
     logging) and is timed separately, so that both see the same machine load; its time is excluded from the full
     step's."""
-    from common.engine import Engine, LoaderSpec
-    from eo_ssl.multicrop import collate_multicrop
-    from eo_ssl.pretrain import build_dataset, build_method, check_schedule, resolve_data_sensor
+    from common.engine import Engine
+    from eo_ssl.pretrain import build_dataset, build_method, check_schedule, resolve_data_sensor, tile_stream
 
     spec = resolve_data_sensor(cfg.data)
     dataset = build_dataset(cfg, spec)
     engine = Engine(cfg.trainer, out_dir, config=cfg)
-    loaders = {"tiles": LoaderSpec(dataset, cfg.data.batch_size, collate_fn=collate_multicrop)}
+    stream = tile_stream(cfg, spec, dataset)  # as ssl/pretrain.py (augment.device: workers, cpu or cuda)
+    timed_aug = None
+    if stream.device_transform is not None:
+        timed_aug = stream.device_transform = TimedDeviceTransform(stream.device_transform)
+    loaders = {"tiles": stream}
     plan = engine.plan(loaders)  # as ssl/pretrain.py: the schedules are sized by the run's plan
     check_schedule(cfg, plan)
     method = instrument(build_method(cfg, len(spec.bands), plan.epochs, plan.total_steps, rgb=spec.rgb_indices()))
@@ -151,7 +160,7 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     final, log_time = fit_timed(engine, marks, lambda: engine.fit(method, loaders, cfg.optim))
 
     t = StepTimes(marks.by_step, log_time, warmup, steps, last="ema1", interleaved=bare is not None)
-    return t.run_result(final, {
+    full_s, breakdown, final, bare_s = t.run_result(final, {
         "teacher_forward": t.mean("teacher0", "teacher1"),
         "student_forward": t.mean("student0", "student1"),
         "loss_monitors_center": t.mean("student1", "fwd1"),
@@ -162,20 +171,26 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
         "zero_grad": t.mean("step1", "opt1"),
         "ema": t.mean("opt1", "ema1"),
     })
+    if timed_aug is not None:  # the batched augmentation, out of the data wait
+        breakdown = timed_aug.split(breakdown, warmup, steps)
+    return full_s, breakdown, final, bare_s
 
 
 def make_batches(cfg, n: int, device: torch.device) -> tuple[list[list[torch.Tensor]], float]:
-    """``n`` batches from the real dataset + collate (epoch 0, in order); returns them and the s/batch it took."""
+    """``n`` batches of views from the real dataset + collate (epoch 0, in order; with ``augment.device`` cpu / cuda
+    decoded tiles through the stream's device transform); returns them and the s/batch the loader took."""
     from torch.utils.data import DataLoader
 
-    from eo_ssl.multicrop import collate_multicrop
-    from eo_ssl.pretrain import build_dataset, resolve_data_sensor
+    from eo_ssl.pretrain import build_dataset, resolve_data_sensor, tile_stream
 
     spec = resolve_data_sensor(cfg.data)
     dataset = build_dataset(cfg, spec)
+    stream = tile_stream(cfg, spec, dataset)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0,
-                        collate_fn=collate_multicrop, drop_last=True)
+                        collate_fn=stream.collate_fn, drop_last=True)
     batches, per_batch = take_batches(loader, n)
+    if stream.device_transform is not None:
+        return device_views(stream.device_transform, batches, device, seed=cfg.trainer.seed), per_batch
     return [[c.to(device) for c in b] for b in batches], per_batch
 
 
@@ -205,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (trainer.num_workers)")
     ap.add_argument("--log-every", type=int, default=5, help="trainer.log_every (demo.yaml: 5)")
+    ap.add_argument("--augment-device", choices=("workers", "cpu", "cuda"), default="workers",
+                    help="augment.device: views made per sample by the loader (workers; the default) or in batch in "
+                         "torch on the training device (cuda) / the CPU (cpu)")
     ap.add_argument("--tiles", type=int, default=160,
                     help="demo training tiles per domain to generate (the demo's 160: 13 steps per epoch)")
     ap.add_argument("--data", type=Path, default=None, help="existing demo data directory (skips generation)")
@@ -232,8 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{cfg.augment.local_size} px crops, "
               f"out_dim {cfg.dino.out_dim}, BN head {cfg.dino.use_bn_in_head}, {cfg.optim.name}, clip "
               f"{cfg.trainer.clip_grad} {cfg.trainer.clip_mode}; {n_tiles} tiles; device {device.type}, "
-              f"threads {torch.get_num_threads()}, workers {args.workers}; {args.warmup} warm-up + {args.steps} "
-              f"timed steps", flush=True)
+              f"threads {torch.get_num_threads()}, workers {args.workers}, augment.device {args.augment_device}; "
+              f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
 
         # Bare: its own copy of the method (same init) on pre-made batches. With --workers 0 one bare step is
         # interleaved after every full step (same machine load for both: the fair comparison on a shared machine);
@@ -255,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {
         "device": device.type,
         "threads": torch.get_num_threads(),
+        "augment_device": args.augment_device,
         **report_steps(bs=cfg.data.batch_size, workers=args.workers, steps=args.steps, full_s=full_s, bare_s=bare_s,
                        bare_opt_s=bare_opt_s, bare_rounds=bare_rounds, interleave=interleave, breakdown=breakdown,
                        final=final, compute=compute, data_s_per_batch=data_s_per_batch,

@@ -33,6 +33,10 @@ gradient hook on the loss, post-accumulate-grad hooks on the parameters, the met
   and the ``backward`` call; after backward proper the running loss sums and the optimiser step's entry up to the
   ``before_optimizer_step`` hook), backward proper, clipping, optimiser step, ``zero_grad``.
 
+Augmentation on the device (``--augment-device cuda``, ``augment.device``): the loader only decodes and the engine
+makes the views of each batch on the GPU (:mod:`finetune.device_views`) before ``training_step``; that time is
+reported as ``device_augment`` (taken out of the data wait; each call synchronised).
+
 Prediction: :func:`finetune.inference.sliding_window_inference` (Gaussian blending) of the same architecture over a
 random ``--image-size`` square image with the data's bands, in megapixels per second (median of
 ``--predict-reps`` runs after one warm-up).
@@ -69,8 +73,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steptiming import (  # noqa: E402,F401  (TARGET_RATIO: named in the docstring, kept as this module's)
-    TARGET_RATIO, Marks, StepTimes, TimedMethod, add_bare_options, fit_timed, make_demo_tiles, report_steps, sync,
-    take_batches, time_full_and_bare,
+    TARGET_RATIO, Marks, StepTimes, TimedDeviceTransform, TimedMethod, add_bare_options, device_views, fit_timed,
+    make_demo_tiles, report_steps, sync, take_batches, time_full_and_bare,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +104,7 @@ def build_cfg(data_root: Path, args: argparse.Namespace, max_steps: int):
         f"trainer.log_every={args.log_every}",
         f"trainer.num_workers={args.workers}",
         f"trainer.mixed_precision='{args.precision}'",  # quoted: YAML reads a bare no as false
+        f"augment.device={args.augment_device}",
         *args.set,
     ]
     return load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml", overrides)
@@ -173,14 +178,19 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     s/step, final metrics, bare s/step). With ``bare = (model, batches, precision)`` one bare step runs after every
     full step (after its ``zero_grad``, before its logging) and is timed separately; its time is excluded from the
     full step's."""
-    from common.engine import Engine, LoaderSpec
+    from common.engine import Engine
+    from finetune.data import stream_loader
     from finetune.inputs import build_model, resolve_inputs
 
     inputs = resolve_inputs(cfg.data, cfg.model)
     spec = inputs.spec
     dataset = labelled_dataset(cfg, spec)
     engine = Engine(cfg.trainer, out_dir, config=cfg)
-    loaders = {"labelled": LoaderSpec(dataset, cfg.data.batch_size, batch_size_key="data.batch_size")}
+    stream = stream_loader(dataset, cfg.data.batch_size, spec, cfg.augment)  # as finetune/training.py
+    timed_aug = None
+    if stream.device_transform is not None:  # augment.device: cuda / cpu
+        timed_aug = stream.device_transform = TimedDeviceTransform(stream.device_transform)
+    loaders = {"labelled": stream}
     engine.plan(loaders)
     model = build_model(cfg.model, cfg.data.num_classes, inputs, len(spec.bands))
     method = _instrumented_method_cls()(cfg.supervised, model, seg_setup(cfg, inputs))
@@ -196,7 +206,7 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
     final, log_time = fit_timed(engine, marks, lambda: engine.fit(method, loaders, cfg.optim))
 
     t = StepTimes(marks.by_step, log_time, warmup, steps, last="opt1", interleaved=bare is not None)
-    return t.run_result(final, {
+    full_s, breakdown, final, bare_s = t.run_result(final, {
         "method_glue": t.mean("fwd0", "net0"),
         "network_forward": t.mean("net0", "net1"),
         "loss": t.mean("net1", "fwd1"),
@@ -206,6 +216,9 @@ def run_full(cfg, out_dir: Path, warmup: int, steps: int, bare=None) -> tuple[fl
         "optimizer_step": t.mean("step0", "step1"),
         "zero_grad": t.mean("step1", "opt1"),
     })
+    if timed_aug is not None:  # the batched augmentation, out of the data wait
+        breakdown = timed_aug.split(breakdown, warmup, steps)
+    return full_s, breakdown, final, bare_s
 
 
 def make_batches(cfg, n: int, device: torch.device) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -213,13 +226,18 @@ def make_batches(cfg, n: int, device: torch.device) -> tuple[list[dict[str, torc
     took."""
     from torch.utils.data import DataLoader
 
+    from finetune.data import stream_loader
     from finetune.inputs import resolve_inputs
 
     spec = resolve_inputs(cfg.data, cfg.model).spec
     dataset = labelled_dataset(cfg, spec)
     dataset.set_epoch(0)
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0, drop_last=True)
+    stream = stream_loader(dataset, cfg.data.batch_size, spec, cfg.augment)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0, drop_last=True,
+                        collate_fn=stream.collate_fn)
     batches, per_batch = take_batches(loader, n)
+    if stream.device_transform is not None:  # decoded tiles -> the views the method receives
+        batches = device_views(stream.device_transform, batches, device, seed=cfg.trainer.seed)
     return [{k: batch[k].to(device) for k in ("image", "mask")} for batch in batches], per_batch
 
 
@@ -282,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (trainer.num_workers)")
     ap.add_argument("--log-every", type=int, default=10, help="trainer.log_every (demo.yaml: 10)")
+    ap.add_argument("--augment-device", choices=("workers", "cpu", "cuda"), default="workers",
+                    help="augment.device: views made per sample by the loader (workers; the default) or in batch in "
+                         "torch on the training device (cuda) / the CPU (cpu)")
     ap.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                     help="trainer.mixed_precision, also used by the bare step and prediction (auto: bf16/fp16 on "
                          "CUDA, fp32 on CPU)")
@@ -312,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_mixed_precision(args.precision, cuda=device.type == "cuda")
     res: dict = {"device": device.type, "threads": torch.get_num_threads(), "precision": precision,
-                 "arch": args.arch, "version": args.version, "output_stride": args.output_stride}
+                 "arch": args.arch, "version": args.version, "output_stride": args.output_stride,
+                 "augment_device": args.augment_device}
     with tempfile.TemporaryDirectory(prefix="bench_seg_") as tmp:
         tmp = Path(tmp)
         data_root = args.data if args.data is not None else make_demo_tiles(tmp / "demo", args.tiles)
@@ -324,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(inputs.spec.bands)} bands, {cfg.data.num_classes} classes, batch {cfg.data.batch_size}, "
               f"loss {cfg.loss.name}, {cfg.optim.name}, clip {cfg.trainer.clip_grad}; {n_tiles} tiles "
               f"({cfg.data.labelled_split}); device {device.type}, precision {precision}, threads "
-              f"{torch.get_num_threads()}, workers {args.workers}; {args.warmup} warm-up + {args.steps} timed steps",
+              f"{torch.get_num_threads()}, workers {args.workers}, augment.device {args.augment_device}; "
+              f"{args.warmup} warm-up + {args.steps} timed steps",
               flush=True)
 
         if not args.skip_train:

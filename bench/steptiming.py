@@ -104,6 +104,52 @@ class TimedMethod:
             self.marks("bare1")
 
 
+class TimedDeviceTransform:
+    """A stream's device transform (``LoaderSpec.device_transform``, ``augment.device: cuda | cpu``) with every call
+    timed (the device synchronised before and after). The engine calls it once per micro-batch before the method's
+    ``training_step``, so its time is part of the marks' data wait; :meth:`split` moves it into a breakdown entry
+    of its own."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.device, self.spans = inner, inner.device, []
+
+    def run_device(self, training_device: torch.device) -> torch.device:
+        return self.inner.run_device(training_device)
+
+    def __call__(self, batch: Any, generator: torch.Generator) -> Any:
+        sync(generator.device)
+        t0 = time.perf_counter()
+        out = self.inner(batch, generator)
+        sync(generator.device)
+        self.spans.append(time.perf_counter() - t0)
+        return out
+
+    def split(self, breakdown: dict[str, float], warmup: int, steps: int) -> dict[str, float]:
+        """``breakdown`` with ``device_augment`` (mean s/step over the timed steps) taken out of ``data_wait``."""
+        aug = statistics.fmean(self.spans[warmup:warmup + steps])
+        out: dict[str, float] = {}
+        for key, v in breakdown.items():
+            out[key] = v - aug if key == "data_wait" else v
+            if key == "data_wait":
+                out["device_augment"] = aug
+        return out
+
+
+def device_views(transform: Any, batches: list, device: torch.device, seed: int = 0) -> list:
+    """Pre-made batches of decoded tiles through a device transform (one generator per batch), on ``device``: the
+    bare step's input, what the method receives in the full step."""
+    from accelerate.utils import send_to_device
+
+    run_on = transform.run_device(device)
+    out = []
+    for i, batch in enumerate(batches):
+        g = torch.Generator(device=run_on)
+        g.manual_seed(seed + i)
+        with torch.no_grad():
+            out.append(send_to_device(transform(send_to_device(batch, run_on), g), device))
+    return out
+
+
 def fit_timed(engine, marks: Marks, fit: Callable[[], None]) -> tuple[dict, dict[int, float]]:
     """Run ``fit()`` (the engine's ``fit``) then ``engine.finish()`` with global optimiser step hooks marking
     ``step0`` / ``step1`` and the engine's scalar logging timed per call; returns (final metrics, logging seconds by
