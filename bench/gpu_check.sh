@@ -17,7 +17,7 @@
 # Environment: PY (python, default python3), GPU_CHECK_ALLOW_CPU=1 (no CUDA assertion, tiny step counts),
 # GPU_CHECK_DIR, GPU_CHECK_SITE, GPU_CHECK_BUDGET_S, OMP_NUM_THREADS (default 4), GPU_CHECK_SECTIONS (run only these
 # sections, e.g. "f_engine_amp g_compile_pretrain"; d_predict needs c_finetune_bf16's run, which uses b_pretrain_bf16's
-# export when it exists).
+# export when it exists; e_bench_devaug, the step benchmarks with augmentation on the GPU, runs only when named here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -96,7 +96,7 @@ if selected e_bench_predict; then
     > "$WORK/bg_scene.log" 2>&1 ) &
   BG_SCENE=$!; BG_PIDS+=("$BG_SCENE")
 fi
-if [ "$SMALL" = 0 ] && selected e_bench_dino_b128; then
+if [ "$SMALL" = 0 ] && { selected e_bench_dino_b128 || selected e_bench_devaug; }; then
   ( "$PY" -m common.demo_data --out "$BIG" --seed 0 --tiles 640 --val-tiles 8 --sar-scenes 2 --sar-val-scenes 1 \
     > "$WORK/bg_big.log" 2>&1 ) &
   BG_BIG=$!; BG_PIDS+=("$BG_BIG")
@@ -194,9 +194,13 @@ sec_predict() {
   local n=8; [ "$SMALL" = 1 ] && n=3
   rm -rf "$WORK/pred_in"; mkdir -p "$WORK/pred_in"
   for id in $(head -n "$n" "$DATA/s2/source/splits/val.txt"); do ln -s "$DATA/s2/source/images/$id.tif" "$WORK/pred_in/$id.tif"; done
-  T "$PY" finetune/predict.py --run "$RUNS/finetune" --input "$WORK/pred_in" --output "$RUNS/pred_gpu" --probabilities
+  # 32 px windows: 3 window rows per 64 px tile, so the GPU run reads ahead (pinned raw DN, conversion on the GPU)
+  # and the CPU reference reads in turn (--read-ahead 0): the agreement check spans both paths.
+  T "$PY" finetune/predict.py --run "$RUNS/finetune" --input "$WORK/pred_in" --output "$RUNS/pred_gpu" --probabilities \
+    --window 32 --read-ahead 2
   echo "--- the same tiles on the CPU (reference)"
-  T "$PY" finetune/predict.py --run "$RUNS/finetune" --input "$WORK/pred_in" --output "$RUNS/pred_cpu" --cpu
+  T "$PY" finetune/predict.py --run "$RUNS/finetune" --input "$WORK/pred_in" --output "$RUNS/pred_cpu" --cpu \
+    --window 32 --read-ahead 0
   T "$PY" bench/gpu_check.py check-predict --inputs "$WORK/pred_in" --pred "$RUNS/pred_gpu" --cpu-pred "$RUNS/pred_cpu"
 }
 
@@ -223,6 +227,22 @@ sec_bench_dino_big() {
   fi
 }
 
+sec_bench_devaug() {
+  # Augmentation on the GPU (augment.device: cuda; the loader workers only decode): DINO as e_bench_dino_b128 (batch
+  # 128, 8 workers; the worker path gave full / bare 5.86x on the H200), then the segmentation step as e_bench_seg_bf16
+  # (batch 32, workers 0; 2.35x there). ~90 s; runs only when named in GPU_CHECK_SECTIONS (not in a full run).
+  if [ "$SMALL" = 1 ]; then
+    T "$PY" bench/bench_dino_step.py --data "$BIG" --batch-size 8 --workers 1 --steps 2 --warmup 1 --bare-batches 2 \
+      --opt-steps 1 --threads 2 --augment-device cuda --json "$RESULTS/bench_dino_step_b128_devaug.json"
+  else
+    T "$PY" bench/bench_dino_step.py --data "$BIG" --batch-size 128 --workers 8 --steps 20 --warmup 5 --threads 4 \
+      --augment-device cuda --json "$RESULTS/bench_dino_step_b128_devaug.json"
+  fi
+  # shellcheck disable=SC2046
+  T "$PY" bench/bench_segmentation.py $(seg_args) --precision bf16 --skip-predict --augment-device cuda \
+    --json "$RESULTS/bench_segmentation_bf16_devaug.json"
+}
+
 seg_args() {
   if [ "$SMALL" = 1 ]; then
     echo --data "$DATA" --batch-size 4 --steps 2 --warmup 1 --bare-batches 2 --opt-steps 1 --threads 2 \
@@ -242,10 +262,13 @@ sec_bench_seg_fp32() {
 }
 
 sec_bench_predict() {  # predict_raster on a 2048 x 2048 x 12 scene, 512 px windows, overlap 0.5, 16 windows/forward
+  # read-ahead on and off (same run, interleaved with the network alone; their class maps compared byte for byte)
   if [ "$SMALL" = 1 ]; then
-    T "$PY" bench/bench_predict.py --data "$SCENE" --size "$SCENE_SIZE" --window 128 --batch-size 2 --reps 1
+    T "$PY" bench/bench_predict.py --data "$SCENE" --size "$SCENE_SIZE" --window 128 --batch-size 2 --reps 1 \
+      --json "$RESULTS/bench_predict.json"
   else
-    T "$PY" bench/bench_predict.py --data "$SCENE" --size "$SCENE_SIZE" --batch-size 16 --reps 3
+    T "$PY" bench/bench_predict.py --data "$SCENE" --size "$SCENE_SIZE" --batch-size 16 --reps 3 \
+      --json "$RESULTS/bench_predict.json"
   fi
 }
 
@@ -279,6 +302,8 @@ run_section e_bench_predict   "$(lim 120)" sec_bench_predict
 run_section g_compile_pretrain "$(lim 150)" sec_compile
 wait_bg "$BG_BIG" "$WORK/bg_big.log"
 run_section e_bench_dino_b128 "$(lim 120)" sec_bench_dino_big
+# only when selected by name (GPU_CHECK_SECTIONS): a full run's sections take its whole budget
+[ -n "${GPU_CHECK_SECTIONS:-}" ] && run_section e_bench_devaug "$(lim 150)" sec_bench_devaug
 run_section e_bench_seg_fp32  "$(lim 90)"  sec_bench_seg_fp32
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -286,7 +311,7 @@ hdr "summary"
 for name in "${NAMES[@]}"; do
   [ -f "$WORK/section_$name.log" ] || continue
   echo "-- $name"
-  grep -E "^(GPU 0|torch |bf16 supported|CHECK |precision=|  (framework|foreach)|  step time|adamw:|sgd:|steps logged|k-NN probe|steps/s|validation mIoU|CUDA vs CPU|NOTE: |  NOTE|  PROBLEMS|setting:|full step \(engine|bare fwd|ratio full|ratio, median|prediction [0-9]|device=|\[wall time|activation dtypes|export backbone|metrics.json:|Traceback|[A-Za-z]*Error)" \
+  grep -E "^(GPU 0|torch |bf16 supported|CHECK |precision=|  (framework|foreach)|  step time|adamw:|sgd:|steps logged|k-NN probe|steps/s|validation mIoU|CUDA vs CPU|NOTE: |  NOTE|  PROBLEMS|setting:|full step \(engine|bare fwd|ratio full|ratio, median|prediction [0-9]|device=|\[wall time|class maps with|activation dtypes|export backbone|metrics.json:|Traceback|[A-Za-z]*Error)" \
     "$WORK/section_$name.log" | sed 's/^/  /' | cut -c1-300 || true
 done
 echo

@@ -2,6 +2,7 @@
 
     python finetune/predict.py --run runs/finetune --input 'scenes/*.tif' --output preds/ \
         [--checkpoint best|last] [--probabilities] [--window 512] [--overlap 0.5] [--batch-size 4] [--cpu]
+        [--read-ahead 2] [--io-threads N]
 
 A run directory of ``finetune/semisup.py`` holds ``model.json`` (:func:`finetune.model_card.write_model_card`:
 architecture, classes, sensor, bands in model order, normalisation, the ``state_dict`` prefix of the evaluated
@@ -21,9 +22,13 @@ Per input:
        have that many bands; a band folder needs a file per band. Every input is checked before the first is
        predicted.
     2. read one row of windows at a time (:func:`common.raster.read_raster`; a band folder is read whole, once, with
-       :func:`common.raster.read_band_files`, and its rows taken from memory), convert raw values to model units
-       (:func:`common.bands.to_model_units`: the sensor's conversion and the S2 DN offset), normalise with the
-       run's mean/std (:func:`finetune.transforms.normalise`); nodata / NaN / inf pixels are invalid and 0 after
+       :func:`common.raster.read_band_files`, and its rows taken from memory): on a background thread, up to
+       ``--read-ahead`` (2) window rows ahead of the one being predicted, GDAL decoding with ``--io-threads``
+       threads; the raw values (file dtype: uint16 DN are half the bytes of float32) are pinned and copied to the
+       device, where they are converted to model units (the sensor's conversion and the S2 DN offset) and
+       normalised with the run's mean/std (:func:`finetune.model_input.model_input`, the torch twin of
+       :func:`common.bands.to_model_units` and :func:`finetune.transforms.normalise`: bit-identical to them except
+       the dB conversions, equal to float rounding); nodata / NaN / inf pixels are invalid and 0 after
        normalisation, as in training.
     3. logits: a scene no larger than the window is one forward pass. A larger one is covered by the window grid
        of :func:`finetune.inference.sliding_window_inference` (windows clamped to the scene size, stride
@@ -50,21 +55,27 @@ Outputs: one input and an ``--output`` ending in ``.tif`` writes that file (prob
 Memory: the class map (1 byte per pixel) and the validity mask (1 byte per pixel) of the whole scene are held,
 and with ``--probabilities`` the probability map (``4 K`` bytes per pixel): :func:`common.raster.write_geotiff`
 writes whole arrays. A band folder is held whole in model units (``4 C`` bytes per pixel), as training holds a
-sample.
+sample. Read-ahead holds up to ``read_ahead + 1`` window rows of raw values besides the one being predicted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import itertools
 import json
 import math
+import os
+import queue
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import rasterio
@@ -73,7 +84,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from torch import nn
 
-from common.bands import IGNORE_INDEX, SENSORS, SensorSpec, file_band_names, to_model_units
+from common.bands import IGNORE_INDEX, SENSORS, SensorSpec, check_dtypes, file_band_names
 from common.checkpoint import CHECKPOINT_DIR, load_safetensors
 from common.datasets import UnlabelledTiles
 from common.raster import (
@@ -88,10 +99,10 @@ from common.raster import (
 )
 from finetune.config import SegModelConfig
 from finetune.evaluation import PALETTE
+from finetune.inference import blend_weights, window_starts
 from finetune.inputs import build_model
 from finetune.model_card import MODEL_CARD, ModelCard
-from finetune.inference import blend_weights, window_starts
-from finetune.transforms import normalise
+from finetune.model_input import model_input
 
 __all__ = [
     "MODEL_CARD",
@@ -100,6 +111,7 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_BLOCK_WIDTH",
+    "DEFAULT_READ_AHEAD",
     "ModelCard",
     "RunModel",
     "Prediction",
@@ -108,6 +120,7 @@ __all__ = [
     "output_paths",
     "probabilities_path",
     "predict_raster",
+    "resolve_io_threads",
     "predict_file",
     "main",
 ]
@@ -126,6 +139,18 @@ DEFAULT_BATCH_SIZE = 4
 
 DEFAULT_BLOCK_WIDTH = 8192
 """Widest column block (px) streamed at once; wider scenes are cut into blocks (border windows run twice)."""
+
+DEFAULT_READ_AHEAD = 2
+"""Window rows read and decoded ahead, on a background thread, while the current one is predicted (0: none)."""
+
+MAX_IO_THREADS = 8
+"""Most GDAL threads (de)compressing GeoTIFF blocks by default on a GPU (``--io-threads``)."""
+
+_POLL_S = 0.05
+"""How often a waiting reader or consumer looks whether the other side stopped."""
+
+_JOIN_S = 10.0
+"""How long closing waits for the read-ahead thread to finish the read in progress (it is a daemon thread)."""
 
 MIN_WINDOW = 8
 """Smallest accepted window (as ``eval.window``)."""
@@ -514,6 +539,108 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_io_threads(io_threads: int | None, device: torch.device) -> int:
+    """GDAL threads decoding the input's blocks and compressing the outputs: ``io_threads``, or by default 1 on the
+    CPU (the network takes the cores) and ``min(MAX_IO_THREADS, cores)`` on a GPU (decoding is then the bottleneck:
+    a deflate-compressed 12-band uint16 scene decodes at about 10 MP/s per core, the network runs at 100+ MP/s)."""
+    if io_threads is not None:
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+        return int(io_threads)
+    if device.type == "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_IO_THREADS, cores))
+
+
+def _gdal_env(io_threads: int) -> dict[str, str]:
+    """GDAL configuration of the reads and writes (``GDAL_NUM_THREADS``: multi-threaded block (de)compression of one
+    request; per thread, set with ``rasterio.Env``). Left unset for 1 thread, so the environment's value holds."""
+    return {"GDAL_NUM_THREADS": str(io_threads)} if io_threads > 1 else {}
+
+
+_Request = TypeVar("_Request")
+_Item = TypeVar("_Item")
+
+
+class _ReadAhead(Generic[_Request, _Item]):
+    """``load(r)`` for each request ``r``, handed out in order by :meth:`get`: computed up to ``depth`` items ahead on
+    a background thread, or (``depth`` 0) in the caller's thread when asked for.
+
+    The thread runs under its own ``rasterio.Env(**gdal_env)`` (GDAL configuration is per thread; no ``Env`` when
+    ``gdal_env`` is empty) and opens its own dataset handles (:func:`common.raster.read_raster` opens the file at each
+    call; rasterio dataset objects are not thread-safe, and a band folder is read once, before, and only sliced here).
+    Raster reads and decoding run in GDAL without the GIL, so they overlap the caller's work. A ``load`` that raises
+    ends the thread; :meth:`get` re-raises that exception object (same type and message as without read-ahead) when
+    it reaches the failed item. :meth:`close` (also on an error or a KeyboardInterrupt in the caller) stops the
+    thread after the load in progress; it is a daemon thread, so a load stuck in I/O cannot keep the process alive.
+    """
+
+    def __init__(self, load: Callable[[_Request], _Item], requests: Sequence[_Request], depth: int,
+                 gdal_env: dict[str, str]) -> None:
+        self._load, self._requests, self._env = load, list(requests), dict(gdal_env)
+        self._next = 0  # inline: the next request to load
+        self._thread: threading.Thread | None = None
+        if depth > 0 and self._requests:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="predict-read-ahead", daemon=True)
+            self._thread.start()
+
+    def _gdal(self) -> contextlib.AbstractContextManager:
+        return rasterio.Env(**self._env) if self._env else contextlib.nullcontext()
+
+    def _run(self) -> None:
+        try:
+            with self._gdal():
+                for request in self._requests:
+                    if self._stop.is_set() or not self._put((True, self._load(request))):
+                        return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which re-raises it
+            self._put((False, exc))
+
+    def _put(self, item: tuple[bool, Any]) -> bool:
+        """Queue ``item``, waiting for room; False when the consumer closed meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> _Item:
+        """The next item (blocks until it is loaded); re-raises the exception of a load that failed."""
+        if self._thread is None:
+            request = self._requests[self._next]
+            self._next += 1
+            with self._gdal():
+                return self._load(request)
+        while True:
+            try:
+                ok, item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():  # cannot happen: the thread always reports
+                    raise RuntimeError("the read-ahead thread ended without a result") from None
+        if not ok:
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (after the load in progress) and wait for it, at most :data:`_JOIN_S` seconds."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=_JOIN_S)
+
+    def __enter__(self) -> _ReadAhead[_Request, _Item]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @torch.inference_mode()
 def predict_raster(
     run: RunModel,
@@ -528,6 +655,8 @@ def predict_raster(
     block_width: int = DEFAULT_BLOCK_WIDTH,
     file_bands: Sequence[str] | None = None,
     stack_inputs: Sequence[str] = (),
+    read_ahead: int = DEFAULT_READ_AHEAD,
+    io_threads: int | None = None,
 ) -> Prediction:
     """Predict one raster with a loaded run and write the class map (and probabilities).
 
@@ -545,6 +674,10 @@ def predict_raster(
             :func:`check_inputs`).
         stack_inputs: for a model of a sensor stack whose input holds the first sensor only: one path template per
             other sensor (:func:`stack_paths`).
+        read_ahead: window rows read and decoded ahead on a background thread while the current one is predicted
+            (0: read in turn, in this thread). The outputs are the same either way.
+        io_threads: GDAL threads decoding the input's compressed blocks and compressing the outputs (default 1 on the
+            CPU, ``min(MAX_IO_THREADS, cores)`` on a GPU).
 
     Returns:
         :class:`Prediction`.
@@ -561,15 +694,18 @@ def predict_raster(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if read_ahead < 0:
+        raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
     if file_bands is None:
         file_bands = check_inputs(run, [input_path], stack_inputs)
     specs = _source_specs(run, stack_inputs)
     sources = list(zip([input_path, *stack_paths(input_path, stack_inputs)], specs,
                        [tuple(file_bands), *(file_band_names(p) for p in specs[1:])]))
     device = _resolve_device(device)
+    gdal_env = _gdal_env(resolve_io_threads(io_threads, device))
     net = run.net.to(device).eval()
     k = run.num_classes
-    mean, std = run.mean_std()
+    mean, std = (torch.from_numpy(v).to(device) for v in run.mean_std())  # float32 (C,)
     readers = [_InputReader(path, part, names) for path, part, names in sources]
     h, w = readers[0].shape
 
@@ -581,11 +717,39 @@ def predict_raster(
     blocks = _column_blocks(w, ww, stride_w, block_width)
     single = len(ys) == 1 and len(blocks) == 1 and len(blocks[0][2]) == 1  # one forward, no blending
     weight = blend_weights((wh, ww), "gaussian", device=device)  # (wh, ww)
+    # the reads, in the order the loop below consumes them: per column block, per window row, the rows it does not
+    # share with the previous window row (normalisation is per pixel: shared rows are reused on the device)
+    shared_rows = [0] + [max(0, y0 + wh - y1) for y0, y1 in itertools.pairwise(ys)]
+    requests = [(y + shared, wh - shared, xs[0], xs[-1] + ww - xs[0])
+                for _, _, xs in blocks for y, shared in zip(ys, shared_rows)]
 
     classes = np.zeros((h, w), dtype=np.uint8)
     valid = np.zeros((h, w), dtype=bool)
     probs = np.zeros((k, h, w), dtype=np.float32) if probabilities else None
     n_windows = 0
+    cuda = device.type == "cuda"
+
+    def to_input(raws: list[torch.Tensor], raw_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw window rows -> network input on the device: (C, rows, cols) float32 and valid (rows, cols) bool."""
+        raws = [r.to(device, non_blocking=True) for r in raws]  # from pinned memory on CUDA: asynchronous
+        return model_input(raws, raw_ok.to(device, non_blocking=True), [r.part for r in readers], mean, std,
+                           offset=run.card.offset)
+
+    @torch.inference_mode()
+    def load(request: tuple[int, int, int, int]) -> tuple:
+        """Host side of a read, on the read-ahead thread: the raw rows as read (file dtype) and their validity
+        (nodata, NaN/inf, dataset mask: common.raster), pinned for the copy to a GPU; on the CPU also converted."""
+        y0, rows, c0, cols = request
+        raws, raw_ok = [], np.ones((rows, cols), dtype=bool)
+        for reader in readers:  # one file (or band folder) per sensor of a stack, else one
+            raw, ok = reader.read(y0, rows, c0, cols)
+            check_dtypes(raw.dtype, reader.part, reader.part.raw_bands, "raw array")
+            raws.append(torch.from_numpy(np.ascontiguousarray(raw)))
+            raw_ok &= ok
+        ok_t = torch.from_numpy(raw_ok)
+        if cuda:
+            return [r.pin_memory() for r in raws], ok_t.pin_memory()
+        return to_input(raws, ok_t)  # the CPU is the device: converted here, beside the network's thread
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (N, C, wh, ww) -> (N, K, wh, ww) float32
         logits = net(x).logits
@@ -594,74 +758,67 @@ def predict_raster(
                              f"(N, {k}, {wh}, {ww})")
         return logits.float()
 
-    def finish(logits: torch.Tensor, rows: slice, cols: slice) -> None:  # logits (K, r, c) of finished pixels
-        classes[rows, cols] = logits.argmax(0).to(torch.uint8).cpu().numpy()
+    def finish(logits: torch.Tensor, ok: torch.Tensor, rows: slice, cols: slice) -> None:
+        """Finished pixels: logits (K, r, c) and valid (r, c) on the device -> class map (255 where invalid),
+        probabilities (NaN where invalid) and validity on the host."""
+        classes[rows, cols] = torch.where(ok, logits.argmax(0).to(torch.uint8), IGNORE_INDEX).cpu().numpy()
+        valid[rows, cols] = ok.cpu().numpy()
         if probs is not None:
-            probs[:, rows, cols] = logits.softmax(0).cpu().numpy()
+            probs[:, rows, cols] = torch.where(ok, logits.softmax(0), float("nan")).cpu().numpy()
 
-    def read_rows(y0: int, rows: int, c0: int, cols: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Rows [y0, y0 + rows) x columns [c0, c0 + cols) in model input: (C, rows, cols) on the device + valid."""
-        images, ok = [], np.ones((rows, cols), dtype=bool)
-        for reader in readers:  # one file (or band folder) per sensor of a stack, else one
-            raw, raw_ok = reader.read(y0, rows, c0, cols)
-            images.append(to_model_units(raw, reader.part, offset=run.card.offset))
-            ok &= raw_ok
-        image = images[0] if len(images) == 1 else np.concatenate(images)
-        ok &= np.isfinite(image).all(axis=0)
-        return torch.from_numpy(normalise(image, mean, std, ok)).to(device), ok
+    with _ReadAhead(load, requests, read_ahead, gdal_env) as reads:
+        for a, b, xs in blocks:
+            r0, r1 = xs[0], xs[-1] + ww  # columns of the windows touching the core [a, b)
+            acc = torch.zeros(k, 0, r1 - r0, device=device)  # (K, rows, cols): pending rows [top, top + rows)
+            norm = torch.zeros(0, r1 - r0, device=device)
+            top = 0
+            prev: tuple[torch.Tensor, torch.Tensor] | None = None  # the last window row (x, ok)
+            for j, (y, shared) in enumerate(zip(ys, shared_rows)):
+                # 1. the window row in model input: the rows it shares with the previous window row are reused, the
+                #    new ones come from the read-ahead (read, decoded and pinned on its thread) and are converted on
+                #    the device
+                item = reads.get()
+                x_new, ok_new = to_input(*item) if cuda else item
+                if shared:
+                    x = torch.cat([prev[0][:, wh - shared:], x_new], dim=1)  # (C, wh, cols)
+                    ok = torch.cat([prev[1][wh - shared:], ok_new])  # (wh, cols)
+                else:
+                    x, ok = x_new, ok_new
+                prev = (x, ok)
+                # 2. forward the windows of the row in batches
+                outs = []
+                for i in range(0, len(xs), batch_size):
+                    crops = torch.stack([x[:, :, s - r0:s - r0 + ww] for s in xs[i:i + batch_size]])
+                    outs.append(forward(crops))
+                out = torch.cat(outs)  # (len(xs), K, wh, ww)
+                n_windows += len(xs)
+                if single:
+                    finish(out[0], ok, slice(0, h), slice(0, w))
+                    break
+                # 3. blend into the pending rows, in sliding_window_inference's order (row-major)
+                grow = y + wh - top - acc.shape[1]
+                if grow > 0:
+                    acc = torch.cat([acc, torch.zeros(k, grow, r1 - r0, device=device)], dim=1)
+                    norm = torch.cat([norm, torch.zeros(grow, r1 - r0, device=device)], dim=0)
+                for i, s in enumerate(xs):
+                    acc[:, y - top:y - top + wh, s - r0:s - r0 + ww] += out[i] * weight
+                    norm[y - top:y - top + wh, s - r0:s - r0 + ww] += weight
+                # 4. rows no later window covers are finished (they lie in this window row: top == y)
+                done = (ys[j + 1] if j + 1 < len(ys) else h) - top
+                finish((acc[:, :done] / norm[:done])[:, :, a - r0:b - r0], ok[top - y:top - y + done, a - r0:b - r0],
+                       slice(top, top + done), slice(a, b))
+                acc, norm, top = acc[:, done:], norm[done:], top + done
 
-    for a, b, xs in blocks:
-        r0, r1 = xs[0], xs[-1] + ww  # columns of the windows touching the core [a, b)
-        acc = torch.zeros(k, 0, r1 - r0, device=device)  # (K, rows, cols): pending rows [top, top + rows)
-        norm = torch.zeros(0, r1 - r0, device=device)
-        top = 0
-        prev: tuple[int, torch.Tensor, np.ndarray] | None = None  # the last window row (y, x, ok)
-        for j, y in enumerate(ys):
-            # 1. the window row in model input: the rows it shares with the previous window row are reused
-            #    (normalisation is per pixel), only the new ones are read and converted
-            shared = 0 if prev is None else max(0, prev[0] + wh - y)
-            if shared:
-                x_new, ok_new = read_rows(y + shared, wh - shared, r0, r1 - r0)
-                x = torch.cat([prev[1][:, wh - shared:], x_new], dim=1)  # (C, wh, cols)
-                ok = np.concatenate([prev[2][wh - shared:], ok_new])
-            else:
-                x, ok = read_rows(y, wh, r0, r1 - r0)
-            prev = (y, x, ok)
-            valid[y:y + wh, a:b] = ok[:, a - r0:b - r0]
-            # 2. forward the windows of the row in batches
-            outs = []
-            for i in range(0, len(xs), batch_size):
-                crops = torch.stack([x[:, :, s - r0:s - r0 + ww] for s in xs[i:i + batch_size]])
-                outs.append(forward(crops))
-            out = torch.cat(outs)  # (len(xs), K, wh, ww)
-            n_windows += len(xs)
-            if single:
-                finish(out[0], slice(0, h), slice(0, w))
-                break
-            # 3. blend into the pending rows, in sliding_window_inference's order (row-major)
-            grow = y + wh - top - acc.shape[1]
-            if grow > 0:
-                acc = torch.cat([acc, torch.zeros(k, grow, r1 - r0, device=device)], dim=1)
-                norm = torch.cat([norm, torch.zeros(grow, r1 - r0, device=device)], dim=0)
-            for i, s in enumerate(xs):
-                acc[:, y - top:y - top + wh, s - r0:s - r0 + ww] += out[i] * weight
-                norm[y - top:y - top + wh, s - r0:s - r0 + ww] += weight
-            # 4. rows no later window covers are finished
-            done = (ys[j + 1] if j + 1 < len(ys) else h) - top
-            finish((acc[:, :done] / norm[:done])[:, :, a - r0:b - r0], slice(top, top + done), slice(a, b))
-            acc, norm, top = acc[:, done:], norm[done:], top + done
-
-    classes[~valid] = IGNORE_INDEX
     crs, transform = _source_crs(readers[0].grid_file), transform_to_tuple(readers[0].transform)
     tags = _tags(run)
-    write_geotiff(output_path, classes, crs, transform, nodata=IGNORE_INDEX, band_names=[CLASS_BAND],
-                  dtype="uint8", colormap=_colormap(k), tags=tags)
-    prob_path = None
-    if probs is not None:
-        probs[:, ~valid] = np.nan
-        prob_path = probabilities_path(output_path)
-        write_geotiff(prob_path, probs, crs, transform, nodata=float("nan"), band_names=list(run.card.class_names),
-                      dtype="float32", tags=tags)
+    with rasterio.Env(**gdal_env) if gdal_env else contextlib.nullcontext():  # threaded deflate with io_threads > 1
+        write_geotiff(output_path, classes, crs, transform, nodata=IGNORE_INDEX, band_names=[CLASS_BAND],
+                      dtype="uint8", colormap=_colormap(k), tags=tags)
+        prob_path = None
+        if probs is not None:
+            prob_path = probabilities_path(output_path)
+            write_geotiff(prob_path, probs, crs, transform, nodata=float("nan"),
+                          band_names=list(run.card.class_names), dtype="float32", tags=tags)
     return Prediction(input_path, output_path, prob_path, (h, w), float(valid.mean()), n_windows,
                       time.perf_counter() - t0)
 
@@ -678,7 +835,7 @@ def predict_file(
     **kwargs: Any,
 ) -> Prediction:
     """Load a run (:func:`load_run_model`) and predict one raster (:func:`predict_raster`; ``kwargs`` are its
-    keyword-only options: ``batch_size``, ``block_width``)."""
+    keyword-only options: ``batch_size``, ``block_width``, ``read_ahead``, ``io_threads``, ...)."""
     run = load_run_model(run_dir, checkpoint)
     return predict_raster(run, input_path, output_path, window=window, overlap=overlap,
                           probabilities=probabilities, device=device, **kwargs)
@@ -713,6 +870,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="for a model of a sensor stack (e.g. S2L2A+S1) whose inputs hold the first sensor's bands: "
                         "the co-registered file of the next sensor, a path with {stem}, {name} or {dir} of the input "
                         "(e.g. 's1/images/{stem}.tif'); once per further sensor")
+    p.add_argument("--read-ahead", type=int, default=DEFAULT_READ_AHEAD, metavar="N",
+                   help=f"window rows read and decoded ahead on a background thread while the current one is "
+                        f"predicted; 0 reads in turn (same outputs; default {DEFAULT_READ_AHEAD})")
+    p.add_argument("--io-threads", type=int, default=None, metavar="N",
+                   help=f"GDAL threads decoding the input's compressed blocks and compressing the outputs (default: 1 "
+                        f"on the CPU, min({MAX_IO_THREADS}, cores) on a GPU)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
     return p
 
@@ -724,19 +887,25 @@ def main(argv: Sequence[str] | None = None) -> list[Prediction]:
         run = load_run_model(args.run, args.checkpoint)
         inputs = find_inputs(args.input, _source_specs(run, args.stack_input)[0].raw_bands)
         outputs = output_paths(inputs, args.output)
+        if args.read_ahead < 0:
+            raise ValueError(f"--read-ahead must be >= 0, got {args.read_ahead}")
+        if args.io_threads is not None and args.io_threads < 1:
+            raise ValueError(f"--io-threads must be >= 1, got {args.io_threads}")
         file_bands = check_inputs(run, inputs, args.stack_input)  # every input checked before the first is predicted
     except (FileNotFoundError, ValueError) as exc:  # RasterError is a ValueError
         print(f"predict: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     device = torch.device("cpu") if args.cpu else _resolve_device(None)
     print(f"predict: {len(inputs)} file(s), DeepLab {run.card.version} on {run.card.arch} ({run.checkpoint}), "
-          f"bands {', '.join(run.card.bands)}, window {args.window}, overlap {args.overlap}, device {device}")
+          f"bands {', '.join(run.card.bands)}, window {args.window}, overlap {args.overlap}, device {device}, "
+          f"read-ahead {args.read_ahead}, io threads {resolve_io_threads(args.io_threads, device)}")
     done = []
     for src, dst in zip(inputs, outputs):
         try:
             r = predict_raster(run, src, dst, window=args.window, overlap=args.overlap,
                                probabilities=args.probabilities, device=device, batch_size=args.batch_size,
-                               file_bands=file_bands, stack_inputs=args.stack_input)
+                               file_bands=file_bands, stack_inputs=args.stack_input, read_ahead=args.read_ahead,
+                               io_threads=args.io_threads)
         except ValueError as exc:
             print(f"predict: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -1,6 +1,8 @@
 """Prediction over GeoTIFF scenes (finetune/predict.py): georeferencing and metadata of the outputs, nodata,
 equality with the direct forward pass and with whole-scene sliding-window inference, probabilities, inputs and
-outputs of the command line, and the errors that name the offending file.
+outputs of the command line, and the errors that name the offending file; read-ahead (same files on and off, a
+corrupt block read on the reader thread exits 2 with the same message, no thread left behind) and the model input
+built with torch (finetune/model_input.py) against the numpy path.
 
 The run directory is built as finetune/semisup.py builds it: ``write_model_card`` for ``model.json`` and the
 ``state_dict`` of the real :class:`~finetune.methods.supervised.Supervised` method (prefix ``model.``) for the checkpoint,
@@ -485,3 +487,219 @@ def test_narrow_head_widths_travel_through_the_model_card(tiles, tmp_path):
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.net(x).logits, net(x).logits)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# read-ahead (a background thread reads and decodes the next window rows) and model input built on the device
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _reader_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "predict-read-ahead"]
+
+
+def _strip_file(path: Path, corrupt_rows: tuple[int, int] | None = None) -> Path:
+    """A 48 x 40 12-band S2 file (uint16 DN, nodata 0 with a hole, band names) in deflate strips of 4 rows; with
+    ``corrupt_rows`` (a multiple of 4 and the next one) the bytes of that strip are overwritten: the header and the
+    other rows read, those rows do not."""
+    from affine import Affine
+
+    rng = np.random.default_rng(3)
+    dn = rng.integers(200, 4000, (12, 48, 40)).astype(np.uint16)
+    dn[:, 20:26, 3:9] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=40, height=48, count=12, dtype="uint16", crs="EPSG:32633",
+                       transform=Affine(10.0, 0.0, 404400.0, 0.0, -10.0, 5342400.0), nodata=0, compress="deflate",
+                       blockysize=4) as dst:
+        dst.write(dn)
+        for i, b in enumerate(S2L2A_BANDS, start=1):
+            dst.set_band_description(i, b)
+    if corrupt_rows is not None:
+        strip = corrupt_rows[0] // 4
+        with rasterio.open(path) as src:
+            assert src.block_shapes[0] == (4, 40)
+            offset = int(src.get_tag_item(f"BLOCK_OFFSET_0_{strip}", "TIFF", bidx=1))
+            size = int(src.get_tag_item(f"BLOCK_SIZE_0_{strip}", "TIFF", bidx=1))
+        data = bytearray(path.read_bytes())
+        data[offset:offset + size] = b"\xff" * size
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("source", ["multiband", "band_folder"])
+def test_read_ahead_on_and_off_write_identical_files(tiles, run, tmp_path, source):
+    """Several column blocks x window rows (each row read while the previous one is predicted): the class map and the
+    probabilities are byte-for-byte the same with read-ahead off, 1 and 2 rows ahead, and 2 GDAL threads."""
+    src = (_with_nodata(tiles[2], tmp_path / "t.tif") if source == "multiband"
+           else _band_folder(tmp_path / "patches", "P_9", seed=9, size=36))
+    outs = {}
+    for read_ahead, io_threads in ((0, 1), (1, 1), (2, 1), (2, 2)):
+        r = predict_raster(run, src, tmp_path / f"ra{read_ahead}_{io_threads}" / "p.tif", window=16, block_width=20,
+                           probabilities=True, batch_size=3, read_ahead=read_ahead, io_threads=io_threads)
+        assert r.windows > 16  # column blocks of 20 px: border windows twice
+        outs[read_ahead, io_threads] = (_read(r.mask), _read(r.probabilities)[0], r.valid_fraction)
+    (mask, meta), prob, valid_fraction = outs[0, 1]
+    assert (mask == IGNORE_INDEX).any() and np.isnan(prob).any() and 0.9 < valid_fraction < 1
+    for (m, mt), p, v in outs.values():
+        np.testing.assert_array_equal(m, mask)
+        np.testing.assert_array_equal(p, prob)  # NaN (nodata) in the same places
+        assert mt == meta and v == valid_fraction
+    assert not _reader_threads()
+
+
+@pytest.mark.timeout(120)
+def test_a_corrupt_block_read_ahead_gives_the_same_exit_2_message(run_dir, tmp_path, capsys):
+    """Rows 32-35 do not decode: the error raised on the read-ahead thread (while rows above are predicted) reaches
+    the command line as without read-ahead: one message naming the file, exit status 2, no thread left behind."""
+    bad = _strip_file(tmp_path / "in" / "broken.tif", corrupt_rows=(32, 36))
+    errs = {}
+    for read_ahead in (0, 2):
+        with pytest.raises(SystemExit) as exc:
+            main(["--run", str(run_dir), "--checkpoint", "last", "--input", str(bad), "--output",
+                  str(tmp_path / f"out{read_ahead}"), "--window", "16", "--cpu", "--read-ahead", str(read_ahead)])
+        assert exc.value.code == 2
+        errs[read_ahead] = capsys.readouterr().err
+        assert not _reader_threads()
+    assert errs[2] == errs[0]
+    assert errs[0].startswith("predict: error: ") and "broken.tif: pixel data cannot be read" in errs[0]
+    assert "Traceback" not in errs[0] and not (tmp_path / "out2" / "broken_pred.tif").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run_dir), "--input", str(bad), "--output", str(tmp_path / "o"), "--read-ahead", "-1"])
+    assert exc.value.code == 2 and "--read-ahead must be >= 0" in capsys.readouterr().err
+
+
+def test_a_corrupt_block_read_ahead_exits_the_process_with_status_2(run_dir, tmp_path):
+    """The same from a real process: it ends (no thread keeps it alive) with status 2 and the one-line message."""
+    bad = _strip_file(tmp_path / "broken.tif", corrupt_rows=(32, 36))
+    proc = subprocess.run([sys.executable, "finetune/predict.py", "--run", str(run_dir), "--checkpoint", "last",
+                           "--input", str(bad), "--output", str(tmp_path / "out"), "--window", "16", "--cpu",
+                           "--read-ahead", "2"], cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert "broken.tif: pixel data cannot be read" in proc.stderr
+
+
+class _Interrupting(_Pointwise):
+    """A context-free network whose ``n``-th forward raises ``exc`` (as Ctrl-C or a failing network would)."""
+
+    def __init__(self, in_chans: int, num_classes: int, n: int, exc: BaseException):
+        super().__init__(in_chans, num_classes)
+        self.calls, self.n, self.exc = 0, n, exc
+
+    def forward(self, x: torch.Tensor) -> SegmenterOutput:
+        self.calls += 1
+        if self.calls == self.n:
+            raise self.exc
+        return super().forward(x)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("network failed")], ids=["interrupt", "error"])
+def test_an_interrupted_prediction_stops_the_read_ahead_thread(tiles, run, tmp_path, exc):
+    """Ctrl-C or an error in the main thread while the reader waits on a full queue: the exception propagates at
+    once and the reader thread is gone."""
+    net = _Interrupting(len(run.card.bands), K, n=2, exc=exc).eval()
+    broken = RunModel(net=net, card=run.card, spec=run.spec, checkpoint=run.checkpoint, run_dir=run.run_dir)
+    with pytest.raises(type(exc)):
+        predict_raster(broken, tiles[0], tmp_path / "x.tif", window=16, block_width=20, batch_size=2, read_ahead=1)
+    assert net.calls == 2 and not _reader_threads() and not (tmp_path / "x.tif").exists()
+
+
+def _sensor_cases():
+    """(name, spec, raw (C_raw, 2, 4), raw validity, exact) for each conversion; raw values include nodata, NaN, inf,
+    zeros, negatives and (VV/VH) zero and negative denominators."""
+    from common.bands import SensorDef, get_sensor, stack_sensors
+
+    s2 = get_sensor("S2L2A")
+    dn = np.array([[0, 1, 999, 1000], [1001, 4000, 11000, 65535]], np.uint16)
+    raw_s2 = np.stack([dn + i for i in range(12)]).astype(np.uint16)
+    raw_s2[:, 0, 0] = 0  # nodata in every band
+    raw_s2[3, 1, 1] = 0  # nodata in one band
+    ok_s2 = (raw_s2 != 0).all(0)
+    s1 = get_sensor("S1", ["VV", "VH", "VV/VH"])
+    db = np.array([[[-12.5, np.nan, 0.0, 3.0], [-20.0, 1e-4, -1e-4, np.inf]],
+                   [[-19.0, -15.0, 0.0, -1e-4], [0.0, 2.0, 5e-4, -3.0]]], np.float32)
+    ok_db = np.isfinite(db).all(0)
+    sar = get_sensor("SAR4")
+    lin = np.array([[0.0, 1e-9, 1e-6, 0.01], [0.5, 1.0, 123.4, np.nan]], np.float32)
+    raw_lin = np.stack([lin * (i + 1) for i in range(4)])
+    ok_lin = np.isfinite(raw_lin).all(0) & (raw_lin != 0).all(0)
+    z = (raw_lin + 1j * raw_lin[::-1] * 0.5).astype(np.complex64)
+    landsat = ("SR_B2", "SR_B3")
+    ls = SensorDef(name="LC09", bands=landsat, input_units="dn", scale_factor=0.0000275, add_offset=-0.2, nodata=0,
+                   gsd=30.0, mean={"SR_B2": 0.1, "SR_B3": 0.12}, std={"SR_B2": 0.07, "SR_B3": 0.09}).to_spec()
+    amp = SensorDef(name="SLC-AMP", bands=sar.bands, input_units="complex", model_units="amplitude", gsd=0.5,
+                    mean=dict.fromkeys(sar.bands, 1.0), std=dict.fromkeys(sar.bands, 3.0)).to_spec()
+    return [
+        ("S2 DN (offset -1000)", s2, raw_s2, ok_s2, True),
+        ("Landsat scale_offset", ls, np.stack([dn, dn[::-1]]), (np.stack([dn, dn[::-1]]) != 0).all(0), True),
+        ("S1 dB + VV/VH", s1, db, ok_db, True),
+        ("linear_to_db", sar, raw_lin, ok_lin, False),
+        ("amplitude_to_db", sar.with_input_units("amplitude"), raw_lin, ok_lin, False),
+        ("complex_to_intensity_db", sar.with_input_units("complex"), z, ok_lin, False),
+        ("complex_to_amplitude", amp, z, ok_lin, True),
+        ("S2 + S1 stack", stack_sensors(s2, s1),
+         np.concatenate([raw_s2.astype(np.float32), db[:, :, ::-1]]), ok_s2 & ok_db[:, ::-1], True),
+    ]
+
+
+@pytest.mark.parametrize("case", _sensor_cases(), ids=lambda c: c[0])
+def test_model_input_on_torch_equals_the_numpy_path(case):
+    """finetune.model_input (torch) against common.bands.to_model_units + isfinite + finetune.transforms.normalise
+    (numpy, the path before the device conversion) on hand-made values: bit-identical, the dB conversions to 2 ulp
+    in model units (log10 differs between the libraries) and to 1e-6 after normalisation."""
+    from common.bands import to_model_units
+    from finetune.model_input import model_input, to_model_units_torch
+    from finetune.transforms import normalise
+
+    _, spec, raw, raw_ok, exact = case
+    offset = -1000.0
+    mean, std = spec.mean_array().astype(np.float32), spec.std_array().astype(np.float32)
+    units = to_model_units(raw, spec, offset=offset)
+    ok = raw_ok & np.isfinite(units).all(0)
+    expected = normalise(units, mean, std, ok)
+    units_t = to_model_units_torch(torch.from_numpy(raw), spec, offset=offset).numpy()
+    z, ok_t = model_input([torch.from_numpy(raw)], torch.from_numpy(raw_ok), [spec], torch.from_numpy(mean),
+                          torch.from_numpy(std), offset=offset)
+    assert z.dtype == torch.float32 and z.shape == expected.shape and ok_t.dtype == torch.bool
+    np.testing.assert_array_equal(ok_t.numpy(), ok)
+    assert (z.numpy()[:, ~ok] == 0).all() and not ok.all() and ok.any()
+    if exact:
+        np.testing.assert_array_equal(units_t, units)
+        np.testing.assert_array_equal(z.numpy(), expected)
+        assert z.numpy().tobytes() == expected.tobytes()  # also the signs of zeros
+    else:
+        np.testing.assert_array_max_ulp(units_t[:, ok], units[:, ok], maxulp=2)
+        np.testing.assert_allclose(z.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_model_input_hand_values_of_s2_dn():
+    """(DN - 1000) / 10000, (x - mean) / std, 0 where a band is nodata (DN 0) or the raw validity is False."""
+    from common.bands import get_sensor
+    from finetune.model_input import model_input
+
+    s2 = get_sensor("S2L2A", ["B02", "B03"])
+    raw = torch.tensor([[[0, 1000, 3000]], [[2000, 6000, 1500]]], dtype=torch.uint16)  # (2, 1, 3)
+    ok = torch.tensor([[True, True, False]])
+    z, valid = model_input([raw], ok & (raw != 0).all(0), [s2], torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.25]),
+                           offset=-1000)
+    # B02: (0 - 1000)/1e4 = -0.1 (nodata), 0.0 -> (0 - 0.1)/0.5 = -0.2, 0.2 (invalid); B03: 0.1, 0.5 -> 1.2, 0.05
+    np.testing.assert_array_equal(valid.numpy(), [[False, True, False]])
+    np.testing.assert_allclose(z.numpy(), [[[0.0, -0.2, 0.0]], [[0.0, 1.2, 0.0]]], rtol=1e-6)
+
+
+def test_a_derived_band_without_a_torch_version_takes_its_numpy_function(monkeypatch):
+    """The fallback for a derived band registered without a torch twin: computed on the host, same values."""
+    import finetune.model_input as model_input_module
+    from common.bands import to_model_units
+
+    _, spec, raw, _, _ = next(c for c in _sensor_cases() if c[0] == "S1 dB + VV/VH")
+    with_torch = model_input_module.to_model_units_torch(torch.from_numpy(raw), spec).numpy()
+    monkeypatch.setattr(model_input_module, "_DERIVED_TORCH", {})
+    without = model_input_module.to_model_units_torch(torch.from_numpy(raw), spec).numpy()
+    np.testing.assert_array_equal(without, with_torch)
+    np.testing.assert_array_equal(without, to_model_units(raw, spec))
