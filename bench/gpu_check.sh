@@ -17,7 +17,7 @@
 # Environment: PY (python, default python3), GPU_CHECK_ALLOW_CPU=1 (no CUDA assertion, tiny step counts),
 # GPU_CHECK_DIR, GPU_CHECK_SITE, GPU_CHECK_BUDGET_S, OMP_NUM_THREADS (default 4), GPU_CHECK_SECTIONS (run only these
 # sections, e.g. "f_engine_amp g_compile_pretrain"; d_predict needs c_finetune_bf16's run, which uses b_pretrain_bf16's
-# export when it exists).
+# export when it exists; e_bench_devaug, the step benchmarks with augmentation on the GPU, runs only when named here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -96,7 +96,7 @@ if selected e_bench_predict; then
     > "$WORK/bg_scene.log" 2>&1 ) &
   BG_SCENE=$!; BG_PIDS+=("$BG_SCENE")
 fi
-if [ "$SMALL" = 0 ] && selected e_bench_dino_b128; then
+if [ "$SMALL" = 0 ] && { selected e_bench_dino_b128 || selected e_bench_devaug; }; then
   ( "$PY" -m common.demo_data --out "$BIG" --seed 0 --tiles 640 --val-tiles 8 --sar-scenes 2 --sar-val-scenes 1 \
     > "$WORK/bg_big.log" 2>&1 ) &
   BG_BIG=$!; BG_PIDS+=("$BG_BIG")
@@ -227,6 +227,22 @@ sec_bench_dino_big() {
   fi
 }
 
+sec_bench_devaug() {
+  # Augmentation on the GPU (augment.device: cuda; the loader workers only decode): DINO as e_bench_dino_b128 (batch
+  # 128, 8 workers; the worker path gave full / bare 5.86x on the H200), then the segmentation step as e_bench_seg_bf16
+  # (batch 32, workers 0; 2.35x there). ~90 s; runs only when named in GPU_CHECK_SECTIONS (not in a full run).
+  if [ "$SMALL" = 1 ]; then
+    T "$PY" bench/bench_dino_step.py --data "$BIG" --batch-size 8 --workers 1 --steps 2 --warmup 1 --bare-batches 2 \
+      --opt-steps 1 --threads 2 --augment-device cuda --json "$RESULTS/bench_dino_step_b128_devaug.json"
+  else
+    T "$PY" bench/bench_dino_step.py --data "$BIG" --batch-size 128 --workers 8 --steps 20 --warmup 5 --threads 4 \
+      --augment-device cuda --json "$RESULTS/bench_dino_step_b128_devaug.json"
+  fi
+  # shellcheck disable=SC2046
+  T "$PY" bench/bench_segmentation.py $(seg_args) --precision bf16 --skip-predict --augment-device cuda \
+    --json "$RESULTS/bench_segmentation_bf16_devaug.json"
+}
+
 seg_args() {
   if [ "$SMALL" = 1 ]; then
     echo --data "$DATA" --batch-size 4 --steps 2 --warmup 1 --bare-batches 2 --opt-steps 1 --threads 2 \
@@ -286,6 +302,8 @@ run_section e_bench_predict   "$(lim 120)" sec_bench_predict
 run_section g_compile_pretrain "$(lim 150)" sec_compile
 wait_bg "$BG_BIG" "$WORK/bg_big.log"
 run_section e_bench_dino_b128 "$(lim 120)" sec_bench_dino_big
+# only when selected by name (GPU_CHECK_SECTIONS): a full run's sections take its whole budget
+if [ -n "${GPU_CHECK_SECTIONS:-}" ]; then run_section e_bench_devaug "$(lim 150)" sec_bench_devaug; fi
 run_section e_bench_seg_fp32  "$(lim 90)"  sec_bench_seg_fp32
 
 # ------------------------------------------------------------------------------------------------ summary
