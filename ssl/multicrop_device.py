@@ -241,7 +241,7 @@ class DeviceMultiCrop(DeviceTransform):
 
         # 2. channel augmentation: every output band holds the chosen band
         if max(cfg.channel_p) > 0:
-            y = y.gather(1, p.src_band[:, :, None, None].expand(rows, n, h, w))
+            y = y[torch.arange(rows, device=dev)[:, None], p.src_band]  # (R, C, h, w), indexed by (R, C) only
 
         # 3. Gaussian blur (sigma in output pixels; rows without blur keep their values)
         if max(cfg.blur_p) > 0:
