@@ -344,3 +344,50 @@ def test_device_stream_of_a_pretraining_config(tiny_demo):
     assert tile_stream(cfg, spec, build_dataset(cfg, spec)).device_transform is None
     with pytest.raises(Exception, match="augment.device"):
         load_config(PretrainConfig, CONFIG, base + ["augment.device=gpu"])
+
+
+def test_engine_applies_a_streams_device_transform_with_the_step_generator(tmp_path):
+    """``LoaderSpec.device_transform``: called once per micro-batch, before ``training_step``, without gradient,
+    with the generator ``ctx.generator(device, DEVICE_TRANSFORM_STREAM + loader index)``; the method gets its
+    output."""
+    from torch import nn
+
+    from common.device_aug import DeviceTransform
+    from common.engine import DEVICE_TRANSFORM_STREAM, Engine, LoaderSpec, TrainerConfig
+    from common.method import Method, StepContext
+    from common.optim import OptimConfig
+    from toy_train import ToyData
+
+    calls: list[tuple[float, bool]] = []
+
+    class AddNoise(DeviceTransform):
+        def __call__(self, batch, generator):
+            draw = torch.rand(1, generator=generator, device=generator.device)
+            calls.append((float(draw), torch.is_grad_enabled()))
+            return {**batch, "x": batch["x"] + draw, "draw": draw.expand(len(batch["x"]))}
+
+    seen: list[tuple[int, int, float]] = []
+
+    class Toy(Method):
+        name, streams, trainable = "toy_dev", ("main",), ("net",)
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def param_groups(self):
+            return [{"params": list(self.net.parameters())}]
+
+        def training_step(self, batch, ctx):
+            seen.append((ctx.step, ctx.micro, float(batch["main"]["draw"][0])))
+            return {"loss": (self.net(batch["main"]["x"]).squeeze(1) - batch["main"]["y"]).pow(2).mean()}
+
+    cfg = TrainerConfig(max_steps=3, grad_accum_steps=2, progress_bar=False, seed=5)
+    engine = Engine(cfg, tmp_path / "run", cpu=True)
+    engine.fit(Toy(), {"main": LoaderSpec(ToyData(), 4, device_transform=AddNoise("cuda"))},
+               OptimConfig(name="sgd", lr=0.1))
+    assert len(calls) == len(seen) == 6 and not any(grad for _, grad in calls)
+    for (step, micro, draw), (called, _) in zip(seen, calls):
+        g = StepContext(engine, step, 0, micro, 2).generator(torch.device("cpu"), DEVICE_TRANSFORM_STREAM)
+        assert draw == called == float(torch.rand(1, generator=g))
+    assert len({d for _, _, d in seen}) == 6  # a new draw every micro-batch
