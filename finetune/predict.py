@@ -2,7 +2,7 @@
 
     python finetune/predict.py --run runs/finetune --input 'scenes/*.tif' --output preds/ \
         [--checkpoint best|last] [--probabilities] [--window 512] [--overlap 0.5] [--batch-size 4] [--cpu]
-        [--read-ahead 2] [--io-threads N]
+        [--read-ahead N] [--io-threads N]
 
 A run directory of ``finetune/semisup.py`` holds ``model.json`` (:func:`finetune.model_card.write_model_card`:
 architecture, classes, sensor, bands in model order, normalisation, the ``state_dict`` prefix of the evaluated
@@ -23,8 +23,8 @@ Per input:
        predicted.
     2. read one row of windows at a time (:func:`common.raster.read_raster`; a band folder is read whole, once, with
        :func:`common.raster.read_band_files`, and its rows taken from memory): on a background thread, up to
-       ``--read-ahead`` (2) window rows ahead of the one being predicted, GDAL decoding with ``--io-threads``
-       threads; the raw values (file dtype: uint16 DN are half the bytes of float32) are pinned and copied to the
+       ``--read-ahead`` (2 on a GPU, 0 on the CPU) window rows ahead of the one being predicted, GDAL decoding with
+       ``--io-threads`` threads; the raw values (file dtype: uint16 DN are half the bytes of float32) are pinned and copied to the
        device, where they are converted to model units (the sensor's conversion and the S2 DN offset) and
        normalised with the run's mean/std (:func:`finetune.model_input.model_input`, the torch twin of
        :func:`common.bands.to_model_units` and :func:`finetune.transforms.normalise`: bit-identical to them except
@@ -112,6 +112,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_BLOCK_WIDTH",
     "DEFAULT_READ_AHEAD",
+    "resolve_read_ahead",
     "ModelCard",
     "RunModel",
     "Prediction",
@@ -141,7 +142,9 @@ DEFAULT_BLOCK_WIDTH = 8192
 """Widest column block (px) streamed at once; wider scenes are cut into blocks (border windows run twice)."""
 
 DEFAULT_READ_AHEAD = 2
-"""Window rows read and decoded ahead, on a background thread, while the current one is predicted (0: none)."""
+"""Window rows read and decoded ahead on a GPU, on a background thread, while the current one is predicted. On the
+CPU the default is 0 (read, then predict): the network takes the cores there and read-ahead measured 1-2.5 % more CPU
+time (``bench/results/bench_predict_cpu.json``)."""
 
 MAX_IO_THREADS = 8
 """Most GDAL threads (de)compressing GeoTIFF blocks by default on a GPU (``--io-threads``)."""
@@ -539,6 +542,15 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_read_ahead(read_ahead: int | None, device: torch.device) -> int:
+    """Window rows read ahead: ``read_ahead``, or by default :data:`DEFAULT_READ_AHEAD` on a GPU and 0 on the CPU."""
+    if read_ahead is not None:
+        if read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
+        return int(read_ahead)
+    return 0 if device.type == "cpu" else DEFAULT_READ_AHEAD
+
+
 def resolve_io_threads(io_threads: int | None, device: torch.device) -> int:
     """GDAL threads decoding the input's blocks and compressing the outputs: ``io_threads``, or by default 1 on the
     CPU (the network takes the cores) and ``min(MAX_IO_THREADS, cores)`` on a GPU (decoding is then the bottleneck:
@@ -655,7 +667,7 @@ def predict_raster(
     block_width: int = DEFAULT_BLOCK_WIDTH,
     file_bands: Sequence[str] | None = None,
     stack_inputs: Sequence[str] = (),
-    read_ahead: int = DEFAULT_READ_AHEAD,
+    read_ahead: int | None = None,
     io_threads: int | None = None,
 ) -> Prediction:
     """Predict one raster with a loaded run and write the class map (and probabilities).
@@ -675,7 +687,8 @@ def predict_raster(
         stack_inputs: for a model of a sensor stack whose input holds the first sensor only: one path template per
             other sensor (:func:`stack_paths`).
         read_ahead: window rows read and decoded ahead on a background thread while the current one is predicted
-            (0: read in turn, in this thread). The outputs are the same either way.
+            (0: read in turn, in this thread; default :data:`DEFAULT_READ_AHEAD` on a GPU, 0 on the CPU). The outputs
+            are the same either way.
         io_threads: GDAL threads decoding the input's compressed blocks and compressing the outputs (default 1 on the
             CPU, ``min(MAX_IO_THREADS, cores)`` on a GPU).
 
@@ -694,7 +707,7 @@ def predict_raster(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if read_ahead < 0:
+    if read_ahead is not None and read_ahead < 0:
         raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
     if file_bands is None:
         file_bands = check_inputs(run, [input_path], stack_inputs)
@@ -702,6 +715,7 @@ def predict_raster(
     sources = list(zip([input_path, *stack_paths(input_path, stack_inputs)], specs,
                        [tuple(file_bands), *(file_band_names(p) for p in specs[1:])]))
     device = _resolve_device(device)
+    read_ahead = resolve_read_ahead(read_ahead, device)
     gdal_env = _gdal_env(resolve_io_threads(io_threads, device))
     net = run.net.to(device).eval()
     k = run.num_classes
@@ -870,9 +884,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="for a model of a sensor stack (e.g. S2L2A+S1) whose inputs hold the first sensor's bands: "
                         "the co-registered file of the next sensor, a path with {stem}, {name} or {dir} of the input "
                         "(e.g. 's1/images/{stem}.tif'); once per further sensor")
-    p.add_argument("--read-ahead", type=int, default=DEFAULT_READ_AHEAD, metavar="N",
+    p.add_argument("--read-ahead", type=int, default=None, metavar="N",
                    help=f"window rows read and decoded ahead on a background thread while the current one is "
-                        f"predicted; 0 reads in turn (same outputs; default {DEFAULT_READ_AHEAD})")
+                        f"predicted; 0 reads in turn (same outputs; default {DEFAULT_READ_AHEAD} on a GPU, 0 on the "
+                        f"CPU)")
     p.add_argument("--io-threads", type=int, default=None, metavar="N",
                    help=f"GDAL threads decoding the input's compressed blocks and compressing the outputs (default: 1 "
                         f"on the CPU, min({MAX_IO_THREADS}, cores) on a GPU)")
@@ -887,7 +902,7 @@ def main(argv: Sequence[str] | None = None) -> list[Prediction]:
         run = load_run_model(args.run, args.checkpoint)
         inputs = find_inputs(args.input, _source_specs(run, args.stack_input)[0].raw_bands)
         outputs = output_paths(inputs, args.output)
-        if args.read_ahead < 0:
+        if args.read_ahead is not None and args.read_ahead < 0:
             raise ValueError(f"--read-ahead must be >= 0, got {args.read_ahead}")
         if args.io_threads is not None and args.io_threads < 1:
             raise ValueError(f"--io-threads must be >= 1, got {args.io_threads}")
@@ -898,7 +913,8 @@ def main(argv: Sequence[str] | None = None) -> list[Prediction]:
     device = torch.device("cpu") if args.cpu else _resolve_device(None)
     print(f"predict: {len(inputs)} file(s), DeepLab {run.card.version} on {run.card.arch} ({run.checkpoint}), "
           f"bands {', '.join(run.card.bands)}, window {args.window}, overlap {args.overlap}, device {device}, "
-          f"read-ahead {args.read_ahead}, io threads {resolve_io_threads(args.io_threads, device)}")
+          f"read-ahead {resolve_read_ahead(args.read_ahead, device)}, io threads "
+          f"{resolve_io_threads(args.io_threads, device)}")
     done = []
     for src, dst in zip(inputs, outputs):
         try:

@@ -703,3 +703,14 @@ def test_a_derived_band_without_a_torch_version_takes_its_numpy_function(monkeyp
     without = model_input_module.to_model_units_torch(torch.from_numpy(raw), spec).numpy()
     np.testing.assert_array_equal(without, with_torch)
     np.testing.assert_array_equal(without, to_model_units(raw, spec))
+
+
+def test_read_ahead_defaults_to_two_rows_on_a_gpu_and_none_on_the_cpu():
+    """On the CPU the network takes the cores and read-ahead only added CPU time (bench_predict_cpu.json)."""
+    from finetune.predict import DEFAULT_READ_AHEAD, resolve_read_ahead
+
+    assert resolve_read_ahead(None, torch.device("cpu")) == 0
+    assert resolve_read_ahead(None, torch.device("cuda")) == DEFAULT_READ_AHEAD == 2
+    assert resolve_read_ahead(1, torch.device("cpu")) == 1
+    with pytest.raises(ValueError, match="read_ahead must be >= 0"):
+        resolve_read_ahead(-1, torch.device("cuda"))
