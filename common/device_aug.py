@@ -35,6 +35,12 @@ clamped to [0, 1]), which is wrong for normalised reflectance; ``ColorJiggle`` /
 (hue, saturation); there is no Gamma speckle. Everything here is plain torch (``grid_sample``, grouped
 ``conv2d``, gathers): ~250 lines, any band count, nothing clipped, and no extra package on the GPU machines.
 
+GPU notes: the transforms make no host-device round trip per batch (per-band tables and per-view row tables are
+copied to the device once; decisions are tensors, not Python branches on device values), so the CPU queues the
+augmentation of the next batch while the GPU still runs the previous step. The exception is speckle with a
+fractional number of looks (see :func:`gamma_noise`). Batches come from pinned memory (the engine's loaders pin on
+CUDA) and are copied with ``non_blocking``; on a CPU run both are skipped.
+
 Building blocks:
 
 * :func:`sample_crop_boxes`: torchvision's ``RandomResizedCrop.get_params`` (10 attempts, centre-crop fallback),
@@ -165,11 +171,16 @@ def uniform(shape: Sequence[int] | int, generator: torch.Generator, dtype: torch
 def gamma_noise(shape: Sequence[int], looks: float, generator: torch.Generator) -> torch.Tensor:
     """float32 ``Gamma(L, 1/L)`` draws (mean 1, variance ``1/L``: the intensity speckle of an L-look image).
 
-    Marsaglia & Tsang (2000) for shape ``a >= 1``: ``d = a - 1/3``, ``c = 1 / sqrt(9 d)``, ``v = (1 + c z)^3`` with
-    ``z ~ N(0, 1)``, accepted when ``log u < z^2 / 2 + d - d v + d log v``; rejected elements are drawn again (about 2 %
-    for L = 4). ``a < 1``: ``Gamma(a + 1) * u^(1/a)``. Every draw comes from ``generator`` (deterministic)."""
+    Whole ``L`` up to 16 (the usual 1, 4 looks): ``-sum_{i<L} log u_i / L``, a sum of ``L`` exponentials, exact and
+    without a host sync. Otherwise Marsaglia & Tsang (2000) for shape ``a >= 1``: ``d = a - 1/3``, ``c = 1 / sqrt(9 d)``,
+    ``v = (1 + c z)^3`` with ``z ~ N(0, 1)``, accepted when ``log u < z^2 / 2 + d - d v + d log v``; rejected elements
+    are drawn again (a few %; each round reads the count back from the device); ``a < 1``: ``Gamma(a + 1) u^(1/a)``.
+    Every draw comes from ``generator`` (deterministic)."""
     shape = tuple(shape)
     a = float(looks)
+    if a.is_integer() and 1 <= a <= 16:
+        u = torch.rand((int(a), *shape), generator=generator, device=generator.device, dtype=torch.float32)
+        return -torch.log1p(-u).sum(dim=0) / a  # log(1 - u), u in [0, 1): never log(0)
     boost = a < 1.0
     d = (a + 1.0 if boost else a) - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)

@@ -140,6 +140,7 @@ class DeviceMultiCrop(DeviceTransform):
         if cfg.local_number:
             self.view_groups.append(((2,) * cfg.local_number, (cfg.local_size, cfg.local_size), cfg.local_scale))
         self._tables: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._kind_rows: dict[tuple, torch.Tensor] = {}
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -152,6 +153,14 @@ class DeviceMultiCrop(DeviceTransform):
             self._tables[device] = {k: getattr(self, k).to(device) for k in (
                 "mean", "std", "is_db", "is_sar", "no_gain", "optical", "groups")}
         return self._tables[device]
+
+    def _kinds(self, kinds: tuple[int, ...], batch_size: int, device: torch.device) -> torch.Tensor:
+        """The kind of every row, made once per (views, batch size, device): a tensor built from a Python list is a
+        host-to-device copy, which would wait for the GPU's queued work (no overlap with the previous step)."""
+        key = (kinds, batch_size, device)
+        if key not in self._kind_rows:
+            self._kind_rows[key] = torch.tensor(kinds, dtype=torch.long).repeat_interleave(batch_size).to(device)
+        return self._kind_rows[key]
 
     # ------------------------------------------------------------------ the transform
     def __call__(self, batch: Any, generator: torch.Generator) -> list[torch.Tensor]:
@@ -175,10 +184,13 @@ class DeviceMultiCrop(DeviceTransform):
         h, w = size
         rows = len(kinds) * batch_size
 
-        def prob(p3: tuple[float, float, float]) -> torch.Tensor:  # (R,) the probability of every row
-            return torch.tensor([p3[k] for k in kinds], device=dev, dtype=torch.float64).repeat_interleave(batch_size)
+        kind = self._kinds(tuple(kinds), batch_size, dev)  # (R,) 0 / 1 / 2 of every row
 
         u = uniform((rows, _N_U + N_CROP_DRAWS), generator)
+
+        def prob(p3: tuple[float, float, float]) -> torch.Tensor:  # (R,) float64 probability of every row
+            return torch.where(kind == 0, p3[0], torch.where(kind == 1, p3[1], torch.full_like(u[:, 0], p3[2])))
+
         u_band = uniform((rows, n), generator)  # per-band gain draws (jitter)
         u_perm = uniform((rows, n), generator)  # random order of the bands (band dropout)
         top, left, ch, cw = sample_crop_boxes(u[:, _N_U:], height, width, scale, cfg.ratio)
@@ -212,7 +224,7 @@ class DeviceMultiCrop(DeviceTransform):
             affine=on(_U_AFFINE, cfg.affine_p),
             angle=cfg.affine_rotate * (2.0 * u[:, _U_ROT] - 1.0),
             zoom=cfg.affine_scale[0] + (cfg.affine_scale[1] - cfg.affine_scale[0]) * u[:, _U_SCALE],
-            shift=cfg.affine_shift * (2.0 * u[:, [_U_TX, _U_TY]] - 1.0),
+            shift=cfg.affine_shift * (2.0 * u[:, _U_TX:_U_TY + 1] - 1.0),
             blur=blur, sigma=sigma, radius=radius,
             channel=channel, src_band=src_band,
             jitter=on(_U_JITTER, cfg.jitter_p), gain=gain_c,
