@@ -82,7 +82,7 @@ def test_blur_matches_opencv_per_sample_sigma_and_radius():
     assert torch.equal(same, y)
 
 
-@pytest.mark.parametrize("looks", [4.0, 1.0, 0.5])
+@pytest.mark.parametrize("looks", [4.0, 1.0, 2.5, 0.5])  # sums of exponentials; Marsaglia-Tsang
 def test_gamma_speckle_has_mean_one_and_the_gamma_distribution(looks):
     from scipy import stats
 
