@@ -124,6 +124,7 @@ def add_table_arguments(ap: argparse.ArgumentParser, methods: tuple[str, ...], r
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--runs", default=runs, help="run directories (scratch; the records are the results)")
     ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores / parallel threads)")
+    ap.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / parallel)")
     ap.add_argument("--quick", action="store_true", help="8 steps per run (smoke test); results not written")
     ap.add_argument("--recorded-only", action="store_true",
                     help="run nothing: write and print the table of the runs recorded so far")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         args.export = str(ensure_export("configs/pretrain/demo.yaml", Path(args.pretrain), args.data,
                                         str(Path(args.data) / "s2" / "source")))
     jobs = _jobs(args)
-    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
     done, failed = run_all(jobs, args.parallel, threads, args.recorded_only)
 
