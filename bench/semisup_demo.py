@@ -40,10 +40,26 @@ def _record_path(job: dict) -> Path:
     return RESULTS / "records" / f"{job['record']}.json"
 
 
-def config_digest(text: str) -> str:
+def config_digest(text: str, method: str | None = None) -> str:
     """SHA-256 of a YAML config's content: the parsed mapping as sorted JSON, so that editing a comment or the layout
-    of a config does not invalidate the runs recorded from it, while any changed value does."""
-    return hashlib.sha256(json.dumps(yaml.safe_load(text), sort_keys=True).encode()).hexdigest()
+    of a config does not invalidate the runs recorded from it, while any changed value does. With ``method``, the
+    sections of the *other* methods (``psmt:`` for a ``method=unimatch`` run) are left out: the run never reads them,
+    so tuning one method's section keeps the other methods' records."""
+    content = yaml.safe_load(text)
+    if method is not None and isinstance(content, dict):
+        content = {k: v for k, v in content.items() if k == method or k not in _method_names()}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _method_names() -> set[str]:
+    from finetune.methods import REGISTRY
+
+    return {name for name, _ in REGISTRY.items()}
+
+
+def _job_method(job: dict) -> str | None:
+    methods = [o.split("=", 1)[1] for o in job["overrides"] if o.startswith("method=")]
+    return methods[-1] if methods else None
 
 
 def weights_digest(path: Path) -> str:
@@ -62,11 +78,12 @@ def weights_digest(path: Path) -> str:
 
 
 def _record_key(job: dict) -> dict:
-    """What makes a run the same run: the config's content (its values: :func:`config_digest`), the overrides other
-    than paths, and the content of the weights it starts from (an export, or the model of an ``init_from`` run:
-    :func:`weights_digest`)."""
+    """What makes a run the same run: the config's content (its values, less other methods' sections:
+    :func:`config_digest`), the overrides other than paths, and the content of the weights it starts from (an
+    export, or the model of an ``init_from`` run: :func:`weights_digest`)."""
     paths = ("data.root=", "data.target.root=", "model.weights=", "model.init_from=")
-    key = {"config": Path(job["config"]).name, "config_content_sha256": config_digest(Path(job["config"]).read_text()),
+    content = config_digest(Path(job["config"]).read_text(), _job_method(job))
+    key = {"config": Path(job["config"]).name, "config_content_sha256": content,
            "overrides": [o for o in job["overrides"] if not o.startswith(paths)]}
     for o in job["overrides"]:
         if o.startswith("model.weights="):

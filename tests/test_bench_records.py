@@ -44,6 +44,10 @@ def test_the_key_ignores_paths_but_not_content(job, tmp_path):
     assert semisup_demo._record_key(moved) == key  # another machine's paths: the same run
     Path(job["config"]).write_text("# a comment\ntrainer:\n    max_steps: 900   # the layout changed, not a value\n")
     assert semisup_demo._record_key(job) == key  # the same recipe
+    Path(job["config"]).write_text("trainer:\n  max_steps: 900\npsmt:\n  warmup_steps: 150\n")
+    assert semisup_demo._record_key(job) == key  # another method's section: not read by a supervised run
+    Path(job["config"]).write_text("trainer:\n  max_steps: 900\nsupervised:\n  x: 1\n")
+    assert semisup_demo._record_key(job) != key  # its own method's section
     Path(job["config"]).write_text("trainer:\n  max_steps: 450\n")
     assert semisup_demo._record_key(job) != key  # another recipe
     Path(job["config"]).write_text("trainer:\n  max_steps: 900\n")

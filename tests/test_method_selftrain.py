@@ -16,6 +16,7 @@ from conftest import REPO, assert_same_last_weights, cut_back, launch
 from safetensors.torch import load_file
 
 import finetune.methods.selftrain as selftrain_module
+from common.errors import UserInputError
 from common.sampling import weighted_epoch_indices
 from finetune.deeplab import create_segmenter
 from finetune.losses import build_segmentation_loss
@@ -25,6 +26,7 @@ from finetune.methods.selftrain import (
     SelfTrain,
     SelfTrainConfig,
     block_masks,
+    check_mic_blocks,
     class_pixel_counts,
     classmix_masks,
     export_backbone_copy,
@@ -72,6 +74,16 @@ def test_classmix_masks_are_exactly_the_chosen_classes_pixels():
     y_mix, w_mix = mix(pseudo, labels, masks), mix(w, torch.ones_like(w), masks)
     assert torch.equal(y_mix[masks], labels[masks]) and bool((y_mix[~masks] == 5).all())
     assert bool((w_mix[masks] == 1).all()) and bool((w_mix[~masks] == 0.25).all())
+
+
+def test_mic_blocks_too_large_for_the_crops_are_refused_with_the_largest_size_that_fits():
+    check_mic_blocks(8, 48, 48)  # 6 blocks per side
+    check_mic_blocks(16, 64, 80)  # 4 on the short side
+    with pytest.raises(UserInputError, match=r"mic_block_size=64 is too large for the 48 x 48 px target crops: 1 "
+                                             r"block\(s\) per side.*at most 12"):
+        check_mic_blocks(64, 48, 48)
+    with pytest.raises(UserInputError, match="at most 8"):
+        check_mic_blocks(16, 32, 40)  # 2 blocks on the short side
 
 
 def test_mic_block_masks_drop_the_configured_ratio_in_whole_blocks():

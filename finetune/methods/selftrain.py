@@ -143,6 +143,23 @@ def block_masks(batch: int, height: int, width: int, ratio: float, block: int, g
     return F.interpolate(keep, size=(height, width), mode="nearest")[:, 0].to(device)
 
 
+MIC_MIN_BLOCKS = 4
+"""Fewest MIC blocks per side of a target crop (MIC: 64 px blocks on 512-1024 px crops, 8-16 per side)."""
+
+
+def check_mic_blocks(block: int, height: int, width: int) -> None:
+    """Refuse MIC blocks too large for the target crops: with fewer than :data:`MIC_MIN_BLOCKS` blocks per side the
+    mask drops whole tiles or halves (a 64 px block on a 48 px crop masks the entire crop with probability
+    ``mic_ratio``), and the masked-consistency loss trains on images with nothing left to see."""
+    side = min(height, width)
+    if round(side / block) < MIC_MIN_BLOCKS:
+        raise UserInputError(
+            f"selftrain.mic_block_size={block} is too large for the {height} x {width} px target crops: "
+            f"{max(1, round(side / block))} block(s) per side, so the masked view drops whole tiles or halves; set "
+            f"selftrain.mic_block_size to at most {max(1, side // MIC_MIN_BLOCKS)} (MIC: 64 px blocks on 512-1024 px "
+            f"crops, 8-16 blocks per side)")
+
+
 def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``(1 / |P|) sum_p w_p CE(logits_p, labels_p)`` over every pixel ``P`` of the batch (mmseg's ``seg_weight``
@@ -391,6 +408,7 @@ class SelfTrain(SegMethod):
         loss = loss + cfg.mix_weight * loss_mix
 
         # 4. MIC: masked strong target view against the same pseudo-labels
+        check_mic_blocks(cfg.mic_block_size, h, w)
         keep = block_masks(b, h, w, cfg.mic_ratio, cfg.mic_block_size, g, device=x_t.device)
         loss_mic = weighted_ce(net(x_t2 * keep.unsqueeze(1).to(x_t2.dtype), return_aux=False).logits, labels,
                                weights)
