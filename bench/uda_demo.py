@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in e or e.split("=", 1)[0] not in SCENARIOS:
             ap.error(f"--export takes SCENARIO=PATH with SCENARIO in {list(SCENARIOS)}, got {e!r}")
     first, second = _jobs(args)
-    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(first) + len(second)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
     done, failed = run_all(first, args.parallel, threads, args.recorded_only)
     more, failed_too = run_all(second, args.parallel, threads, args.recorded_only)
