@@ -310,3 +310,30 @@ def test_two_processes(tiny_demo, tmp_path):
     final = json.loads((out / "metrics.json").read_text())
     assert final["num_processes"] == 2 and 0.0 <= final["last"]["target_entropy"] <= 1.0
     assert final["train"]["loss"] == final["train"]["loss"]  # finite
+
+
+def test_the_masked_pass_leaves_batchnorm_running_statistics_alone():
+    """MIC's masked images are a sample of neither domain: with ``mic_freeze_bn_stats`` the forward inside
+    ``bn_stats_frozen`` normalises with batch statistics (same output and gradients) but leaves the running
+    statistics and restores each layer's momentum."""
+    from finetune.methods.common import bn_stats_frozen
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.1),
+                              torch.nn.BatchNorm2d(4, momentum=None)).train()
+    x = torch.randn(2, 3, 8, 8)
+    before = copy.deepcopy(net.state_dict())
+    with bn_stats_frozen(net):
+        frozen_out = net(x)
+    after = copy.deepcopy(net.state_dict())
+    for k in before:
+        if "running" in k:
+            assert torch.equal(before[k], after[k]), k
+    assert net[1].momentum == 0.1 and net[2].momentum is None
+    free_out = net(x)  # the same batch statistics normalise the output
+    assert torch.allclose(frozen_out, free_out)
+    assert not torch.equal(net[1].running_mean, before["1.running_mean"])  # outside: updated as usual
+    updated = net[1].running_mean.clone()
+    with bn_stats_frozen(net, frozen=False):
+        net(x)
+    assert not torch.equal(net[1].running_mean, updated)

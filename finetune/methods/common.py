@@ -6,14 +6,16 @@ process rank), so the boxes are independent across processes and identical after
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
 from common.bands import IGNORE_INDEX
 from common.errors import UserInputError
 
-__all__ = ["pseudo_labels", "cutmix_masks", "mix", "sigmoid_rampup", "masked_mean", "self_information",
+__all__ = ["bn_stats_frozen", "pseudo_labels", "cutmix_masks", "mix", "sigmoid_rampup", "masked_mean", "self_information",
            "normalised_entropy", "target_entropy", "export_backbone_copy"]
 
 
@@ -69,6 +71,23 @@ def sigmoid_rampup(step: int, length: int) -> float:
         return 1.0
     t = min(max(step / length, 0.0), 1.0)
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+@contextlib.contextmanager
+def bn_stats_frozen(module: torch.nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Forward passes inside leave the BatchNorm running statistics of ``module`` as they were (momentum 0 for the
+    pass: training-mode BatchNorm still normalises with the batch's statistics, and gradients are unchanged), for
+    inputs that are not samples of the data the model will see at evaluation (e.g. MIC's masked images, 70 % of their
+    blocks zeroed). ``frozen=False``: a no-op."""
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
 
 
 def check_rampup_fits(key: str, length: int, total_steps: int, weight_key: str) -> None:
