@@ -265,6 +265,7 @@ def _overrides(root: Path, steps: int = 4) -> list[str]:
             "data.unlabelled_batch_size=2", "model.arch=test_resnet",
             f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.eval_every=2", "trainer.checkpoint_every=2",
             "trainer.progress_bar=false", "optim.warmup_steps=1", "eval.batch_size=4",
+            f"ael.rampup_steps={min(2, steps)}",  # the demo recipe's 150-step ramp-up is longer than these runs
             "augment.crop_size=null"]  # the whole 32 px tiny tiles (the demo recipe crops 64 px tiles)
 
 
