@@ -82,6 +82,7 @@ from common.device_aug import AugmentDevice
 __all__ = [
     "MultiCropConfig",
     "MultiCropTransform",
+    "check_multicrop_inputs",
     "sar_multicrop_config",
     "band_units",
     "sample_crop_box",
@@ -300,6 +301,29 @@ def _as_chw_float32(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+def check_multicrop_inputs(cfg: MultiCropConfig, mean: Any, std: Any,
+                           units: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Validate the settings and per-band statistics of a multi-crop pipeline (the worker and the device one):
+    ``(mean, std, units)`` as float64 arrays and one unit per band; ``ValueError`` naming what is wrong."""
+    cfg.validate()
+    mean_a = np.asarray(mean, dtype=np.float64)
+    std_a = np.asarray(std, dtype=np.float64)
+    n = mean_a.shape[0] if mean_a.ndim else 0
+    if mean_a.ndim != 1 or std_a.shape != (n,) or n < 1:
+        raise ValueError(f"mean and std must be 1-D of equal length, got {mean_a.shape} and {std_a.shape}")
+    if not np.all(std_a > 0):
+        raise ValueError(f"std must be > 0 for every band, got {std_a.tolist()}")
+    units = (units,) * n if isinstance(units, str) else tuple(units)
+    if len(units) != n or any(u not in UNITS for u in units):
+        raise ValueError(f"units must be one of {UNITS} per band ({n} bands), got {units}")
+    for g in cfg.sensor_groups:
+        if any(not 0 <= i < n for i in g):
+            raise ValueError(f"sensor_groups index out of range for {n} bands: {g}")
+    if max(cfg.sensor_dropout_p) > 0 and len(cfg.sensor_groups) < 2:
+        raise ValueError("sensor_dropout_p > 0 needs at least two sensor_groups (a sensor stack, e.g. S2 + S1)")
+    return mean_a, std_a, units
+
+
 class MultiCropTransform:
     """``transform(sample, rng) -> [global_1, global_2, local_1, ...]``, each float32 ``(C, h, w)``, normalised.
 
@@ -324,23 +348,9 @@ class MultiCropTransform:
         units: str | Sequence[str] = "reflectance",
         as_tensor: bool = True,
     ):
-        cfg.validate()
         self.cfg = cfg
-        self.mean = np.asarray(mean, dtype=np.float64)
-        self.std = np.asarray(std, dtype=np.float64)
+        self.mean, self.std, units = check_multicrop_inputs(cfg, mean, std, units)
         n = self.mean.shape[0]
-        if self.mean.ndim != 1 or self.std.shape != (n,) or n < 1:
-            raise ValueError(f"mean and std must be 1-D of equal length, got {self.mean.shape} and {self.std.shape}")
-        if not np.all(self.std > 0):
-            raise ValueError(f"std must be > 0 for every band, got {self.std.tolist()}")
-        units = (units,) * n if isinstance(units, str) else tuple(units)
-        if len(units) != n or any(u not in UNITS for u in units):
-            raise ValueError(f"units must be one of {UNITS} per band ({n} bands), got {units}")
-        for g in cfg.sensor_groups:
-            if any(not 0 <= i < n for i in g):
-                raise ValueError(f"sensor_groups index out of range for {n} bands: {g}")
-        if max(cfg.sensor_dropout_p) > 0 and len(cfg.sensor_groups) < 2:
-            raise ValueError("sensor_dropout_p > 0 needs at least two sensor_groups (a sensor stack, e.g. S2 + S1)")
         self.num_bands = n
         self.units = units
         self.is_db = np.array([u == "db" for u in units])

@@ -54,7 +54,7 @@ from common.device_aug import (
     sample_crop_boxes,
     uniform,
 )
-from eo_ssl.multicrop import UNITS, MultiCropConfig
+from eo_ssl.multicrop import MultiCropConfig, check_multicrop_inputs
 
 __all__ = ["DeviceMultiCrop", "ViewParams"]
 
@@ -105,23 +105,9 @@ class DeviceMultiCrop(DeviceTransform):
         if device == "workers":
             raise ValueError("augment.device=workers runs eo_ssl.multicrop.MultiCropTransform in the loader workers")
         super().__init__(device)  # type: ignore[arg-type]
-        cfg.validate()
         self.cfg = cfg
-        mean_a = np.asarray(mean, dtype=np.float64)
-        std_a = np.asarray(std, dtype=np.float64)
+        mean_a, std_a, units = check_multicrop_inputs(cfg, mean, std, units)
         n = mean_a.shape[0]
-        if mean_a.ndim != 1 or std_a.shape != (n,) or n < 1:
-            raise ValueError(f"mean and std must be 1-D of equal length, got {mean_a.shape} and {std_a.shape}")
-        if not np.all(std_a > 0):
-            raise ValueError(f"std must be > 0 for every band, got {std_a.tolist()}")
-        units = (units,) * n if isinstance(units, str) else tuple(units)
-        if len(units) != n or any(u not in UNITS for u in units):
-            raise ValueError(f"units must be one of {UNITS} per band ({n} bands), got {units}")
-        for g in cfg.sensor_groups:
-            if any(not 0 <= i < n for i in g):
-                raise ValueError(f"sensor_groups index out of range for {n} bands: {g}")
-        if max(cfg.sensor_dropout_p) > 0 and len(cfg.sensor_groups) < 2:
-            raise ValueError("sensor_dropout_p > 0 needs at least two sensor_groups (a sensor stack, e.g. S2 + S1)")
         self.num_bands = n
         self.units = units
         self.mean = torch.from_numpy(mean_a)
