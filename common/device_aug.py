@@ -59,6 +59,8 @@ Building blocks:
 
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Any, Literal, Sequence
 
@@ -94,7 +96,7 @@ _MAX_CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 N_CROP_DRAWS = 2 * _MAX_CROP_ATTEMPTS + 2  # uniform draws of one crop box (as eo_ssl.multicrop._N_CROP)
 
 
-class DeviceTransform:
+class DeviceTransform(abc.ABC):
     """Base of a batched augmentation the engine applies to a stream's batches: ``transform(batch, generator)``.
 
     Args:
@@ -110,8 +112,9 @@ class DeviceTransform:
         """The device the transform computes on, given the run's training device."""
         return torch.device("cpu") if self.device == "cpu" else training_device
 
-    def __call__(self, batch: Any, generator: torch.Generator) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, batch: Any, generator: torch.Generator) -> Any:
+        """The augmented batch of a stream (on :meth:`run_device`), drawing every random choice from ``generator``."""
 
 
 # ---------------------------------------------------------------------------------------------- loader side
