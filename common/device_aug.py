@@ -60,7 +60,6 @@ Building blocks:
 from __future__ import annotations
 
 import abc
-
 import math
 from typing import Any, Literal, Sequence
 
