@@ -3,7 +3,8 @@ pseudo-labels on the labelled target validation tiles: plain ``argmax p0`` again
 ``argmax omega * p0`` at several temperatures and confidence thresholds, and the nearest prototype alone.
 
 Prototypes are computed as ``ProDA.on_train_start`` does (``initial_prototypes``: the warm-up model's class-mean
-decoder features over the target training tiles, at 1 / ``label_stride`` of the input). The target masks are read
+decoder features over the target training tiles, at 1 / ``proda.label_stride`` of the input, with ProDA's default
+settings). The data are those of the run's own ``config.yaml``. The target masks are read
 here as a report only, as in the adaptation runs. A diagnostic for the README's adaptation table: a warm start whose
 pseudo-labels are wrong on a third of the pixels teaches the student those mistakes.
 
@@ -25,8 +26,9 @@ sys.path.insert(0, str(REPO))
 from common.bands import IGNORE_INDEX  # noqa: E402
 from common.config import load_config  # noqa: E402
 from finetune.data import plain_dataset, validation_sets  # noqa: E402
-from finetune.methods.proda import (initial_prototypes, prototype_distances, prototype_weights,  # noqa: E402
-                                    rectified_pseudo_labels, resize, valid_cells)
+from finetune.methods.proda import (ProDAConfig, feature_dim, initial_prototypes,  # noqa: E402
+                                    prototype_distances, prototype_weights, rectified_pseudo_labels, resize,
+                                    valid_cells)
 from finetune.predict import load_run_model  # noqa: E402
 from finetune.training import finetune_config_class  # noqa: E402
 
@@ -35,14 +37,14 @@ THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 @torch.no_grad()
-def measure(run: str, config: str, overrides: list[str], label_stride: int = 4, min_pixels: int = 10) -> dict:
+def measure(run: str, overrides: list[str] = ()) -> dict:
     rm = load_run_model(run, "last")
-    cfg = load_config(finetune_config_class("uda"), config, overrides)
+    cfg = load_config(finetune_config_class("uda"), Path(run) / "config.yaml", list(overrides))
     net, k = rm.net, rm.card.num_classes
+    label_stride, min_pixels = ProDAConfig.label_stride, ProDAConfig.proto_min_pixels
     loader = torch.utils.data.DataLoader(plain_dataset("target", cfg.data, rm.spec), batch_size=16)
-    dim = net(torch.zeros(1, len(rm.card.bands), 32, 32), return_features=True, return_aux=False).decoder_input.shape[1]
-    protos, counts = initial_prototypes(net, loader, k, dim, label_stride, min_pixels, lambda t, op: t,
-                                        torch.device("cpu"))
+    protos, counts = initial_prototypes(net, loader, k, feature_dim(net), label_stride, min_pixels,
+                                        lambda t, op: t, torch.device("cpu"))
     tally: dict[str, list[int]] = {}
 
     def count(name: str, labels: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> None:
@@ -77,12 +79,11 @@ def measure(run: str, config: str, overrides: list[str], label_stride: int = 4, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="the warm-up (source-only) run directory")
-    ap.add_argument("--config", default=str(REPO / "configs" / "finetune" / "demo_uda.yaml"))
-    ap.add_argument("overrides", nargs="*", help="config overrides (e.g. data.root=...)")
+    ap.add_argument("overrides", nargs="*", help="overrides of the run's config (e.g. data.target.root=...)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "proda_pseudo_labels.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    result = measure(args.run, args.config, args.overrides)
+    result = measure(args.run, args.overrides)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("| pseudo-labels | accuracy % | coverage % |\n|---|---|---|")
     for name, r in result["pseudo_labels"].items():

@@ -400,3 +400,39 @@ def test_two_processes_hold_the_one_process_prototypes(runs, tiny_demo, tmp_path
     assert torch.allclose(r0, torch.load(runs["initial"]), atol=1e-5)
     for step in range(2):
         assert torch.equal(torch.load(dumps / f"rank0_step{step}.pt"), torch.load(dumps / f"rank1_step{step}.pt"))
+
+
+def test_pseudo_label_diagnostic_of_a_warm_up_run(runs):
+    """bench/proda_pseudo_labels.py on the tiny warm-up run: full coverage without a threshold, coverage shrinking as
+    the threshold rises, and the plain pseudo-label accuracy equal to a direct count over the target val tiles."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from proda_pseudo_labels import THRESHOLDS, measure
+
+    from common.config import load_config
+    from finetune.data import validation_sets
+    from finetune.predict import load_run_model
+    from finetune.training import finetune_config_class
+
+    result = measure(str(runs["warmup"]))
+    pl = result["pseudo_labels"]
+    assert len(result["prototype_images_per_class"]) == 6
+    assert pl["plain/threshold 0.0"]["coverage"] == 100.0 and pl["nearest prototype"]["coverage"] == 100.0
+    for kind in ("plain", "rectified tau 1.0"):
+        cover = [pl[f"{kind}/threshold {th}"]["coverage"] for th in THRESHOLDS]
+        assert cover == sorted(cover, reverse=True), (kind, cover)
+    rm = load_run_model(runs["warmup"], "last")
+    cfg = load_config(finetune_config_class("uda"), runs["warmup"] / "config.yaml", [])
+    right = total = 0
+    with torch.no_grad():
+        for sample in validation_sets(cfg.data, rm.spec)["target_val"]:
+            x, mask = sample["image"][None], sample["mask"][None, None].float()
+            size = (x.shape[-2] // 4, x.shape[-1] // 4)
+            pred = F.interpolate(rm.net(x).logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+            truth = F.interpolate(mask, size=size, mode="nearest")[:, 0].long()
+            cells = F.avg_pool2d(sample["valid"][None, None].float(), 4)[:, 0] == 1
+            keep = cells & (truth != 255)
+            right += int(((pred == truth) & keep).sum())
+            total += int(keep.sum())
+    assert pl["plain/threshold 0.0"]["accuracy"] == round(100 * right / total, 2)
