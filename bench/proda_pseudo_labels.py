@@ -26,9 +26,16 @@ sys.path.insert(0, str(REPO))
 from common.bands import IGNORE_INDEX  # noqa: E402
 from common.config import load_config  # noqa: E402
 from finetune.data import plain_dataset, validation_sets  # noqa: E402
-from finetune.methods.proda import (ProDAConfig, feature_dim, initial_prototypes,  # noqa: E402
-                                    prototype_distances, prototype_weights, rectified_pseudo_labels, resize,
-                                    valid_cells)
+from finetune.methods.proda import (  # noqa: E402
+    ProDAConfig,
+    feature_dim,
+    initial_prototypes,
+    prototype_distances,
+    prototype_weights,
+    rectified_pseudo_labels,
+    resize,
+    valid_cells,
+)
 from finetune.predict import load_run_model  # noqa: E402
 from finetune.training import finetune_config_class  # noqa: E402
 
