@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in demo data, on the CPU:
-#   demo data -> DINO pretraining (+ export) -> supervised DeepLab fine-tuning from the export at 1/8 of the labels
-#   -> the best semi-supervised method on the same labels (+ the unlabelled tiles) -> GeoTIFF prediction
-# "Best": the highest mean over seeds in the README's semi-supervised table (bench/semisup_demo.py); SEMISUP_METHOD
-# overrides it.
+#   demo data -> DINO pretraining (+ export) -> from the export, side by side on one core each:
+#     lane A: the best semi-supervised method on 1/8 of the labels + the unlabelled tiles
+#     lane B: supervised DeepLab on the same 1/8 of the labels -> GeoTIFF prediction -> domain adaptation
+#             (source-only on the labelled source region, then the best adaptation method on the unlabelled
+#             target region, started from it)
+# "Best": the highest mean over seeds in the README's tables (bench/semisup_demo.py, bench/uda_demo.py);
+# SEMISUP_METHOD / UDA_METHOD override them.
+# Demo schedules (to fit 15 minutes on 2 cores): semi-supervised and supervised 600 steps (the README's table: 900),
+# adaptation 300 + 300 steps (the table: 450 + 450). DEMO_QUICK=1 cuts every run to a few steps (tests/test_demo.py).
 # Usage: bash scripts/demo.sh [DATA_DIR=data/demo] [RUNS_DIR=runs/demo]      (make demo runs exactly this)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,58 +16,121 @@ DATA=${1:-data/demo}
 RUNS=${2:-runs/demo}
 PY=${PYTHON:-.venv/bin/python}
 SEMISUP_METHOD=${SEMISUP_METHOD:-unimatch}
+UDA_METHOD=${UDA_METHOD:-selftrain}
 LAUNCH=("$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no
         --dynamo_backend no)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+SEMISUP_STEPS=(trainer.max_steps=600)
+UDA_STEPS=(trainer.max_steps=300)
+PRETRAIN_EXTRA=()
+DATA_EXTRA=()
+if [[ "${DEMO_QUICK:-0}" == 1 ]]; then  # a smoke run of the script itself: every stage, a few steps each
+  PRETRAIN_EXTRA=(trainer.epochs=null trainer.max_steps=4 data.batch_size=8 optim.warmup_steps=0 trainer.eval_every=null
+                  trainer.checkpoint_every=4 probe.max_train=32)
+  SEMISUP_STEPS=(trainer.max_steps=4 trainer.eval_every=2 trainer.checkpoint_every=4 data.batch_size=4
+                 data.unlabelled_batch_size=2 optim.warmup_steps=0)
+  UDA_STEPS=("${SEMISUP_STEPS[@]}")
+  DATA_EXTRA=(--tiles 32 --val-tiles 8 --sar-scenes 2 --sar-val-scenes 1)
+fi
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start )) s] $*"; }
+# run_logged LOG CMD...: the command's output goes to LOG; on failure its last lines are shown
+run_logged() {
+  local log=$1; shift
+  if ! "$@" >"$log" 2>&1; then
+    echo "---- failed: $* (last lines of $log) ----" >&2
+    tail -n 30 "$log" >&2
+    return 1
+  fi
+}
 
-stamp "1/6 demo data in $DATA"
-"$PY" -m common.demo_data --out "$DATA" --seed 0
+stamp "1/7 demo data in $DATA"
+"$PY" -m common.demo_data --out "$DATA" --seed 0 "${DATA_EXTRA[@]}"
 
 # a fresh run each time (the demo's own output folders only)
-rm -rf "$RUNS/pretrain" "$RUNS/finetune" "$RUNS/semisup" "$RUNS/predictions"
+rm -rf "$RUNS/pretrain" "$RUNS/finetune" "$RUNS/semisup" "$RUNS/predictions" "$RUNS/uda_source_only" \
+       "$RUNS/uda_$UDA_METHOD"
 mkdir -p "$RUNS"
 
-stamp "2/6 DINO pretraining -> $RUNS/pretrain (exports the teacher backbone at the end)"
-"${LAUNCH[@]}" ssl/pretrain.py --config configs/pretrain/demo.yaml --output-dir "$RUNS/pretrain" \
-    data.root="$DATA" probe.root="$DATA/s2/source" trainer.progress_bar=false
+stamp "2/7 DINO pretraining -> $RUNS/pretrain (exports the teacher backbone at the end)"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "${LAUNCH[@]}" ssl/pretrain.py --config configs/pretrain/demo.yaml \
+    --output-dir "$RUNS/pretrain" data.root="$DATA" probe.root="$DATA/s2/source" trainer.progress_bar=false \
+    "${PRETRAIN_EXTRA[@]}"
 
-stamp "3/6 export (the CLI; the run already wrote $RUNS/pretrain/backbone.safetensors)"
+stamp "3/7 export (the CLI; the run already wrote $RUNS/pretrain/backbone.safetensors)"
 "$PY" ssl/export.py --run "$RUNS/pretrain" --out "$RUNS/backbone.safetensors"
 
-stamp "4/6 supervised DeepLab v3+ fine-tuning on 1/8 of the labels from the export -> $RUNS/finetune"
-"${LAUNCH[@]}" finetune/semisup.py --config configs/finetune/demo.yaml --output-dir "$RUNS/finetune" \
-    data.root="$DATA/s2/source" model.weights="$RUNS/backbone.safetensors" trainer.progress_bar=false
+# The two lanes are independent runs from the export: one thread each (on 2 cores this is ~1.2x the throughput of
+# running them one after the other with two threads). Each run logs to RUNS/<run>.log (and TensorBoard).
+export OMP_NUM_THREADS=1
+SRC="$DATA/s2/source"
+W="model.weights=$RUNS/backbone.safetensors"
 
-stamp "5/6 semi-supervised $SEMISUP_METHOD on the same labels plus the unlabelled tiles -> $RUNS/semisup"
-"${LAUNCH[@]}" finetune/semisup.py --config configs/finetune/demo.yaml --output-dir "$RUNS/semisup" \
-    data.root="$DATA/s2/source" model.weights="$RUNS/backbone.safetensors" method="$SEMISUP_METHOD" \
-    trainer.progress_bar=false
+lane_a() {
+  stamp "4/7 [lane A] semi-supervised $SEMISUP_METHOD, 1/8 of the labels + the unlabelled tiles -> $RUNS/semisup"
+  run_logged "$RUNS/semisup.log" "${LAUNCH[@]}" finetune/semisup.py --config configs/finetune/demo.yaml \
+      --output-dir "$RUNS/semisup" data.root="$SRC" "$W" method="$SEMISUP_METHOD" trainer.progress_bar=false \
+      "${SEMISUP_STEPS[@]}"
+  stamp "    [lane A] $SEMISUP_METHOD done"
+}
 
-stamp "6/6 prediction GeoTIFFs of the validation tiles -> $RUNS/predictions"
-first_val=$(head -n 4 "$DATA/s2/source/splits/val.txt")
-inputs=()
-for id in $first_val; do inputs+=("$DATA/s2/source/images/$id.tif"); done
-mkdir -p "$RUNS/predictions"
-for f in "${inputs[@]}"; do
-  "$PY" finetune/predict.py --run "$RUNS/finetune" --input "$f" --output "$RUNS/predictions"
+lane_b() {
+  stamp "5/7 [lane B] supervised DeepLab v3+ on the same 1/8 of the labels -> $RUNS/finetune"
+  run_logged "$RUNS/finetune.log" "${LAUNCH[@]}" finetune/semisup.py --config configs/finetune/demo.yaml \
+      --output-dir "$RUNS/finetune" data.root="$SRC" "$W" trainer.progress_bar=false "${SEMISUP_STEPS[@]}"
+  stamp "    [lane B] prediction GeoTIFFs of 4 validation tiles -> $RUNS/predictions"
+  mkdir -p "$RUNS/predictions"
+  for id in $(head -n 4 "$SRC/splits/val.txt"); do
+    run_logged "$RUNS/predict.log" "$PY" finetune/predict.py --run "$RUNS/finetune" --input "$SRC/images/$id.tif" \
+        --output "$RUNS/predictions"
+  done
+  stamp "6/7 [lane B] domain adaptation, S2 source region -> target region: source-only -> $RUNS/uda_source_only"
+  run_logged "$RUNS/uda_source_only.log" "${LAUNCH[@]}" finetune/uda.py --config configs/finetune/demo_uda.yaml \
+      --output-dir "$RUNS/uda_source_only" data.root="$SRC" "$W" trainer.progress_bar=false "${UDA_STEPS[@]}"
+  stamp "7/7 [lane B] $UDA_METHOD from the source-only model on the unlabelled target tiles -> $RUNS/uda_$UDA_METHOD"
+  run_logged "$RUNS/uda_$UDA_METHOD.log" "${LAUNCH[@]}" finetune/uda.py --config configs/finetune/demo_uda.yaml \
+      --output-dir "$RUNS/uda_$UDA_METHOD" data.root="$SRC" method="$UDA_METHOD" \
+      model.init_from="$RUNS/uda_source_only" trainer.progress_bar=false "${UDA_STEPS[@]}"
+  stamp "    [lane B] $UDA_METHOD done"
+}
+
+# kill_tree PID: the process and everything it started (a failed lane stops the other one)
+kill_tree() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+  kill "$1" 2>/dev/null || true
+}
+lane_a & pid_a=$!
+lane_b & pid_b=$!
+pending=("$pid_a" "$pid_b")
+while (( ${#pending[@]} )); do  # the first lane to fail stops the other (wait -n -p: bash >= 5.1)
+  if ! wait -n -p finished "${pending[@]}"; then
+    kill_tree "$pid_a"; kill_tree "$pid_b"; wait 2>/dev/null || true
+    echo "demo: a stage failed (see above)" >&2
+    exit 1
+  fi
+  left=()
+  for p in "${pending[@]}"; do [[ "$p" != "$finished" ]] && left+=("$p"); done
+  pending=("${left[@]}")
 done
 
-"$PY" - "$RUNS" <<'PYEOF'
+"$PY" - "$RUNS" "$UDA_METHOD" <<'PYEOF'
 import json, sys
-runs = sys.argv[1]
+runs, uda_method = sys.argv[1:3]
 pre = [json.loads(l) for l in open(f"{runs}/pretrain/metrics.jsonl")]
 train = [r for r in pre if "train/loss" in r]
 knn = [r["val/knn_top1"] for r in pre if "val/knn_top1" in r]
 ft = json.load(open(f"{runs}/finetune/metrics.json"))
+semi = json.load(open(f"{runs}/semisup/metrics.json"))
+so = json.load(open(f"{runs}/uda_source_only/metrics.json"))
+ad = json.load(open(f"{runs}/uda_{uda_method}/metrics.json"))
 print(f"pretraining: loss {train[0]['train/loss']:.3f} -> {train[-1]['train/loss']:.3f}, teacher entropy "
       f"{train[0]['train/teacher_entropy']:.3f} -> {train[-1]['train/teacher_entropy']:.3f} (ln K = "
       f"{train[0]['train/log_k']:.3f}), k-NN probe {', '.join(f'{v:.1f}' for v in knn)} %")
 print(f"fine-tuning: validation mIoU last {ft['last']['mIoU']:.2f} (step {ft['last']['step']}), "
       f"best {ft['best']['mIoU']:.2f} (step {ft['best']['step']})")
-semi = json.load(open(f"{runs}/semisup/metrics.json"))
 print(f"semi-supervised, 1/8 of the labels: supervised {ft['last']['mIoU']:.2f} -> {semi['method']} "
       f"{semi['last']['mIoU']:.2f} validation mIoU (last step)")
+print(f"domain adaptation, target-region validation mIoU (a report: no target label was used): source-only "
+      f"{so['last']['target_val/mIoU']:.2f} -> {ad['method']} {ad['last']['target_val/mIoU']:.2f} (last step)")
 PYEOF
 stamp "done: runs in $RUNS (TensorBoard: .venv/bin/tensorboard --logdir $RUNS)"
