@@ -34,7 +34,8 @@ darkest VH and VV backscatter) and with another radiometric calibration offset (
 gap of about half the study's between source-trained and target-trained models on the target).
 
 Splits (``splits/*.txt``, one id per line): per S2 (and S1) domain ``train_all``, ``labelled_1_8`` (a deterministic
-eighth of ``train_all``), ``unlabelled_1_8`` (the rest) and ``val``; for SAR ``train_all`` and ``val`` (whole
+eighth of ``train_all``), ``unlabelled_1_8`` (the rest), ``labelled_1_32`` / ``unlabelled_1_32`` (a thirty-second,
+within ``labelled_1_8``) and ``val``; for SAR ``train_all`` and ``val`` (whole
 scenes), and ``labelled_1_8`` (an eighth of the ``train_all`` tiles: whole scenes, then a compact block of tiles from
 a corner of one scene) with ``unlabelled_1_8`` (the other training tiles, less those that overlap a labelled tile;
 ``dataset.json`` ``sar.semisup_split`` lists them).
@@ -109,7 +110,7 @@ __all__ = [
     "main",
 ]
 
-FORMAT = "eoseg-demo/2"
+FORMAT = "eoseg-demo/3"  # 3: labelled_1_32 / unlabelled_1_32 splits (the tiles' pixels are those of 2)
 """Value of ``dataset.json``'s ``format`` key; bump when the generator's output changes."""
 
 # ---------------------------------------------------------------------------------------------------- classes
@@ -326,6 +327,9 @@ def domain_specs(seed: int, shift: float) -> dict[str, DomainSpec]:
 _STREAM_S2, _STREAM_S1, _STREAM_SAR, _STREAM_DOMAIN, _STREAM_SPLIT = range(5)
 LABEL_FRACTION = 8
 """``labelled_1_8`` holds ``round(len(train_all) / LABEL_FRACTION)`` tiles (at least one)."""
+LABEL_FRACTIONS = (LABEL_FRACTION, 32)
+"""Land cover: ``labelled_1_<n>`` / ``unlabelled_1_<n>`` for each ``n`` (``round(len(train_all) / n)`` tiles, at
+least one; the smaller labelled sets lie within the larger ones)."""
 
 
 @dataclass(frozen=True)
@@ -995,11 +999,14 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
             nodata_tiles.append(tile_id)
 
     train, val = ids[: settings.tiles], ids[settings.tiles :]
-    n_lab = max(1, round(len(train) / LABEL_FRACTION))
-    pick = np.random.default_rng([seed, _STREAM_SPLIT, domain_index]).permutation(len(train))[:n_lab]
-    labelled = [train[i] for i in sorted(pick)]
-    unlabelled = [t for t in train if t not in set(labelled)]
-    splits = {"train_all": train, "labelled_1_8": labelled, "unlabelled_1_8": unlabelled, "val": val}
+    order = np.random.default_rng([seed, _STREAM_SPLIT, domain_index]).permutation(len(train))
+    splits = {"train_all": train}
+    for fraction in LABEL_FRACTIONS:  # the first tiles of one permutation: 1/32 of the labels lie within 1/8
+        pick = order[: max(1, round(len(train) / fraction))]
+        labelled = [train[i] for i in sorted(pick)]
+        splits[f"labelled_1_{fraction}"] = labelled
+        splits[f"unlabelled_1_{fraction}"] = [t for t in train if t not in set(labelled)]
+    splits["val"] = val
     for name, split_ids in splits.items():
         for sensor_dir in (s2_dir, s1_dir):
             _write_lines(sensor_dir / "splits" / f"{name}.txt", split_ids)

@@ -24,7 +24,8 @@ from common.demo_data import (
 )
 
 TINY = dict(tiles=8, val_tiles=4, size=32, sar_scenes=2, sar_grid=2, sar_size=32, sar_overlap=8)
-S2_SPLITS = ("train_all", "labelled_1_8", "unlabelled_1_8", "val")
+S2_SPLITS = ("train_all", "labelled_1_8", "unlabelled_1_8", "labelled_1_32", "unlabelled_1_32", "val")
+SAR_SPLITS = ("train_all", "labelled_1_8", "unlabelled_1_8", "val")
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,8 @@ def test_splits_disjoint_and_covering(demo):
         assert len(s["labelled_1_8"]) == 1 and len(s["train_all"]) == 8
         assert not set(s["labelled_1_8"]) & set(s["unlabelled_1_8"])
         assert sorted(s["labelled_1_8"] + s["unlabelled_1_8"]) == sorted(s["train_all"])
+        assert len(s["labelled_1_32"]) == 1 and set(s["labelled_1_32"]) <= set(s["labelled_1_8"])
+        assert sorted(s["labelled_1_32"] + s["unlabelled_1_32"]) == sorted(s["train_all"])
         assert not set(s["train_all"]) & set(s["val"])
     train = _ids(root / "sar" / "splits" / "train_all.txt")
     val = _ids(root / "sar" / "splits" / "val.txt")
@@ -176,7 +179,7 @@ def _sar_overlap(meta: dict, a: str, b: str) -> bool:
 
 
 def _check_sar_semisup(root: Path, meta: dict) -> dict[str, list[str]]:
-    s = {k: _ids(root / "sar" / "splits" / f"{k}.txt") for k in S2_SPLITS}
+    s = {k: _ids(root / "sar" / "splits" / f"{k}.txt") for k in SAR_SPLITS}
     info = meta["sar"]["semisup_split"]
     assert meta["sar"]["splits"] == {k: len(v) for k, v in s.items()}
     assert s["labelled_1_8"] and s["unlabelled_1_8"]
