@@ -1,26 +1,31 @@
-"""Is DINO pretraining worth it on the demo data? Export vs random init, 3 seeds, on a texture-dependent task.
+"""Is DINO pretraining worth it on the demo data? The README's pretraining-value table: the DINO export against random
+init, in a linear probe and after fine-tuning, at 1/32, 1/8 and all of the labels, over seeds.
 
-    python bench/pretrain_value.py [--pretrain-run runs/pretrain_long] [--out runs/pretrain_value]
-                                   [--seeds 0 1 2] [--parallel 2]
-    python bench/pretrain_value.py --quick --data /tmp/demo --seeds 0 --tasks finetune_1_8   # smoke test, ~2 min
+    python bench/pretrain_value.py --data data/demo --pretrain runs/tables/pretrain_long --seeds 0 1 2 --parallel 2
+        # pretrains with configs/pretrain/demo_long.yaml into DIR once (2 threads), then every evaluation run
+    python bench/pretrain_value.py --export FILE --variant NAME ...          # evaluate an existing export
+    python bench/pretrain_value.py --pretrain DIR --pretrain-override augment.channel_p=[0,0,0] --variant nochannel
+        # an ablation of the pretraining recipe: bench/results/pretrain_value_nochannel.json
+    python bench/pretrain_value.py --quick --data /tmp/demo --seeds 0       # smoke test: a few steps per run
+        # (demo data of at least 64 training tiles per domain: 1/32 of them must fill a batch of 2)
 
-1. (unless ``--pretrain-run`` is given) DINO-pretrains resnet18 with ``configs/pretrain/demo_long.yaml`` on the
-   demo S2 tiles of both domains, validation tiles left out (about one CPU hour on one core), and exports it;
-2. for each seed and each initialisation (the export, random):
-   * **linear probe**: DeepLab v2 head (four atrous 3x3 convolutions summed: linear in the features) on the
-     *frozen* backbone, trained on all source training labels;
-   * **low-label fine-tuning**: DeepLab v3+ trained end to end on 1/8 of the labels (20 tiles);
-   * **all-label fine-tuning**: the same on all 160 labelled tiles;
-3. prints mean +- std over seeds of validation mIoU and of IoU on cropland and grassland, the two classes that
-   differ by texture (row stripes vs mottled grass) rather than by spectrum, and writes ``results.json``.
+Evaluation runs are ``finetune/semisup.py`` with ``configs/finetune/demo.yaml`` (the semi-supervised table's
+supervised recipe), on the source domain of the demo S2 data, labelled splits ``labelled_1_32`` (5 tiles),
+``labelled_1_8`` (20) and ``train_all`` (160), validation mIoU of the last step (1/32: batches of 4 tiles instead of
+16, :data:`FRACTION_OVERRIDES`):
 
-Every run is a normal ``finetune/semisup.py`` run (its run directory is kept under ``--out``), so any figure can be
-inspected in TensorBoard. Runs are launched as separate processes, ``--parallel`` at a time, one thread each.
+* **linear probe** (``linear_probe``): DeepLab v2 head (four atrous 3x3 convolutions summed: linear in the
+  features) on the *frozen* backbone (its BatchNorm statistics fixed too), :data:`LINEAR_PROBE` overrides;
+* **fine-tuning** (``finetune``): DeepLab v3+ end to end, the recipe as shipped; ``--finetune-override`` adds
+  overrides to the 'dino' fine-tuning runs only (e.g. ``model.backbone_lr_mult=0.1``, a lower backbone learning rate
+  for pretrained weights) and names the variant.
 
-``--quick`` checks that the whole pipeline runs (pretraining, export, every fine-tuning, the table): every run is cut
-to a few steps of tiny batches (:data:`QUICK_PRETRAIN`, :data:`QUICK_FINETUNE`), so its figures mean nothing;
-it writes under ``runs/pretrain_value_quick`` unless ``--out`` says otherwise and ``results.json`` records
-``"quick": true``.
+Results: ``bench/results/pretrain_value.json`` (``pretrain_value_<variant>.json`` for ``--variant``):
+``{"finetune"|"linear_probe": {"dino"|"random": {"1/32"|"1/8"|"all": {seed: mIoU}}}, "pretraining": {...}}`` where
+``pretraining`` holds the pretraining run's config, overrides, wall time and curves (loss, teacher entropy,
+teacher-student KL, k-NN top-1) when this script made or was given the run. Finished runs are reused from their
+records under ``bench/results/records/pretrain_value/`` (keyed by config content, overrides and the export's
+content; the random-init rows are shared by every variant), so an interrupted table resumes.
 """
 
 from __future__ import annotations
@@ -28,125 +33,167 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from semisup_demo import REPO, RESULTS, add_table_arguments, ensure_export, run_all, weights_digest
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-LAUNCH = [PY, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-TASKS = {
-    # name: (overrides)
-    "linear_probe_all": ["model.version=v2", "model.freeze_backbone=true", "data.labelled_split=train_all",
-                         "trainer.max_steps=300", "optim.lr=0.01"],
-    "finetune_1_8": ["data.labelled_split=labelled_1_8", "trainer.max_steps=300"],
-    "finetune_all": ["data.labelled_split=train_all", "trainer.max_steps=300"],
-}
-KEYS = ("mIoU", "IoU/cropland", "IoU/grassland")
-
+TASKS = ("linear_probe", "finetune")
+FRACTIONS = {"1/32": "labelled_1_32", "1/8": "labelled_1_8", "all": "train_all"}
+FRACTION_OVERRIDES = {"1/32": ["data.batch_size=4"]}
+"""1/32 of the labels is 5 demo tiles: batches of 4 (incomplete batches are dropped; the recipe's 16 needs 16 tiles)."""
+LINEAR_PROBE = ["model.version=v2", "model.freeze_backbone=true", "trainer.max_steps=300", "optim.lr=0.01"]
+"""The linear probe: a linear head on frozen features, 300 steps at a higher learning rate (only the head learns)."""
+QUICK = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=4", "data.batch_size=2",
+         "optim.warmup_steps=0"]
+"""``--quick``: overrides appended to every evaluation run (after the task's own)."""
 QUICK_PRETRAIN = ["trainer.max_steps=4", "data.batch_size=8", "optim.warmup_steps=0", "trainer.log_every=2",
                   "trainer.eval_every=null", "trainer.checkpoint_every=4", "probe.max_train=32"]
-"""``--quick``: overrides appended to the pretraining run (4 steps of batch 8, the k-NN probe once at the end)."""
-QUICK_FINETUNE = ["trainer.max_steps=4", "data.batch_size=2", "optim.warmup_steps=0", "trainer.log_every=2",
-                  "trainer.checkpoint_every=4"]
-"""``--quick``: overrides appended to every fine-tuning run (4 steps of batch 2, fitting the 1/8 split of even a
-small demo dataset; evaluation once at the end)."""
+"""``--quick``: overrides appended to the pretraining run."""
+CURVE_KEYS = {"train/loss": "loss", "train/teacher_entropy": "teacher_entropy",
+              "train/teacher_student_kl": "teacher_student_kl", "val/knn_top1": "knn_top1"}
 
 
-def run(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    with open(log, "w") as f:
-        res = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed; see {log}")
+def _jobs(args, export: Path | None) -> list[dict]:
+    config = str(REPO / "configs" / "finetune" / "demo.yaml")
+    root = Path(args.data) / "s2" / "source"
+    common = ["trainer.progress_bar=false"] + (QUICK if args.quick else [])
+    inits = {"random": []}
+    if export is not None:
+        inits["dino"] = [f"model.weights={export}"]
+    jobs = []
+    for seed in args.seeds:  # seed-major: an interrupted table holds every row for its first seeds
+        for task in args.methods:
+            for frac, split in FRACTIONS.items():
+                for init, init_over in inits.items():
+                    task_over = LINEAR_PROBE if task == "linear_probe" else []
+                    extra = list(args.finetune_override) if (task == "finetune" and init == "dino") else []
+                    name = f"{task}_{split}_{init}_s{seed}"
+                    # the random rows do not depend on the variant: one record for all of them
+                    record = f"pretrain_value/{'random' if init == 'random' else args.variant}/{name}"
+                    jobs.append({"name": task, "fraction": frac, "init": init, "seed": seed, "config": config,
+                                 "out": str(Path(args.runs) / (args.variant if init == "dino" else "random") / name),
+                                 "record": record, "quick": args.quick,
+                                 "overrides": [f"data.root={root}", "method=supervised", f"trainer.seed={seed}",
+                                               f"data.labelled_split={split}", *FRACTION_OVERRIDES.get(frac, []),
+                                               *task_over, *init_over, *extra, *common]})
+    return jobs
 
 
-def main() -> None:
+def pretraining_summary(run: Path | None, config: str | None, overrides: list[str]) -> dict:
+    """The pretraining run's settings, wall time and curves (every logged step; k-NN where evaluated)."""
+    if run is None or not (run / "metrics.jsonl").is_file():
+        return {"run": str(run) if run else None, "curves": None}
+    curves: dict[str, list] = {v: [] for v in CURVE_KEYS.values()}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, name in CURVE_KEYS.items():
+            if key in row:
+                curves[name].append([row["step"], row[key]])
+    final = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    return {"run": str(run), "config": config, "overrides": overrides, "steps": final.get("steps"),
+            "train_time_s": final.get("train_time_s"), "log_k": _first(run, "train/log_k"), "curves": curves}
+
+
+def _first(run: Path, key: str):
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            return row[key]
+    return None
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo")
-    ap.add_argument("--pretrain-run", default=None, help="reuse a finished pretraining run (skip step 1)")
-    ap.add_argument("--checkpoint", default="last", choices=("last", "latest"),
-                    help="which weights of the pretraining run to export")
-    ap.add_argument("--out", default=None,
-                    help="output directory (default: runs/pretrain_value, with --quick runs/pretrain_value_quick)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    ap.add_argument("--inits", nargs="+", default=["dino", "random"], choices=["dino", "random"],
-                    help="initialisations to run (random alone needs no pretraining run)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: every run cut to a few steps (meaningless figures; see the module docstring)")
-    args = ap.parse_args()
-    out = Path(args.out or ("runs/pretrain_value_quick" if args.quick else "runs/pretrain_value"))
-    quick_pre, quick_ft = (QUICK_PRETRAIN, QUICK_FINETUNE) if args.quick else ([], [])
+    ap.add_argument("--pretrain", default=None, metavar="DIR",
+                    help="pretrain with --pretrain-config into DIR (once; 2 threads) and evaluate its export")
+    ap.add_argument("--pretrain-config", default="configs/pretrain/demo_long.yaml")
+    ap.add_argument("--pretrain-override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the pretraining run (an ablation: give --variant too)")
+    ap.add_argument("--export", default=None, help="evaluate this export instead of pretraining")
+    ap.add_argument("--variant", default="default", help="name of the pretraining/evaluation variant (records, JSON)")
+    ap.add_argument("--finetune-override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the 'dino' fine-tuning runs (e.g. model.backbone_lr_mult=0.1)")
+    ap.add_argument("--no-dino", action="store_true", help="the random-init rows only (no export needed)")
+    add_table_arguments(ap, TASKS, "runs/bench_pretrain_value", "bench/results/pretrain_value[_<variant>].json")
+    args = ap.parse_args(argv)
+    if (args.pretrain_override or args.finetune_override) and args.variant == "default":
+        ap.error("--pretrain-override / --finetune-override make another variant: name it with --variant")
+    if not args.no_dino and not args.quick and (args.pretrain is None) == (args.export is None):
+        ap.error("give one of --pretrain DIR and --export FILE (or --no-dino)")
     if args.quick:
-        print(f"QUICK MODE: every run is a few steps long; the figures below mean nothing (-> {out})", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
-    if not (data / "dataset.json").is_file():
-        subprocess.run([PY, "-m", "common.demo_data", "--out", str(data), "--seed", "0"], cwd=REPO, check=True)
+        args.runs = str(Path(args.runs) / "quick")
 
-    t0 = time.time()
-    export = out / "dino_backbone.safetensors"
-    meta: dict = {"source": {"step": None}}
-    if "dino" in args.inits:
-        if args.pretrain_run is None:
-            pre = out / "pretrain"
-            print(f"pretraining -> {pre} (configs/pretrain/demo_long.yaml)", flush=True)
-            run([*LAUNCH, "ssl/pretrain.py", "--config", "configs/pretrain/demo_long.yaml", "--output-dir",
-                 str(pre), f"data.root={data}", "trainer.progress_bar=false", *quick_pre], out / "pretrain.log")
-        else:
-            pre = Path(args.pretrain_run)
-        subprocess.run([PY, "ssl/export.py", "--run", str(pre), "--out", str(export), "--checkpoint",
-                        args.checkpoint], cwd=REPO, check=True)
-        meta = json.loads(export.with_suffix(".json").read_text())
-        print(f"export of step {meta['source']['step']} ({time.time() - t0:.0f} s)", flush=True)
-    else:
-        pre = None
+    export, pre_run = None, None
+    if args.quick and not args.no_dino:
+        pre_run = Path(args.runs) / "pretrain"
+        export = ensure_export(args.pretrain_config, pre_run, args.data, str(Path(args.data) / "s2" / "source"),
+                               overrides=[*args.pretrain_override, *QUICK_PRETRAIN])
+    elif args.pretrain:
+        pre_run = Path(args.pretrain)
+        export = ensure_export(args.pretrain_config, pre_run, args.data, str(Path(args.data) / "s2" / "source"),
+                               overrides=args.pretrain_override)
+    elif args.export:
+        export = Path(args.export)
+        print(f"export {export}: content sha256 {weights_digest(export)}", flush=True)
+        candidate = export.parent
+        pre_run = candidate if (candidate / "metrics.jsonl").is_file() else None
 
-    jobs = []
-    for task in args.tasks:
-        for init in args.inits:
-            for seed in args.seeds:
-                run_dir = out / f"{task}_{init}_s{seed}"
-                cmd = [*LAUNCH, "finetune/semisup.py", "--config", "configs/finetune/demo.yaml", "--output-dir",
-                       str(run_dir), f"data.root={data / 's2' / 'source'}", f"trainer.seed={seed}",
-                       "trainer.progress_bar=false", "trainer.eval_every=100", *TASKS[task], *quick_ft]
-                if init == "dino":
-                    cmd.append(f"model.weights={export}")
-                jobs.append((task, init, seed, run_dir, cmd))
-
-    def go(job):
-        task, init, seed, run_dir, cmd = job
-        if not (run_dir / "metrics.json").is_file():
-            run(cmd, run_dir.with_suffix(".log"))
-        final = json.loads((run_dir / "metrics.json").read_text())
-        print(f"{task:18s} {init:6s} seed {seed}: mIoU last {final['last']['mIoU']:.2f}", flush=True)
-        return task, init, seed, final["last"]
-
-    with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(go, jobs))
+    jobs = _jobs(args, export)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    print(f"{len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
+    done, failed = run_all(jobs, args.parallel, threads, args.recorded_only)
 
     table: dict = {}
-    for task, init, seed, last in results:
-        table.setdefault(task, {}).setdefault(init, []).append({k: last.get(k, float("nan")) for k in KEYS})
-    summary = {"pretrain_run": str(pre) if pre else None, "export_step": meta["source"]["step"], "seeds": args.seeds,
-               "quick": args.quick, "wall_s": time.time() - t0, "runs": table, "mean_std": {}}
-    print(f"\n{'task':18s} {'init':7s} " + " ".join(f"{k:>16s}" for k in KEYS))
-    for task, by_init in table.items():
-        for init, rows in by_init.items():
-            stats = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in KEYS}
-            summary["mean_std"].setdefault(task, {})[init] = stats
-            print(f"{task:18s} {init:7s} " + " ".join(f"{m:8.2f} +- {s:4.2f}" for m, s in stats.values()))
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {out / 'results.json'} ({summary['wall_s'] / 60:.1f} min)")
+    for r in done:
+        table.setdefault(r["name"], {}).setdefault(r["init"], {}).setdefault(r["fraction"], {})[str(r["seed"])] = \
+            r["last"]["mIoU"]
+    table["pretraining"] = pretraining_summary(pre_run, args.pretrain_config if args.pretrain else None,
+                                               list(args.pretrain_override))
+    table["variant"] = {"name": args.variant, "finetune_overrides": list(args.finetune_override),
+                        "export_sha256": weights_digest(export) if export is not None and export.is_file() else None}
+    if not args.quick:
+        default = RESULTS / ("pretrain_value.json" if args.variant == "default"
+                             else f"pretrain_value_{args.variant}.json")
+        out = Path(args.out or default)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {out}")
+
+    print(f"\nvariant {args.variant}: validation mIoU (last step), mean ± std over seeds\n"
+          f"| task | init | " + " | ".join(FRACTIONS) + " |\n" + "|---" * (2 + len(FRACTIONS)) + "|")
+    for task in TASKS:
+        for init in ("dino", "random"):
+            row = table.get(task, {}).get(init)
+            if row:
+                print(f"| {task} | {init} | " + " | ".join(_fmt(list(row.get(f, {}).values())) for f in FRACTIONS)
+                      + " |")
+    for task in TASKS:
+        rows = table.get(task, {})
+        if "dino" in rows and "random" in rows:
+            gains = []
+            for f in FRACTIONS:
+                d, r = rows["dino"].get(f, {}), rows["random"].get(f, {})
+                seeds = sorted(set(d) & set(r))
+                if seeds:
+                    gains.append(f"{f} {statistics.mean(d[s] - r[s] for s in seeds):+.2f}")
+            print(f"{task}: DINO - random (paired by seed): " + ", ".join(gains))
+    if failed:
+        print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -148,14 +148,18 @@ def add_table_arguments(ap: argparse.ArgumentParser, methods: tuple[str, ...], r
     ap.add_argument("--out", default=None, help=f"results JSON (default {out})")
 
 
-def ensure_export(config: str, out: Path, data: str, probe_root: str, threads: int = 2) -> Path:
-    """The DINO export of ``config`` pretrained on ``data`` into ``out`` (made once, with ``threads`` threads, one
-    process: the same command gives the same weights on this machine, so the records of the 'dino' rows, keyed by
-    the export's SHA-256, are reused in a later session). Returns ``out/backbone.safetensors``."""
+def ensure_export(config: str, out: Path, data: str, probe_root: str, threads: int = 2,
+                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """The DINO export of ``config`` (+ ``overrides``) pretrained on ``data`` into ``out`` (made once, with ``threads``
+    threads, one process: the same command gives the same weights on this machine, so the records of the 'dino'
+    rows, keyed by the export's SHA-256, are reused in a later session). An interrupted pretraining run is resumed.
+    Returns ``out/backbone.safetensors``."""
     export = Path(out) / "backbone.safetensors"
     if not export.is_file():
+        resume = ["--resume"] if any(Path(out).glob("checkpoints/step_*")) else ["--overwrite"]
         cmd = [sys.executable, str(REPO / "ssl" / "pretrain.py"), "--config", str(REPO / config), "--output-dir",
-               str(out), "--overwrite", f"data.root={data}", f"probe.root={probe_root}", "trainer.progress_bar=false"]
+               str(out), *resume, f"data.root={data}", f"probe.root={probe_root}", "trainer.progress_bar=false",
+               *overrides]
         print(f"pretraining the export: {' '.join(cmd)}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         res = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)

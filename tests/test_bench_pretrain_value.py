@@ -1,0 +1,68 @@
+"""bench/pretrain_value.py: the evaluation matrix it runs (tasks x label fractions x inits x seeds, the random rows
+shared by every variant, variant overrides on the DINO fine-tuning runs only) and the pretraining curves it reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import pretrain_value
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(data="/d", methods=list(pretrain_value.TASKS), seeds=[0, 1], runs="/runs", variant="default",
+                finetune_override=[], quick=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _by_name(jobs: list[dict]) -> dict[tuple, dict]:
+    return {(j["name"], j["fraction"], j["init"], j["seed"]): j for j in jobs}
+
+
+def test_the_matrix_and_its_overrides(tmp_path):
+    export = tmp_path / "backbone.safetensors"
+    jobs = pretrain_value._jobs(_args(variant="lowlr", finetune_override=["model.backbone_lr_mult=0.1"]), export)
+    assert len(jobs) == 2 * 3 * 2 * 2  # tasks x fractions x inits x seeds
+    j = _by_name(jobs)
+    assert [x["seed"] for x in jobs[:12]] == [0] * 12  # seed-major
+    lp = j[("linear_probe", "1/32", "dino", 0)]["overrides"]
+    assert "data.labelled_split=labelled_1_32" in lp and "data.batch_size=4" in lp
+    assert "model.freeze_backbone=true" in lp and "model.version=v2" in lp and f"model.weights={export}" in lp
+    assert "model.backbone_lr_mult=0.1" not in lp  # the variant's fine-tuning override: not in the probe
+    ft = j[("finetune", "1/8", "dino", 1)]["overrides"]
+    assert "model.backbone_lr_mult=0.1" in ft and "data.labelled_split=labelled_1_8" in ft
+    assert "data.batch_size=4" not in ft and "model.freeze_backbone=true" not in ft
+    rnd = j[("finetune", "all", "random", 1)]
+    assert "model.backbone_lr_mult=0.1" not in rnd["overrides"]
+    assert not any(o.startswith("model.weights=") for o in rnd["overrides"])
+    assert "data.labelled_split=train_all" in rnd["overrides"]
+    # records: the random rows are shared by every variant, the DINO rows are the variant's
+    assert rnd["record"] == "pretrain_value/random/finetune_train_all_random_s1"
+    assert j[("finetune", "1/8", "dino", 1)]["record"] == "pretrain_value/lowlr/finetune_labelled_1_8_dino_s1"
+    other = _by_name(pretrain_value._jobs(_args(variant="nochannel"), export))
+    assert other[("finetune", "all", "random", 1)]["record"] == rnd["record"]
+    assert other[("finetune", "all", "random", 1)]["overrides"] == rnd["overrides"]
+
+
+def test_random_rows_only_without_an_export():
+    jobs = pretrain_value._jobs(_args(seeds=[0]), None)
+    assert len(jobs) == 2 * 3 and {j["init"] for j in jobs} == {"random"}
+
+
+def test_pretraining_curves(tmp_path):
+    rows = [{"step": 5, "train/log_k": 8.3, "train/loss": 8.2, "train/teacher_entropy": 2.9,
+             "train/teacher_student_kl": 5.3},
+            {"step": 10, "train/log_k": 8.3, "train/loss": 8.0, "train/teacher_entropy": 3.1,
+             "train/teacher_student_kl": 4.0, "val/knn_top1": 52.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"steps": 10, "train_time_s": 12.5}))
+    s = pretrain_value.pretraining_summary(tmp_path, "configs/pretrain/demo_long.yaml", ["augment.channel_p=[0,0,0]"])
+    assert s["curves"] == {"loss": [[5, 8.2], [10, 8.0]], "teacher_entropy": [[5, 2.9], [10, 3.1]],
+                           "teacher_student_kl": [[5, 5.3], [10, 4.0]], "knn_top1": [[10, 52.0]]}
+    assert (s["steps"], s["train_time_s"], s["log_k"]) == (10, 12.5, 8.3)
+    assert s["overrides"] == ["augment.channel_p=[0,0,0]"]
+    assert pretrain_value.pretraining_summary(None, None, [])["curves"] is None
