@@ -35,7 +35,8 @@ gap of about half the study's between source-trained and target-trained models o
 
 Splits (``splits/*.txt``, one id per line): per S2 (and S1) domain ``train_all``, ``labelled_1_8`` (a deterministic
 eighth of ``train_all``), ``unlabelled_1_8`` (the rest), ``labelled_1_32`` / ``unlabelled_1_32`` (a thirty-second,
-within ``labelled_1_8``) and ``val``; for SAR ``train_all`` and ``val`` (whole
+within ``labelled_1_8``), ``val``, and with ``--pool-tiles N`` ``pool`` (N more unlabelled tiles per domain, images
+only, for pretraining: a larger unlabelled pool than the 320 training tiles); for SAR ``train_all`` and ``val`` (whole
 scenes), and ``labelled_1_8`` (an eighth of the ``train_all`` tiles: whole scenes, then a compact block of tiles from
 a corner of one scene) with ``unlabelled_1_8`` (the other training tiles, less those that overlap a labelled tile;
 ``dataset.json`` ``sar.semisup_split`` lists them).
@@ -346,6 +347,9 @@ class DemoSettings:
         sar_overlap: Overlap of neighbouring SAR tiles, pixels.
         sar_val_scenes: Number of SAR scenes in ``val`` (the last ones).
         shift: Strength of the source -> target domain shift (0..1).
+        pool_tiles: Extra unlabelled tiles per land-cover domain, for pretraining: S2 and S1 images only (no
+            masks), listed in ``splits/pool.txt``, drawn like the other tiles (tile ``i`` is the same tile whatever
+            the pool size, so a pool never changes the labelled, unlabelled or validation tiles).
     """
 
     tiles: int = 160
@@ -357,6 +361,7 @@ class DemoSettings:
     sar_overlap: int = 16
     sar_val_scenes: int = 1
     shift: float = 0.7
+    pool_tiles: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
@@ -375,6 +380,8 @@ class DemoSettings:
             )
         if not 0.0 <= self.shift <= 1.0:
             raise ValueError(f"shift must be in [0, 1], got {self.shift}")
+        if self.pool_tiles < 0:
+            raise ValueError(f"pool_tiles must be >= 0, got {self.pool_tiles}")
 
     @property
     def sar_stride(self) -> int:
@@ -974,7 +981,7 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
               s1_dir / "splits"):
         d.mkdir(parents=True, exist_ok=True)
     n_total = settings.tiles + settings.val_tiles
-    ids = [f"{dom.name}_{i:05d}" for i in range(n_total)]
+    ids = [f"{dom.name}_{i:05d}" for i in range(n_total + settings.pool_tiles)]  # train, val, then the pool
     class_counts = np.zeros((2, len(CLASS_NAMES) + 1), dtype=np.int64)  # train, val; last = ignore
     sub_counts = np.zeros(len(SUBTYPE_NAMES), dtype=np.int64)
     nodata_tiles = []
@@ -984,6 +991,11 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
         tags = {"DOMAIN": dom.name, "TILE_ID": tile_id, "GENERATOR": FORMAT, "SEED": str(seed)}
         _write_tif(s2_dir / "images" / f"{tile_id}.tif", t["s2"], epsg=dom.crs_epsg, transform=transform,
                    nodata=S2_NODATA, descriptions=S2_BANDS, tags={**tags, "SENSOR": "S2L2A"})  # fmt: skip
+        if i >= n_total:  # the unlabelled pool: images only
+            _write_tif(s1_dir / "images" / f"{tile_id}.tif", t["s1"], epsg=dom.crs_epsg, transform=transform,
+                       nodata=float("nan"), descriptions=S1_BANDS,
+                       tags={**tags, "SENSOR": "S1", "UNITS": "dB"})  # fmt: skip
+            continue
         for sensor_dir in (s2_dir, s1_dir):  # the S1 folder is a segmentation dataset of its own (same labels)
             _write_tif(sensor_dir / "masks" / f"{tile_id}.tif", t["mask"][None], epsg=dom.crs_epsg,
                        transform=transform, nodata=IGNORE_INDEX, descriptions=("class",),
@@ -998,7 +1010,7 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
         if not valid.all():
             nodata_tiles.append(tile_id)
 
-    train, val = ids[: settings.tiles], ids[settings.tiles :]
+    train, val, pool = ids[: settings.tiles], ids[settings.tiles : n_total], ids[n_total:]
     order = np.random.default_rng([seed, _STREAM_SPLIT, domain_index]).permutation(len(train))
     splits = {"train_all": train}
     for fraction in LABEL_FRACTIONS:  # the first tiles of one permutation: 1/32 of the labels lie within 1/8
@@ -1007,6 +1019,8 @@ def _land_cover(out: Path, seed: int, settings: DemoSettings, domain_index: int,
         splits[f"labelled_1_{fraction}"] = labelled
         splits[f"unlabelled_1_{fraction}"] = [t for t in train if t not in set(labelled)]
     splits["val"] = val
+    if pool:
+        splits["pool"] = pool
     for name, split_ids in splits.items():
         for sensor_dir in (s2_dir, s1_dir):
             _write_lines(sensor_dir / "splits" / f"{name}.txt", split_ids)
@@ -1179,7 +1193,7 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
             same format, seed and settings is kept as is (and its ``dataset.json`` returned), one of an older
             format with the same seed and settings is regenerated, and one with other settings raises.
         **sizes: Fields of :class:`DemoSettings` (``tiles``, ``val_tiles``, ``size``, ``sar_scenes``, ``sar_grid``,
-            ``sar_size``, ``sar_overlap``, ``sar_val_scenes``, ``shift``).
+            ``sar_size``, ``sar_overlap``, ``sar_val_scenes``, ``shift``, ``pool_tiles``).
 
     Also writes the per-sensor band statistics :data:`STATS_FILES` (:func:`write_stats`; added to a kept dataset
     that lacks them).
@@ -1201,7 +1215,9 @@ def generate(out: str | Path, seed: int = 0, *, overwrite: bool = False, **sizes
     meta_path = out / "dataset.json"
     if meta_path.exists() and not overwrite:
         old = json.loads(meta_path.read_text())
-        same_settings = old.get("seed") == seed and old.get("settings") == asdict(settings)
+        # settings added since the dataset was written take their defaults
+        same_settings = old.get("seed") == seed and {**asdict(DemoSettings()), **old.get("settings", {})} == asdict(
+            settings)
         if old.get("format") == FORMAT and same_settings:
             if not all((out / f).is_file() for f in STATS_FILES.values()):  # a dataset from before the stats files
                 write_stats(out)
@@ -1267,6 +1283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sar-val-scenes", type=int, default=d.sar_val_scenes,
                    help=f"SAR scenes held out for val ({d.sar_val_scenes})")  # fmt: skip
     p.add_argument("--shift", type=float, default=d.shift, help=f"domain shift strength 0..1 ({d.shift})")
+    p.add_argument("--pool-tiles", type=int, default=d.pool_tiles,
+                   help=f"extra unlabelled tiles per land-cover domain for pretraining, images only ({d.pool_tiles})")
     p.add_argument("--overwrite", action="store_true", help="regenerate even if DIR already holds a dataset")
     args = p.parse_args(argv)
     sizes = {f.name: getattr(args, f.name) for f in fields(DemoSettings)}

@@ -279,8 +279,40 @@ def test_a_dataset_of_an_older_generator_is_regenerated(tmp_path):
     assert (out / "sar" / "splits" / "labelled_1_8.txt").is_file()
 
 
+def test_a_dataset_written_before_a_setting_existed_is_kept_with_its_default(tmp_path):
+    out = tmp_path / "d"
+    meta = generate(out, seed=1, **TINY)
+    old = {**meta, "settings": {k: v for k, v in meta["settings"].items() if k != "pool_tiles"}}
+    (out / "dataset.json").write_text(json.dumps(old))
+    assert generate(out, seed=1, **TINY) == old  # kept: pool_tiles defaults to 0, the settings it was written with
+    with pytest.raises(FileExistsError):
+        generate(out, seed=1, **{**TINY, "pool_tiles": 2})
+
+
+def test_the_pretraining_pool_adds_images_and_changes_nothing_else(demo, tmp_path):
+    root, meta = demo
+    pooled = tmp_path / "pooled"
+    pmeta = generate(pooled, seed=3, **TINY, pool_tiles=3)
+    n = TINY["tiles"] + TINY["val_tiles"]
+    for dom in DOMAINS:
+        pool = _ids(pooled / "s2" / dom / "splits" / "pool.txt")
+        assert pool == [f"{dom}_{i:05d}" for i in range(n, n + 3)] and pmeta["domains"][dom]["tiles"]["pool"] == 3
+        for sensor in ("s2", "s1"):
+            for split in S2_SPLITS:  # the labelled, unlabelled and validation tiles are the pool-less dataset's
+                assert _ids(pooled / sensor / dom / "splits" / f"{split}.txt") == \
+                    _ids(root / sensor / dom / "splits" / f"{split}.txt")
+            for tile in _ids(root / sensor / dom / "splits" / "train_all.txt")[:2]:
+                np.testing.assert_array_equal(_read(pooled / sensor / dom / "images" / f"{tile}.tif"),
+                                              _read(root / sensor / dom / "images" / f"{tile}.tif"))
+            for tile in pool:  # images without masks, in the same grid layout
+                assert (pooled / sensor / dom / "images" / f"{tile}.tif").is_file()
+                assert not (pooled / sensor / dom / "masks" / f"{tile}.tif").exists()
+        assert not (root / "s2" / dom / "splits" / "pool.txt").exists()  # no pool, no split file
+        assert pmeta["domains"][dom]["class_frequency"] == meta["domains"][dom]["class_frequency"]
+
+
 @pytest.mark.parametrize("bad", [dict(tiles=0), dict(size=8), dict(sar_scenes=1), dict(sar_overlap=64),
-                                 dict(shift=1.5), dict(bogus=1)])  # fmt: skip
+                                 dict(shift=1.5), dict(pool_tiles=-1), dict(bogus=1)])  # fmt: skip
 def test_invalid_settings(tmp_path, bad):
     with pytest.raises(ValueError):
         generate(tmp_path, seed=0, **bad)
