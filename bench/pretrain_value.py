@@ -67,6 +67,8 @@ def _jobs(args, export: Path | None) -> list[dict]:
     for seed in args.seeds:  # seed-major: an interrupted table holds every row for its first seeds
         for task in args.methods:
             for frac, split in FRACTIONS.items():
+                if frac not in args.fractions:
+                    continue
                 for init, init_over in inits.items():
                     task_over = LINEAR_PROBE if task == "linear_probe" else []
                     extra = list(args.finetune_override) if (task == "finetune" and init == "dino") else []
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-override", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides of the 'dino' fine-tuning runs (e.g. model.backbone_lr_mult=0.1)")
     ap.add_argument("--no-dino", action="store_true", help="the random-init rows only (no export needed)")
+    ap.add_argument("--fractions", nargs="+", default=list(FRACTIONS), choices=list(FRACTIONS),
+                    help="label fractions to run (a screening of a variant: --fractions 1/8 --seeds 0)")
     add_table_arguments(ap, TASKS, "runs/bench_pretrain_value", "bench/results/pretrain_value[_<variant>].json")
     args = ap.parse_args(argv)
     if (args.pretrain_override or args.finetune_override) and args.variant == "default":

@@ -15,7 +15,7 @@ import pretrain_value
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(data="/d", methods=list(pretrain_value.TASKS), seeds=[0, 1], runs="/runs", variant="default",
-                finetune_override=[], quick=False)
+                finetune_override=[], quick=False, fractions=list(pretrain_value.FRACTIONS))
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -51,6 +51,11 @@ def test_the_matrix_and_its_overrides(tmp_path):
 def test_random_rows_only_without_an_export():
     jobs = pretrain_value._jobs(_args(seeds=[0]), None)
     assert len(jobs) == 2 * 3 and {j["init"] for j in jobs} == {"random"}
+
+
+def test_a_screening_runs_the_chosen_fractions_only(tmp_path):
+    jobs = pretrain_value._jobs(_args(seeds=[0], fractions=["1/8"]), tmp_path / "backbone.safetensors")
+    assert len(jobs) == 2 * 2 and {j["fraction"] for j in jobs} == {"1/8"}
 
 
 def test_pretraining_curves(tmp_path):
