@@ -552,6 +552,8 @@ def cmd_check_pretrain(args: argparse.Namespace) -> None:
             meta = json.loads(meta_path.read_text())
             model = timm.create_model(meta["architecture"], in_chans=meta["in_chans"], num_classes=0,
                                       checkpoint_path=str(weights))
+            if not meta.get("stem_pool", True):  # pretrained without the ResNet stem max-pool (the sidecar's load_with)
+                model.maxpool = torch.nn.Identity()
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = model.to(device).eval()
             with torch.no_grad():

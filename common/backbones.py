@@ -9,6 +9,8 @@ Two factories, one weight loader and one band mapper:
   have no ``output_stride``) get :class:`ViTBackbone`: the tokens of selected blocks, after the final norm, reshaped
   to ``(B, D, H / p, W / p)`` with ``dynamic_img_size=True`` (one stride, the patch size ``p``); VGG (which timm only
   builds at stride 32) is dilated here, as DeepLab-LargeFOV does (pools turned to 3x3/1 and later convs dilated).
+  ``stem_pool=False`` removes a ResNet stem's 3x3/2 max-pool (stem stride 2 instead of 4, for small tiles); the
+  parameters are unchanged, so weights load either way (see :func:`create_backbone`).
 * :func:`create_embedding_backbone` builds the plain ``num_classes=0`` model DINO trains; its ``state_dict`` is the
   export format (:mod:`common.weights`).
 * :func:`load_backbone_weights` reads such an export (safetensors; ``.pth``/``.pt`` only with
@@ -127,6 +129,48 @@ def _output_stride_error(arch: str, output_stride: int, reason: str) -> ValueErr
     )
 
 
+def _is_stem_pool(module: Any) -> bool:
+    """A timm ResNet stem max-pool: a plain ``nn.MaxPool2d`` of stride 2 (not an anti-aliased or conv replacement)."""
+    if type(module) is not nn.MaxPool2d:
+        return False
+    stride = module.stride if isinstance(module.stride, int) else module.stride[0]
+    return stride == 2
+
+
+def _check_stem_pool(arch: str, source_kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``stem_pool=False`` for a model without a timm ResNet stem max-pool (read from a meta-device
+    instance, so that feature models whose pool was cut away are judged by their architecture)."""
+    with torch.device("meta"):
+        model = timm.create_model(arch, num_classes=0, **source_kwargs)
+    if not _is_stem_pool(getattr(model, "maxpool", None)):
+        raise UserInputError(
+            f"model.stem_pool=false removes the stride-2 stem max-pool of a timm ResNet (its 'maxpool' module), "
+            f"but {arch} (timm family {timm_family(arch)!r}) has none: set model.stem_pool=true, or use a ResNet "
+            f"(model.arch=resnet18, resnet50, resnet10t, resnext50_32x4d, ...)")
+
+
+def _stem_pool_stride_error(arch: str) -> UserInputError:
+    return UserInputError(
+        f"{arch} (timm family {timm_family(arch)!r}) cannot be built with output_stride=32 and model.stem_pool=false: "
+        f"without the stem max-pool every feature has half its usual stride, so the deepest is at most 16. Set "
+        f"model.output_stride to 16 or 8 (or null: 16), or model.stem_pool=true")
+
+
+def _remove_stem_pool(model: nn.Module) -> None:
+    """Replace the ``maxpool`` child of a plain timm ResNet or of its ``FeatureListNet`` by ``nn.Identity`` and halve
+    the ``feature_info`` reduction of every feature taken after it (a feature model that stops before the pool
+    keeps its strides)."""
+    names = list(model._modules)  # execution order; a FeatureListNet joins nested names with "_"
+    if "maxpool" not in names:
+        return
+    model.maxpool = nn.Identity()
+    after = set(names[names.index("maxpool") + 1:])
+    info = getattr(model, "feature_info", None)
+    for entry in info.info if isinstance(info, FeatureInfo) else info or ():
+        if entry["module"].replace(".", "_") in after:
+            entry["reduction"] //= 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Feature backbones
 # --------------------------------------------------------------------------------------------------------------
@@ -163,7 +207,10 @@ class FeatureBackbone(nn.Module):
         feature_info: timm's :class:`~timm.models.FeatureInfo` of the returned features.
         arch: timm architecture name.
         in_chans: number of input bands.
+        stem_pool: False when :func:`create_backbone` removed the ResNet stem max-pool (``stem_pool=False``).
     """
+
+    stem_pool: bool = True
 
     def __init__(self, model: nn.Module, feature_info: FeatureInfo, arch: str, in_chans: int,
                  source: _SourceSpec, channels_last_output: bool = False):
@@ -327,6 +374,7 @@ def create_backbone(
     pretrained_file: str | Path | None = None,
     drop_path_rate: float = 0.0,
     band_map: tuple[Sequence[str], Sequence[str]] | None = None,
+    stem_pool: bool = True,
     **kw: Any,
 ) -> nn.Module:
     """Build a timm backbone, optionally as a multi-scale feature extractor, and load local weights.
@@ -338,12 +386,17 @@ def create_backbone(
         out_indices: which features to return: timm feature indices for CNNs (default: all), block indices for
             plain ViTs (default: the last block). Negative indices count from the end.
         output_stride: stride of the deepest feature (8, 16 or 32) for dilated CNNs; for plain ViTs ``None`` or
-            the patch size. ``None`` keeps the model's natural stride.
+            the patch size. ``None`` keeps the model's natural stride. It is the true stride: without the stem pool
+            timm is asked for twice it, and 32 is impossible.
         pretrained_file: local weights (the ``state_dict`` of ``timm.create_model(arch, num_classes=0,
             in_chans=...)`` as safetensors), loaded strictly by :func:`load_backbone_weights`. Never downloaded.
         drop_path_rate: stochastic depth rate (passed to timm only when > 0: not every family accepts it).
         band_map: ``(file_bands, dataset_bands)`` to map the first convolution by band name (see
             :func:`adapt_first_conv`).
+        stem_pool: keep the stride-2 max-pool of a timm ResNet stem. ``False`` replaces it by ``nn.Identity``
+            (stem stride 2: every later feature at half its usual stride, e.g. reductions 2, 2, 4, 8, 16), for tiles
+            too small for a stride-4 stem. No parameter changes, so the same weights load either way; a plain
+            timm model gets the same network with ``model.maxpool = torch.nn.Identity()``.
         **kw: further timm kwargs (``img_size``, ``dynamic_img_pad``...). ``pretrained=True`` is refused.
 
     Returns:
@@ -352,6 +405,7 @@ def create_backbone(
     Raises:
         ValueError: unknown architecture, or an output stride the family does not support (the message lists the
             families that do).
+        UserInputError: ``stem_pool=False`` for a model without a ResNet stem max-pool, or with output stride 32.
         WeightLoadError: ``pretrained_file`` does not match the architecture.
     """
     _check_no_hub(kw)
@@ -366,12 +420,20 @@ def create_backbone(
     if vit:
         extra.setdefault("dynamic_img_size", True)
         source = _SourceSpec(arch, _source_kwargs(in_chans, extra))
+    timm_stride = output_stride  # the stride timm builds the deepest feature at, before the stem pool is removed
+    if not stem_pool:
+        _check_stem_pool(arch, source.kwargs)
+        if output_stride == NATURAL_OUTPUT_STRIDE:
+            raise _stem_pool_stride_error(arch)
+        timm_stride = None if output_stride is None else 2 * output_stride
 
     if not features_only:
-        if output_stride not in (None, NATURAL_OUTPUT_STRIDE) and not vit:
-            extra["output_stride"] = output_stride
+        if timm_stride not in (None, NATURAL_OUTPUT_STRIDE) and not vit:
+            extra["output_stride"] = timm_stride
         extra.setdefault("num_classes", 0)
         model = timm.create_model(arch, in_chans=in_chans, **extra)
+        if not stem_pool:
+            _remove_stem_pool(model)
         patch = model.patch_embed.patch_size[0] if vit else None
         if vit and output_stride not in (None, patch):
             raise _output_stride_error(arch, output_stride, f"a plain ViT has one stride, its patch size {patch}")
@@ -391,8 +453,8 @@ def create_backbone(
         if out_indices is not None:
             feat_kw["out_indices"] = tuple(out_indices)
         manual = family in MANUALLY_DILATED_FAMILIES
-        if output_stride not in (None, NATURAL_OUTPUT_STRIDE) and not manual:
-            feat_kw["output_stride"] = output_stride
+        if timm_stride not in (None, NATURAL_OUTPUT_STRIDE) and not manual:
+            feat_kw["output_stride"] = timm_stride
         try:
             model = timm.create_model(arch, in_chans=in_chans, **feat_kw)
         except (TypeError, AssertionError, ValueError) as exc:
@@ -401,8 +463,11 @@ def create_backbone(
             raise
         if manual and output_stride not in (None, NATURAL_OUTPUT_STRIDE):
             _dilate_plain_cnn(model, output_stride, arch)
+        if not stem_pool:
+            _remove_stem_pool(model)
         nhwc = str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC")
         backbone = FeatureBackbone(model, model.feature_info, arch, in_chans, source, channels_last_output=nhwc)
+        backbone.stem_pool = stem_pool
         if output_stride is not None and backbone.output_stride != output_stride:
             raise _output_stride_error(arch, output_stride, f"the deepest feature has stride {backbone.output_stride}")
     if pretrained_file is not None:
@@ -417,6 +482,7 @@ def create_embedding_backbone(
     drop_path_rate: float = 0.0,
     pretrained_file: str | Path | None = None,
     band_map: tuple[Sequence[str], Sequence[str]] | None = None,
+    stem_pool: bool = True,
     **kw: Any,
 ) -> nn.Module:
     """The plain timm model DINO trains: ``timm.create_model(arch, num_classes=0, in_chans=C)`` -> pooled ``(B, D)``.
@@ -430,6 +496,8 @@ def create_embedding_backbone(
         drop_path_rate: stochastic depth rate (only passed when > 0).
         pretrained_file: local weights to continue from (strict).
         band_map: ``(file_bands, model_bands)`` for the first convolution.
+        stem_pool: keep a timm ResNet's stem max-pool; ``False`` replaces it by ``nn.Identity`` (as
+            :func:`create_backbone`; the ``state_dict`` keys stay those of the plain timm model).
         **kw: further timm kwargs. ``pretrained=True`` is refused.
     """
     _check_no_hub(kw)
@@ -438,7 +506,11 @@ def create_embedding_backbone(
         extra["drop_path_rate"] = drop_path_rate
     if is_plain_vit(arch):
         extra.setdefault("dynamic_img_size", True)
+    if not stem_pool:
+        _check_stem_pool(arch, _source_kwargs(in_chans, extra))
     model = timm.create_model(arch, num_classes=0, in_chans=in_chans, **extra)
+    if not stem_pool:
+        _remove_stem_pool(model)
     model.embed_dim = int(model.num_features)
     if pretrained_file is not None:
         load_backbone_weights(model, pretrained_file, band_map=band_map)

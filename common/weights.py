@@ -14,6 +14,10 @@ or through timm's pretrained machinery::
     timm.create_model(arch, in_chans=C, num_classes=0, pretrained=True,
                       pretrained_cfg_overlay=dict(file="backbone.safetensors", first_conv=None))
 
+A backbone pretrained without its ResNet stem max-pool (``"stem_pool": false`` in the sidecar, from
+``model.stem_pool: false``) has the same keys; the same network then needs ``model.maxpool = torch.nn.Identity()``
+after loading (the sidecar's ``load_with`` says so). Sidecars written before the key existed read as ``true``.
+
 Our own fine-tuning configs name the ``.safetensors`` (or the ``.json``) file; :func:`check_compatible` then refuses
 a dataset whose bands or normalisation differ, with a message that says what differs and how to fix it.
 Files are read with safetensors only: nothing is ever unpickled.
@@ -196,10 +200,15 @@ class ExportMeta:
     format: str = EXPORT_FORMAT
     sha256: str = ""
     timm_version: str = ""
+    stem_pool: bool = True  # False: pretrained without the ResNet stem max-pool (model.maxpool = nn.Identity())
 
     def load_snippet(self, weights_file: str) -> str:
-        return (f"timm.create_model({self.architecture!r}, in_chans={self.in_chans}, num_classes=0, "
-                f"checkpoint_path={weights_file!r})")
+        """The Python that rebuilds the pretrained network with timm alone (the sidecar's ``load_with``)."""
+        create = (f"timm.create_model({self.architecture!r}, in_chans={self.in_chans}, num_classes=0, "
+                  f"checkpoint_path={weights_file!r})")
+        if self.stem_pool:
+            return create
+        return f"model = {create}; model.maxpool = torch.nn.Identity()  # pretrained without the stem max-pool"
 
 
 def sha256_file(path: str | os.PathLike) -> str:

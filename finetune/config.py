@@ -104,6 +104,9 @@ class SegModelConfig:
     band_mapping: bool = False  # map the first conv by band name when the weights were trained on other bands
     freeze_backbone: bool = False  # linear probing: train the head only
     drop_path_rate: float = 0.0
+    stem_pool: bool | None = None  # false: a ResNet stem without its 3x3/2 max-pool (stride 2: all features at half
+    #                                the stride); null: as the export in model.weights (or the model.init_from
+    #                                run) says, true without one. A value contradicting the export is refused
     backbone_lr_mult: float = 1.0  # lr multiplier of the backbone (e.g. 0.1 for a pretrained one)
     init_from: str | None = None  # a previous fine-tuning run directory: start from its whole segmenter
     init_checkpoint: Literal["best", "last"] = "best"  # which of its weights (checkpoints/<name>.safetensors)

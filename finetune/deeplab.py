@@ -465,6 +465,7 @@ def create_segmenter(
     *,
     band_map: tuple[Sequence[str], Sequence[str]] | None = None,
     drop_path_rate: float = 0.0,
+    stem_pool: bool = True,
     backbone_kwargs: dict[str, Any] | None = None,
     **head_kwargs: Any,
 ) -> DeepLab:
@@ -482,6 +483,8 @@ def create_segmenter(
         pretrained_file: local backbone weights (export of ``timm.create_model(arch, num_classes=0, in_chans=...)``).
         band_map: ``(file_bands, dataset_bands)`` to map the first convolution by band name.
         drop_path_rate: backbone stochastic depth.
+        stem_pool: keep a ResNet's stem max-pool; ``False`` removes it (every feature at half its stride: v3+ then
+            fuses ``layer2``, the stride-4 feature, and ``output_stride`` stays the true stride, 8 or 16).
         backbone_kwargs: further timm kwargs for the backbone.
         **head_kwargs: :class:`DeepLab` options (``atrous_rates``, ``aspp_channels``, ``decoder_channels``, ...).
     """
@@ -498,5 +501,6 @@ def create_segmenter(
         out_indices = (aux_block, depth - 1) if aux and aux_block < depth - 1 else (depth - 1,)
     backbone = create_backbone(arch, in_chans, features_only=True, out_indices=out_indices,
                                output_stride=output_stride, pretrained_file=pretrained_file,
-                               drop_path_rate=drop_path_rate, band_map=band_map, **backbone_kwargs)
+                               drop_path_rate=drop_path_rate, band_map=band_map, stem_pool=stem_pool,
+                               **backbone_kwargs)
     return DeepLab(version, backbone, num_classes, aux=aux, **head_kwargs)

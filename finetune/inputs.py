@@ -39,6 +39,7 @@ class ResolvedInputs:
     band_map: tuple[list[str], list[str]] | None  # (weights' bands, dataset bands) for the first conv
     export: ExportMeta | None  # metadata of an export, when the weights are one
     notes: list[str] = field(default_factory=list)
+    stem_pool: bool = True  # keep the ResNet stem max-pool: model.stem_pool, or the export's when that is null
 
 
 def _export_meta(path: Path) -> ExportMeta | None:
@@ -133,6 +134,21 @@ def _check_sensor_definitions(meta: ExportMeta, spec: SensorSpec, source: str) -
     return spec.conversion
 
 
+def _stem_pool(model: SegModelConfig, source: str, meta: ExportMeta | None = None, path: Path | None = None) -> bool:
+    """``model.stem_pool``, or the export's (``meta``, read from ``path``) when it is null, True without an export;
+    a value that contradicts the export is refused: the fine-tuned network would not be the pretrained one."""
+    if meta is None or path is None:
+        return True if model.stem_pool is None else bool(model.stem_pool)
+    if model.stem_pool is not None and bool(model.stem_pool) != meta.stem_pool:
+        theirs = str(meta.stem_pool).lower()
+        raise ExportMismatchError(
+            f"{source} sets model.stem_pool={str(model.stem_pool).lower()} but the backbone export "
+            f"{path.with_suffix('.json')} was pretrained with stem_pool={theirs} "
+            f"({'with' if meta.stem_pool else 'without'} the ResNet stem max-pool): leave model.stem_pool unset "
+            f"(null) to follow the export, or set it to {theirs}")
+    return meta.stem_pool
+
+
 def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "the config") -> ResolvedInputs:
     """Decide the bands, normalisation and weights of a run, refusing an export that does not fit the data.
 
@@ -141,13 +157,15 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
       from the export's are checked (:func:`common.weights.check_compatible`) and refused with a clear message,
       unless ``model.band_mapping`` maps the first convolution by band name (then the dataset's statistics apply).
     * otherwise: ``data.bands`` (or all the sensor's bands) with ``data.stats_file`` or the reference statistics.
+    * ``model.stem_pool`` null: the export's ``stem_pool`` (True without an export); a contradicting value is refused.
 
     Raises:
-        FileNotFoundError: the weights file does not exist. ExportMismatchError: bands / normalisation differ.
+        FileNotFoundError: the weights file does not exist. ExportMismatchError: bands / normalisation / stem_pool
+            differ.
     """
     notes: list[str] = []
     if model.weights is None:
-        return ResolvedInputs(data_sensor(data), None, None, None, notes)
+        return ResolvedInputs(data_sensor(data), None, None, None, notes, _stem_pool(model, source))
     path = Path(model.weights)
     if not path.is_file():
         raise MissingFileError(f"model.weights: {path} does not exist; point model.weights at an export of ssl/export.py "
@@ -156,8 +174,11 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
     if meta is None:  # a plain timm state_dict: nothing to check against
         spec = data_sensor(data)
         notes.append(f"model.weights {path} has no export sidecar: bands and normalisation cannot be checked")
-        return ResolvedInputs(spec, str(path), None, None, notes)
+        return ResolvedInputs(spec, str(path), None, None, notes, _stem_pool(model, source))
 
+    stem_pool = _stem_pool(model, source, meta, path)
+    if not stem_pool:
+        notes.append("ResNet stem without its max-pool (stem_pool false), as the export was pretrained")
     known = export_sensors(meta)
     explicit = data.bands is not None or any(x.bands is not None for x in data.stack)
     bands = list(data_sensor(data, known=known).bands) if explicit else list(meta.bands)
@@ -188,9 +209,9 @@ def resolve_inputs(data: SegDataConfig, model: SegModelConfig, source: str = "th
         if float(data.offset) != float(meta.normalisation.offset):
             raise ExportMismatchError(f"backbone export expects the S2 DN offset {meta.normalisation.offset} but "
                                       f"{source} sets data.offset={data.offset}")
-        return ResolvedInputs(spec, str(path), None, meta, notes)
+        return ResolvedInputs(spec, str(path), None, meta, notes, stem_pool)
     notes.append(f"first convolution mapped by band name from {meta.bands} to {bands}")
-    return ResolvedInputs(spec, str(path), (list(meta.bands), bands), meta, notes)
+    return ResolvedInputs(spec, str(path), (list(meta.bands), bands), meta, notes, stem_pool)
 
 
 def head_widths(model: SegModelConfig) -> dict[str, int]:
@@ -202,11 +223,14 @@ def head_widths(model: SegModelConfig) -> dict[str, int]:
 
 def build_model(model: SegModelConfig, num_classes: int, inputs: ResolvedInputs | None, in_chans: int,
                 load_weights: bool = True) -> nn.Module:
+    """The configured DeepLab; ``inputs`` (:func:`resolve_inputs`) give its weights, band mapping and stem pool
+    (without them ``model.stem_pool``, null meaning true)."""
     weights = inputs.weights if (inputs is not None and load_weights) else None
     band_map = inputs.band_map if (inputs is not None and load_weights) else None
+    stem_pool = inputs.stem_pool if inputs is not None else model.stem_pool is not False
     return create_segmenter(model.arch, model.version, num_classes, in_chans, output_stride=model.output_stride,
                             aux=model.aux, pretrained_file=weights, band_map=band_map,
-                            drop_path_rate=model.drop_path_rate, **head_widths(model))
+                            drop_path_rate=model.drop_path_rate, stem_pool=stem_pool, **head_widths(model))
 
 
 def build_loss(loss: LossConfig, num_classes: int) -> nn.Module:

@@ -61,6 +61,8 @@ class ModelCard:
         sensor_def: the sensor as :meth:`common.bands.SensorSpec.to_dict` (conversion, file band order, scale and
             offset, nodata; custom sensors of the config too); cards written before it lack it and name a registry
             sensor.
+        stem_pool: False when the backbone was built without its ResNet stem max-pool (``model.stem_pool``
+            resolved); cards written before the key had the pool.
     """
 
     path: str
@@ -82,6 +84,7 @@ class ModelCard:
     sensor_def: dict[str, Any] | None = None
     aspp_channels: int = 256
     decoder_channels: int = 256
+    stem_pool: bool = True
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelCard":
@@ -122,6 +125,7 @@ class ModelCard:
             state_dict_prefix=str(raw["state_dict_prefix"]), weights_init=raw.get("weights_init"),
             sensor_def=raw.get("sensor_def") if isinstance(raw.get("sensor_def"), dict) else None,
             aspp_channels=int(raw.get("aspp_channels", 256)), decoder_channels=int(raw.get("decoder_channels", 256)),
+            stem_pool=bool(raw.get("stem_pool", True)),
         )  # fmt: skip
         card.validate()
         return card
@@ -177,6 +181,7 @@ def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, 
         "aux": model.aux,
         "aspp_channels": model.aspp_channels,
         "decoder_channels": model.decoder_channels,
+        "stem_pool": inputs.stem_pool,  # model.stem_pool as resolved (null follows the export)
         "num_classes": data.num_classes,
         "class_names": list(data.class_names) if data.class_names else None,
         "sensor": spec.name,

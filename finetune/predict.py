@@ -232,7 +232,8 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best") -> RunModel:
     ckpt = _checkpoint_path(run_dir, checkpoint)
     model_cfg = SegModelConfig(arch=card.arch, version=card.version,  # type: ignore[arg-type]
                                output_stride=card.output_stride, aux=card.aux,
-                               aspp_channels=card.aspp_channels, decoder_channels=card.decoder_channels)
+                               aspp_channels=card.aspp_channels, decoder_channels=card.decoder_channels,
+                               stem_pool=card.stem_pool)
     net = build_model(model_cfg, card.num_classes, None, len(card.bands), load_weights=False)
     state = load_safetensors(ckpt)
     prefix = card.state_dict_prefix

@@ -86,11 +86,14 @@ def task_of_config(path: str | Path) -> str:
 
 
 def load_init_from(model: torch.nn.Module, run_dir: str, checkpoint: str, arch: str, version: str,
-                   num_classes: int, bands: list[str]) -> str:
+                   num_classes: int, bands: list[str], *, stem_pool: bool) -> str:
     """Load the evaluated segmenter of a previous fine-tuning run into ``model`` (strict). Returns the file.
 
+    ``stem_pool`` is whether ``model`` has its ResNet stem max-pool: a run built otherwise has the same keys but is
+    another network, so it is refused like one of another architecture.
+
     Raises:
-        UserInputError: no such run / weights, or a run of another architecture, class count or bands.
+        UserInputError: no such run / weights, or a run of another architecture, class count, bands or stem pool.
     """
     card_path = Path(run_dir) / "model.json"
     if not card_path.is_file():
@@ -102,6 +105,12 @@ def load_init_from(model: torch.nn.Module, run_dir: str, checkpoint: str, arch: 
             raise UserInputError(f"model.init_from: the run {run_dir} has {key}={card.get(key)!r} but this run has "
                                  f"{want!r}; set model.{key if key != 'num_classes' else 'num_classes'} (or data.bands) "
                                  f"to match, or start from its backbone with model.weights instead")
+    theirs = bool(card.get("stem_pool", True))  # cards written before the key: the timm stem
+    if theirs != stem_pool:
+        raise UserInputError(f"model.init_from: the run {run_dir} was built with stem_pool={str(theirs).lower()} "
+                             f"({card_path}) but this run's network has stem_pool={str(stem_pool).lower()} "
+                             f"(model.stem_pool, or the export in model.weights); set model.stem_pool="
+                             f"{str(theirs).lower()}, or start from a run built like this one")
     path = Path(run_dir) / CHECKPOINT_DIR / f"{checkpoint}.safetensors"
     if not path.is_file():
         raise UserInputError(f"model.init_from: {path} does not exist; set model.init_checkpoint to "
@@ -130,6 +139,8 @@ def _resolve(cfg: Any, source: str) -> ResolvedInputs:
         raise UserInputError(f"model.init_from: {cfg.model.init_from} is not a fine-tuning run (no model.json)")
     inputs = resolve_inputs(cfg.data, cfg.model, source=source)
     card = json.loads(card_path.read_text())
+    if cfg.model.stem_pool is None:  # null follows the run's network (an explicit value is checked by load_init_from)
+        inputs = dataclasses.replace(inputs, stem_pool=bool(card.get("stem_pool", True)))
     norm = card["normalisation"]
     if list(inputs.spec.bands) != card["bands"]:
         raise UserInputError(f"model.init_from: the run {cfg.model.init_from} reads bands {card['bands']} but "
@@ -178,7 +189,7 @@ def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[
     model = build_model(cfg.model, d.num_classes, inputs, len(spec.bands))
     if cfg.model.init_from is not None:
         init = load_init_from(model, cfg.model.init_from, cfg.model.init_checkpoint, cfg.model.arch,
-                              cfg.model.version, d.num_classes, list(spec.bands))
+                              cfg.model.version, d.num_classes, list(spec.bands), stem_pool=inputs.stem_pool)
     engine.print(f"{cfg.method}: DeepLab {cfg.model.version} on {cfg.model.arch} ({init}), "
                  + ", ".join(f"{len(ds)} {role}" for role, ds in streams.items())
                  + ", " + ", ".join(f"{len(ds)} {name}" for name, ds in vals.items())

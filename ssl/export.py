@@ -13,6 +13,8 @@ epoch/step and a SHA-256 of the weights. Both files get the usual mode (``0666 &
                       pretrained_cfg_overlay=dict(file="backbone.safetensors", first_conv=None))
 
 or set ``model.weights: backbone.safetensors`` in a fine-tuning config (bands and normalisation are checked).
+A run with ``model.stem_pool: false`` records ``"stem_pool": false``: the same keys, but the network it trained has
+``model.maxpool = torch.nn.Identity()`` (fine-tuning builds it so; ``load_with`` spells it out).
 Nothing is unpickled: run checkpoints are read with safetensors.
 """
 
@@ -91,6 +93,7 @@ def export_run(run: str | Path, out: str | Path | None = None,
         sensor=spec.name,
         normalisation=Normalisation.from_spec(spec, float(data.get("offset", 0.0))),  # per-band formula + nodata
         num_features=_num_features(cfg["model"]["arch"]),
+        stem_pool=bool(cfg["model"].get("stem_pool", True)),  # configs of runs before the key: the timm stem
         sensor_parts=[{"sensor": p.name, "bands": list(p.bands), "conversion": p.conversion, "units": p.units}
                       for p in spec.parts],
         sensor_def=spec.to_dict(),  # fine-tuning checks, or re-creates, a sensor defined in the config from it

@@ -102,6 +102,8 @@ class PretrainModelConfig:
     arch: str = "resnet18"  # any timm architecture (resnet50, vit_small_patch16_224, convnext_tiny ...)
     drop_path_rate: float = 0.0  # stochastic depth of the student (DINO ViT-S: 0.1)
     init_file: str | None = None  # continue from local weights (a previous export or timm file), strict
+    stem_pool: bool = True  # false: a ResNet stem without its 3x3/2 max-pool (stride 2, not 4: small crops keep
+    #                         more than 1x1 features); same weights, recorded in the export for fine-tuning
 
 
 @dataclass(frozen=True)
@@ -351,8 +353,8 @@ def build_method(cfg: PretrainConfig, in_chans: int, epochs: int | None = None, 
     total_steps = total_steps or epochs
     m = cfg.model
     student = create_embedding_backbone(m.arch, in_chans, drop_path_rate=m.drop_path_rate,
-                                        pretrained_file=m.init_file)
-    teacher = create_embedding_backbone(m.arch, in_chans)
+                                        pretrained_file=m.init_file, stem_pool=m.stem_pool)
+    teacher = create_embedding_backbone(m.arch, in_chans, stem_pool=m.stem_pool)
     return DINOMethod(cfg.dino, student, teacher, cfg.augment.num_crops, epochs, total_steps, rgb=rgb)
 
 

@@ -16,6 +16,7 @@ from common.backbones import (
     create_embedding_backbone,
     load_backbone_weights,
 )
+from common.errors import UserInputError
 
 torch.set_num_threads(1)
 
@@ -94,6 +95,70 @@ def test_embedding_backbone_pools_any_size():
     assert vit.embed_dim == 192
     with torch.no_grad():
         assert vit(torch.randn(2, 2, 32, 32)).shape == vit(torch.randn(2, 2, 64, 64)).shape == (2, 192)
+
+
+@pytest.mark.parametrize(
+    "output_stride,reductions",
+    [(None, [2, 2, 4, 8, 16]), (16, [2, 2, 4, 8, 16]), (8, [2, 2, 4, 8, 8])],  # timm: [2, 4, 8, 16, 32 / 16 / 8]
+)
+def test_stem_pool_false_halves_every_stride_after_the_pool(output_stride, reductions):
+    backbone = create_backbone("test_resnet", 3, features_only=True, output_stride=output_stride, stem_pool=False)
+    assert isinstance(backbone.model.maxpool, torch.nn.Identity) and backbone.stem_pool is False
+    assert backbone.reductions == reductions and backbone.output_stride == reductions[-1]
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 32, 32))
+    assert [f.shape[-1] for f in feats] == [32 // r for r in reductions]  # e.g. 16, 16, 8, 4, 2
+    assert [f.shape[1] for f in feats] == backbone.channels
+
+
+def test_stem_pool_false_refuses_stride_32():
+    with pytest.raises(UserInputError, match=r"output_stride=32 and model.stem_pool=false.*at most 16"):
+        create_backbone("test_resnet", 3, features_only=True, output_stride=32, stem_pool=False)
+    with pytest.raises(UserInputError, match=r"output_stride=32 and model.stem_pool=false"):
+        create_backbone("test_resnet", 3, output_stride=32, stem_pool=False)
+
+
+@pytest.mark.parametrize("arch,family", [("efficientnet_b0", "efficientnet"),
+                                         ("vit_tiny_patch16_224", "vision_transformer")])
+def test_stem_pool_false_refuses_models_without_the_pool(arch, family):
+    message = (rf"model.stem_pool=false .* {arch} \(timm family '{family}'\) has none: set model.stem_pool=true, or "
+               r"use a ResNet")
+    with pytest.raises(UserInputError, match=message):
+        create_backbone(arch, 3, features_only=True, output_stride=None, stem_pool=False)
+    with pytest.raises(UserInputError, match=message):
+        create_embedding_backbone(arch, 3, stem_pool=False)
+
+
+def test_stem_pool_changes_no_parameter(tmp_path):
+    """Same keys and shapes with and without the pool: weights load strictly both ways, exports included."""
+    with_pool = create_backbone("test_resnet", 3, features_only=True)
+    without = create_backbone("test_resnet", 3, features_only=True, stem_pool=False)
+    a, b = with_pool.state_dict(), without.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    without.load_state_dict(a, strict=True)
+    with_pool.load_state_dict(b, strict=True)
+    plain = timm.create_model("test_resnet", num_classes=0, in_chans=3)
+    path = _save(plain.state_dict(), tmp_path / "backbone.safetensors")
+    report = load_backbone_weights(create_backbone("test_resnet", 3, features_only=True, stem_pool=False), path)
+    assert report.loaded == len(b) and not report.missing and not report.unexpected
+    assert create_embedding_backbone("test_resnet", 3, stem_pool=False).state_dict().keys() == plain.state_dict().keys()
+
+
+def test_stem_pool_false_is_timm_with_an_identity_maxpool(tmp_path):
+    torch.manual_seed(0)
+    reference = timm.create_model("test_resnet", num_classes=0, in_chans=4)
+    path = _save(reference.state_dict(), tmp_path / "backbone.safetensors")
+    reference.maxpool = torch.nn.Identity()  # what the export's load_with tells a timm user to do
+    reference.eval()
+    x = torch.randn(2, 4, 24, 24)  # a DINO local crop: 1x1 features with the pool, 2x2 without
+    embedding = create_embedding_backbone("test_resnet", 4, pretrained_file=path, stem_pool=False).eval()
+    plain = create_backbone("test_resnet", 4, pretrained_file=path, stem_pool=False).eval()
+    features = create_backbone("test_resnet", 4, features_only=True, pretrained_file=path, stem_pool=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(embedding(x), reference(x))
+        torch.testing.assert_close(plain(x), reference(x))
+        torch.testing.assert_close(features(x)[-1], reference.forward_features(x))
+        assert reference.forward_features(x).shape[-1] == 2
 
 
 @pytest.mark.parametrize("arch", ["resnet10t", "convnext_atto"])  # names kept / flattened (stages.0 -> stages_0)

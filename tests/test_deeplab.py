@@ -139,6 +139,17 @@ def test_errors():
         create_segmenter("resnet10t", "v4", K, 3)
 
 
+@pytest.mark.parametrize("output_stride,deepest", [(16, 2), (8, 4)])
+def test_v3plus_without_stem_pool_fuses_layer2(output_stride, deepest):
+    """Without the stem max-pool the stride-4 feature is layer2 (index 2 of act1, layer1..4), not layer1."""
+    model = create_segmenter("test_resnet", "v3+", K, 3, output_stride=output_stride, aux=True, stem_pool=False)
+    assert model.backbone.reductions[model.low_index] == 4 and model.low_index == 2
+    assert model.backbone.output_stride == output_stride
+    out = model(torch.randn(2, 3, 32, 32), return_features=True)
+    assert out.logits.shape == out.aux.shape == (2, K, 32, 32)
+    assert out.features[-1].shape[-1] == deepest and out.decoder_input.shape[-2:] == (8, 8)
+
+
 def test_pretrained_backbone_with_band_mapping(tmp_path):
     plain = timm.create_model("resnet10t", num_classes=0, in_chans=3)
     path = tmp_path / "export.safetensors"

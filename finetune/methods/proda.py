@@ -345,7 +345,8 @@ def _load_teacher(teacher: nn.Module, run_dir: str, checkpoint: str, setup) -> s
                              f"with {[float(v) for v in setup.band_std]}: the teacher would see other inputs; set "
                              f"data.stats_file (or use an export with the same statistics) so that both agree")
     arch = getattr(teacher.backbone, "arch", card.get("arch"))
-    return load_init_from(teacher, run_dir, checkpoint, arch, teacher.version, setup.num_classes, card["bands"])
+    return load_init_from(teacher, run_dir, checkpoint, arch, teacher.version, setup.num_classes, card["bands"],
+                          stem_pool=getattr(teacher.backbone, "stem_pool", True))
 
 
 @register
