@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semisup_demo import REPO, RESULTS, add_table_arguments, ensure_export, run_all, weights_digest
+from semisup_demo import REPO, RESULTS, _fmt, add_table_arguments, ensure_export, run_all, weights_digest
 
 TASKS = ("linear_probe", "finetune")
 FRACTIONS = {"1/32": "labelled_1_32", "1/8": "labelled_1_8", "all": "train_all"}
@@ -105,14 +105,6 @@ def _first(run: Path, key: str):
         if key in row:
             return row[key]
     return None
-
-
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

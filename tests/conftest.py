@@ -135,6 +135,26 @@ def tiny_demo(tmp_path_factory) -> Path:
     return out
 
 
+def write_s2_export(out: Path, arch: str, **meta_kw) -> Path:
+    """A 12-band S2L2A backbone export of ``arch`` as ssl/export.py writes it (random weights, seed 0), the registry's
+    S2L2A normalisation; ``meta_kw``: further :class:`~common.weights.ExportMeta` fields (e.g. ``stem_pool``)."""
+    import timm
+    import torch
+
+    from common.bands import get_sensor
+    from common.weights import ExportMeta, Normalisation, write_export
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, in_chans=12, num_classes=0)
+    spec = get_sensor("S2L2A")
+    meta = ExportMeta(arch, 12, list(S2L2A_BANDS), "S2L2A",
+                      Normalisation("dn_to_reflectance", [float(v) for v in spec.mean_array()],
+                                    [float(v) for v in spec.std_array()]),
+                      int(model.num_features), {"method": "dino"}, **meta_kw)
+    path, _ = write_export(model.state_dict(), meta, out)
+    return path
+
+
 def launch(script: str, args: Sequence[str], processes: int = 1, timeout: int = 300, check: bool = True):
     """Run an entry point through ``accelerate launch`` on the CPU (two real gloo processes when processes=2)."""
     import os

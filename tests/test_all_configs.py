@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import config_to_dict, load_config
-from conftest import REPO, S2L2A_BANDS, launch, write_tif
+from conftest import REPO, launch, write_s2_export, write_tif
 
 PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 FINETUNE = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
@@ -71,20 +71,7 @@ def _write_bigearthnet(root: Path) -> dict[str, Path]:
 
 def _write_export(out: Path) -> Path:
     """A 12-band S2L2A backbone export as ssl/export.py writes it (random weights of the tiny CNN)."""
-    import timm
-
-    from common.bands import get_sensor
-    from common.weights import ExportMeta, Normalisation, write_export
-
-    torch.manual_seed(0)
-    model = timm.create_model(CNN, in_chans=12, num_classes=0)
-    spec = get_sensor("S2L2A")
-    meta = ExportMeta(CNN, 12, list(S2L2A_BANDS), "S2L2A",
-                      Normalisation("dn_to_reflectance", [float(v) for v in spec.mean_array()],
-                                    [float(v) for v in spec.std_array()]),
-                      int(model.num_features), {"method": "dino"})
-    path, _ = write_export(model.state_dict(), meta, out)
-    return path
+    return write_s2_export(out, CNN)
 
 
 @pytest.fixture(scope="module")

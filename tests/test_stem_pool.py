@@ -13,9 +13,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from common.bands import get_sensor
-from common.weights import ExportMeta, ExportMismatchError, Normalisation, read_export_meta, write_export
-from conftest import REPO, S2L2A_BANDS
+from common.weights import ExportMismatchError, read_export_meta
+from conftest import REPO, S2L2A_BANDS, write_s2_export
 from finetune.config import SegDataConfig, SegModelConfig
 from finetune.inputs import build_model, resolve_inputs
 
@@ -28,15 +27,7 @@ ARCH = "test_resnet"
 
 def _export(out: Path, stem_pool: bool) -> Path:
     """A 12-band S2L2A export of the tiny ResNet as ssl/export.py writes it (random weights)."""
-    torch.manual_seed(0)
-    model = timm.create_model(ARCH, in_chans=12, num_classes=0)
-    spec = get_sensor("S2L2A")
-    meta = ExportMeta(ARCH, 12, list(S2L2A_BANDS), "S2L2A",
-                      Normalisation("dn_to_reflectance", [float(v) for v in spec.mean_array()],
-                                    [float(v) for v in spec.std_array()]),
-                      int(model.num_features), {"method": "dino"}, stem_pool=stem_pool)
-    path, _ = write_export(model.state_dict(), meta, out)
-    return path
+    return write_s2_export(out, ARCH, stem_pool=stem_pool)
 
 
 def _no_pool(net: torch.nn.Module) -> bool:
