@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-config", default="configs/pretrain/demo_long.yaml")
     ap.add_argument("--pretrain-override", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides of the pretraining run (an ablation: give --variant too)")
+    ap.add_argument("--pretrain-threads", type=int, default=2, help="threads of the pretraining run (2)")
     ap.add_argument("--export", default=None, help="evaluate this export instead of pretraining")
     ap.add_argument("--variant", default="default", help="name of the pretraining/evaluation variant (records, JSON)")
     ap.add_argument("--finetune-override", nargs="*", default=[], metavar="KEY=VALUE",
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.pretrain:
         pre_run = Path(args.pretrain)
         export = ensure_export(args.pretrain_config, pre_run, args.data, str(Path(args.data) / "s2" / "source"),
-                               overrides=args.pretrain_override)
+                               threads=args.pretrain_threads, overrides=args.pretrain_override)
     elif args.export:
         export = Path(args.export)
         print(f"export {export}: content sha256 {weights_digest(export)}", flush=True)
