@@ -6,6 +6,8 @@ init, in a linear probe and after fine-tuning, at 1/32, 1/8 and all of the label
     python bench/pretrain_value.py --export FILE --variant NAME ...          # evaluate an existing export
     python bench/pretrain_value.py --pretrain DIR --pretrain-override augment.channel_p=[0,0,0] --variant nochannel
         # an ablation of the pretraining recipe: bench/results/pretrain_value_nochannel.json
+    python bench/pretrain_value.py --pretrain DIR --pretrain-data data/demo_pool --variant pool \
+        --pretrain-override data.stats_file=$PWD/data/demo/s2/stats.json   # a larger unlabelled pool
     python bench/pretrain_value.py --quick --data /tmp/demo --seeds 0       # smoke test: a few steps per run
         # (demo data of at least 64 training tiles per domain: 1/32 of them must fill a batch of 2)
 
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-override", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides of the pretraining run (an ablation: give --variant too)")
     ap.add_argument("--pretrain-threads", type=int, default=2, help="threads of the pretraining run (2)")
+    ap.add_argument("--pretrain-data", default=None,
+                    help="data root of the pretraining run (default --data), e.g. a demo dataset with a --pool-tiles "
+                         "pool; evaluation stays on --data (give --pretrain-override data.stats_file=<--data's "
+                         "s2/stats.json> so that the export's normalisation is the evaluation data's)")
     ap.add_argument("--export", default=None, help="evaluate this export instead of pretraining")
     ap.add_argument("--variant", default="default", help="name of the pretraining/evaluation variant (records, JSON)")
     ap.add_argument("--finetune-override", nargs="*", default=[], metavar="KEY=VALUE",
@@ -139,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                                overrides=[*args.pretrain_override, *QUICK_PRETRAIN])
     elif args.pretrain:
         pre_run = Path(args.pretrain)
-        export = ensure_export(args.pretrain_config, pre_run, args.data, str(Path(args.data) / "s2" / "source"),
-                               threads=args.pretrain_threads, overrides=args.pretrain_override)
+        export = ensure_export(args.pretrain_config, pre_run, args.pretrain_data or args.data,
+                               str(Path(args.data) / "s2" / "source"), threads=args.pretrain_threads,
+                               overrides=args.pretrain_override)
     elif args.export:
         export = Path(args.export)
         print(f"export {export}: content sha256 {weights_digest(export)}", flush=True)
