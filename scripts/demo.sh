@@ -11,6 +11,11 @@
 # adaptation 300 + 300 steps (the table: 450 + 450). DEMO_QUICK=1 cuts every run to a few steps (tests/test_demo.py).
 # Usage: bash scripts/demo.sh [DATA_DIR=data/demo] [RUNS_DIR=runs/demo]      (make demo runs exactly this)
 set -euo pipefail
+if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) )); then
+  echo "error: scripts/demo.sh needs bash >= 5.1 (it waits for two parallel lanes with wait -n -p); this is bash" \
+       "$BASH_VERSION: install a newer bash (e.g. brew install bash on macOS) and run it with that" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 DATA=${1:-data/demo}
 RUNS=${2:-runs/demo}
@@ -33,14 +38,24 @@ if [[ "${DEMO_QUICK:-0}" == 1 ]]; then  # a smoke run of the script itself: ever
 fi
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start )) s] $*"; }
-# run_logged LOG CMD...: the command's output goes to LOG; on failure its last lines are shown
+# run_logged LOG CMD...: the command's output goes to LOG; on failure its last lines are shown and its exit status
+# returned. `accelerate launch` reports a failed script with its own traceback and status 1: that traceback is left
+# out and the script's status (2 for bad input, after its one-line message) is returned instead.
 run_logged() {
-  local log=$1; shift
-  if ! "$@" >"$log" 2>&1; then
-    echo "---- failed: $* (last lines of $log) ----" >&2
+  local log=$1 rc=0 tb script_rc; shift
+  "$@" >"$log" 2>&1 || rc=$?
+  (( rc )) || return 0
+  tb=$(grep -n '^Traceback (most recent call last):' "$log" | tail -n 1 | cut -d: -f1 || true)
+  script_rc=$(tail -n 1 "$log" | grep -o 'CalledProcessError.*non-zero exit status [0-9]*' | grep -o '[0-9]*$' || true)
+  if [[ -n "$tb" && -n "$script_rc" ]]; then
+    rc=$script_rc
+    echo "---- failed (exit $rc): $* (last lines of $log) ----" >&2
+    head -n $(( tb - 1 )) "$log" | tail -n 30 >&2
+  else
+    echo "---- failed (exit $rc): $* (last lines of $log) ----" >&2
     tail -n 30 "$log" >&2
-    return 1
   fi
+  return "$rc"
 }
 
 stamp "1/7 demo data in $DATA"
@@ -52,15 +67,16 @@ rm -rf "$RUNS/pretrain" "$RUNS/finetune" "$RUNS/semisup" "$RUNS/predictions" "$R
 mkdir -p "$RUNS"
 
 stamp "2/7 DINO pretraining -> $RUNS/pretrain (exports the teacher backbone at the end)"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "${LAUNCH[@]}" ssl/pretrain.py --config configs/pretrain/demo.yaml \
-    --output-dir "$RUNS/pretrain" data.root="$DATA" probe.root="$DATA/s2/source" trainer.progress_bar=false \
-    "${PRETRAIN_EXTRA[@]}"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} run_logged "$RUNS/pretrain.log" "${LAUNCH[@]}" ssl/pretrain.py \
+    --config configs/pretrain/demo.yaml --output-dir "$RUNS/pretrain" data.root="$DATA" probe.root="$DATA/s2/source" \
+    trainer.progress_bar=false "${PRETRAIN_EXTRA[@]}"
 
 stamp "3/7 export (the CLI; the run already wrote $RUNS/pretrain/backbone.safetensors)"
-"$PY" ssl/export.py --run "$RUNS/pretrain" --out "$RUNS/backbone.safetensors"
+run_logged "$RUNS/export.log" "$PY" ssl/export.py --run "$RUNS/pretrain" --out "$RUNS/backbone.safetensors"
 
 # The two lanes are independent runs from the export: one thread each (on 2 cores this is ~1.2x the throughput of
-# running them one after the other with two threads). Each run logs to RUNS/<run>.log (and TensorBoard).
+# running them one after the other with two threads). Each run logs to RUNS/<run>.log (and TensorBoard), the
+# pretraining and the export too.
 export OMP_NUM_THREADS=1
 SRC="$DATA/s2/source"
 W="model.weights=$RUNS/backbone.safetensors"
@@ -103,10 +119,12 @@ lane_a & pid_a=$!
 lane_b & pid_b=$!
 pending=("$pid_a" "$pid_b")
 while (( ${#pending[@]} )); do  # the first lane to fail stops the other (wait -n -p: bash >= 5.1)
-  if ! wait -n -p finished "${pending[@]}"; then
+  rc=0
+  wait -n -p finished "${pending[@]}" || rc=$?
+  if (( rc )); then
     kill_tree "$pid_a"; kill_tree "$pid_b"; wait 2>/dev/null || true
     echo "demo: a stage failed (see above)" >&2
-    exit 1
+    exit "$rc"
   fi
   left=()
   for p in "${pending[@]}"; do [[ "$p" != "$finished" ]] && left+=("$p"); done
