@@ -50,3 +50,13 @@ def test_demo_script_reports_a_failing_stage(tmp_path):
     assert "---- failed (exit 2):" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "config error: 'method'" in out.stderr and "'no_such_method' is not valid" in out.stderr
     assert "demo: a stage failed" in out.stderr and "[lane B] domain adaptation" not in out.stdout
+
+
+def test_demo_script_refuses_an_unknown_adaptation_method(tmp_path):
+    """UDA_METHOD is checked before anything runs: one line naming the variable and the choices, status 2."""
+    env = {**os.environ, "UDA_METHOD": "source_only", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(tmp_path / "data"), str(tmp_path / "runs")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: UDA_METHOD=source_only:") and "adaptsegnet, advent, proda" in out.stderr
+    assert not (tmp_path / "data").exists() and out.stdout == ""
