@@ -8,6 +8,7 @@ init, in a linear probe and after fine-tuning, at 1/32, 1/8 and all of the label
         # an ablation of the pretraining recipe: bench/results/pretrain_value_nochannel.json
     python bench/pretrain_value.py --pretrain DIR --pretrain-data data/demo_pool --variant pool \
         --pretrain-override data.stats_file=$PWD/data/demo/s2/stats.json   # a larger unlabelled pool
+    python bench/pretrain_value.py --ablations    # every variant so far side by side: pretrain_value_ablations.json
     python bench/pretrain_value.py --quick --data /tmp/demo --seeds 0       # smoke test: a few steps per run
         # (demo data of at least 64 training tiles per domain: 1/32 of them must fill a batch of 2)
 
@@ -86,8 +87,9 @@ def _jobs(args, export: Path | None) -> list[dict]:
     return jobs
 
 
-def pretraining_summary(run: Path | None, config: str | None, overrides: list[str]) -> dict:
-    """The pretraining run's settings, wall time and curves (every logged step; k-NN where evaluated)."""
+def pretraining_summary(run: Path | None, config: str | None, overrides: list[str], data: str | None = None) -> dict:
+    """The pretraining run's settings (``data``: the data root it pretrained on), wall time and curves (every logged
+    step; k-NN where evaluated)."""
     if run is None or not (run / "metrics.jsonl").is_file():
         return {"run": str(run) if run else None, "curves": None}
     curves: dict[str, list] = {v: [] for v in CURVE_KEYS.values()}
@@ -97,7 +99,7 @@ def pretraining_summary(run: Path | None, config: str | None, overrides: list[st
             if key in row:
                 curves[name].append([row["step"], row[key]])
     final = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    return {"run": str(run), "config": config, "overrides": overrides, "steps": final.get("steps"),
+    return {"run": str(run), "config": config, "data": data, "overrides": overrides, "steps": final.get("steps"),
             "train_time_s": final.get("train_time_s"), "log_k": _first(run, "train/log_k"), "curves": curves}
 
 
@@ -109,7 +111,72 @@ def _first(run: Path, key: str):
     return None
 
 
+def _mean(values) -> float | None:
+    values = list(values)
+    return statistics.mean(values) if values else None
+
+
+def ablation_summary(results: Path = RESULTS) -> dict:
+    """Every variant's results JSON (``pretrain_value[_<variant>].json``) side by side: what the variant changed, its
+    pretraining budget and last k-NN, and per task and label fraction the DINO and random means and their difference
+    paired by seed (the seeds both have). Written to ``pretrain_value_ablations.json`` by ``--ablations``."""
+    rows = {}
+    for path in sorted(results.glob("pretrain_value*.json")):
+        if path.name == "pretrain_value_ablations.json":
+            continue
+        table = json.loads(path.read_text())
+        variant = table.get("variant", {})
+        pre = table.get("pretraining") or {}
+        knn = ((pre.get("curves") or {}).get("knn_top1") or [[None, None]])[-1][1]
+        entry = {"file": path.name, "pretraining_data": pre.get("data"), "pretraining_run": pre.get("run"),
+                 "pretraining_overrides": pre.get("overrides"), "finetune_overrides": variant.get("finetune_overrides"),
+                 "steps": pre.get("steps"), "pretraining_minutes": (round(pre["train_time_s"] / 60, 1)
+                                                                     if pre.get("train_time_s") else None),
+                 "knn_top1_last": knn, "tasks": {}}
+        for task in TASKS:
+            dino, rand = table.get(task, {}).get("dino", {}), table.get(task, {}).get("random", {})
+            for frac in FRACTIONS:
+                d, r = dino.get(frac, {}), rand.get(frac, {})
+                seeds = sorted(set(d) & set(r))
+                if seeds:
+                    entry["tasks"].setdefault(task, {})[frac] = {
+                        "dino": _mean(d[k] for k in seeds), "random": _mean(r[k] for k in seeds),
+                        "gain": _mean(d[k] - r[k] for k in seeds), "seeds": seeds}
+        rows[variant.get("name", path.stem)] = entry
+    return rows
+
+
+def print_ablations(rows: dict) -> None:
+    cols = [(t, f) for t in TASKS for f in FRACTIONS if any(f in r["tasks"].get(t, {}) for r in rows.values())]
+    print("| variant | pretraining | steps | min | k-NN | " + " | ".join(f"{t} {f}: DINO (gain)" for t, f in cols)
+          + " |\n" + "|---" * (5 + len(cols)) + "|")
+    for name, r in rows.items():
+        parts = []
+        if r["pretraining_data"]:
+            parts.append(f"data {r['pretraining_data']}")
+        elif not r["pretraining_overrides"] and r["pretraining_run"]:  # an --export: the run it came from
+            parts.append(f"export of {r['pretraining_run']}")
+        parts += [*(r["pretraining_overrides"] or []), *(f"FT {o}" for o in r["finetune_overrides"] or [])]
+        what = " ".join(parts)
+        cells = []
+        for t, f in cols:
+            c = r["tasks"].get(t, {}).get(f)
+            cells.append(f"{c['dino']:.2f} ({c['gain']:+.2f})" if c else "-")
+        knn = f"{r['knn_top1_last']:.1f}" if r["knn_top1_last"] is not None else "-"
+        print(f"| {name} | {what or 'as configured'} | {r['steps'] or '-'} | {r['pretraining_minutes'] or '-'} | "
+              f"{knn} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--ablations" in argv:  # a summary of the variants run so far: no run, no other option
+        rows = ablation_summary()
+        out = RESULTS / "pretrain_value_ablations.json"
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        print_ablations(rows)
+        print(f"wrote {out}")
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo")
     ap.add_argument("--pretrain", default=None, metavar="DIR",
@@ -130,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", nargs="+", default=list(FRACTIONS), choices=list(FRACTIONS),
                     help="label fractions to run (a screening of a variant: --fractions 1/8 --seeds 0)")
     add_table_arguments(ap, TASKS, "runs/bench_pretrain_value", "bench/results/pretrain_value[_<variant>].json")
+    ap.add_argument("--ablations", action="store_true",
+                    help="run nothing: print every variant's results side by side and write "
+                         "bench/results/pretrain_value_ablations.json (give no other option)")
     args = ap.parse_args(argv)
     if (args.pretrain_override or args.finetune_override) and args.variant == "default":
         ap.error("--pretrain-override / --finetune-override make another variant: name it with --variant")
@@ -164,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         table.setdefault(r["name"], {}).setdefault(r["init"], {}).setdefault(r["fraction"], {})[str(r["seed"])] = \
             r["last"]["mIoU"]
     table["pretraining"] = pretraining_summary(pre_run, args.pretrain_config if args.pretrain else None,
-                                               list(args.pretrain_override))
+                                               list(args.pretrain_override),
+                                               (args.pretrain_data or args.data) if args.pretrain else None)
     table["variant"] = {"name": args.variant, "finetune_overrides": list(args.finetune_override),
                         "export_sha256": weights_digest(export) if export is not None and export.is_file() else None}
     if not args.quick:

@@ -71,3 +71,28 @@ def test_pretraining_curves(tmp_path):
     assert (s["steps"], s["train_time_s"], s["log_k"]) == (10, 12.5, 8.3)
     assert s["overrides"] == ["augment.channel_p=[0,0,0]"]
     assert pretrain_value.pretraining_summary(None, None, [])["curves"] is None
+
+
+def test_the_ablation_summary_pairs_seeds_and_skips_itself(tmp_path, capsys):
+    def table(name, dino, rand, overrides, data=None):
+        return {"finetune": {"dino": {"1/8": dino}, "random": {"1/8": rand}},
+                "pretraining": {"run": f"runs/{name}", "data": data, "overrides": overrides, "steps": 1800,
+                                "train_time_s": 600.0, "curves": {"knn_top1": [[300, 50.0], [1800, 56.25]]}},
+                "variant": {"name": name, "finetune_overrides": []}}
+
+    (tmp_path / "pretrain_value_a.json").write_text(json.dumps(
+        table("a", {"0": 65.0, "1": 60.0}, {"0": 64.0, "1": 61.0, "2": 70.0}, ["augment.channel_p=[0,0,0]"])))
+    (tmp_path / "pretrain_value_pool.json").write_text(json.dumps(
+        table("pool", {"0": 63.0}, {"0": 64.0}, [], data="data/demo_pool")))
+    (tmp_path / "pretrain_value_ablations.json").write_text("{}")  # the summary's own output: not a variant
+    rows = pretrain_value.ablation_summary(tmp_path)
+    assert set(rows) == {"a", "pool"}
+    a = rows["a"]["tasks"]["finetune"]["1/8"]
+    # seed 2 has no DINO run: left out of both means; gain = mean(65 - 64, 60 - 61) = 0
+    assert a == {"dino": 62.5, "random": 62.5, "gain": 0.0, "seeds": ["0", "1"]}
+    assert rows["a"]["pretraining_minutes"] == 10.0 and rows["a"]["knn_top1_last"] == 56.25
+    assert rows["pool"]["tasks"]["finetune"]["1/8"]["gain"] == -1.0
+    pretrain_value.print_ablations(rows)
+    out = capsys.readouterr().out
+    assert "| a | augment.channel_p=[0,0,0] | 1800 | 10.0 | 56.2 | 62.50 (+0.00) |" in out
+    assert "| pool | data data/demo_pool | 1800 |" in out
