@@ -150,8 +150,21 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}\n")
+    print(markdown_table(result))
     return result
+
+
+def markdown_table(result: dict) -> str:
+    """The README's table: one row per backbone, one column per stage (by stride), then all stages together."""
+    rows = result["backbones"]
+    strides = next(iter(rows.values()))["strides"] if rows else []
+    lines = ["| backbone | " + " | ".join(f"stride {s}" for s in strides) + " | all stages |",
+             "|---" * (len(strides) + 2) + "|"]
+    for name, entry in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in entry["stages"])
+                     + f" | {entry['all_stages']:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,6 @@ def test_a_run_on_the_tiny_demo_writes_the_table(tiny_demo, tmp_path):
         assert len(entry["stages"]) == 5 and all(0.0 <= v <= 100.0 for v in entry["stages"])
     assert 0.0 < saved["raw_bands"] <= 100.0
     assert saved["setup"]["train_split"] == "labelled_1_8" and saved["setup"]["train_tiles"] >= 1
+    table = dense_probe.markdown_table(saved).splitlines()
+    assert table[0] == "| backbone | stride 2 | stride 4 | stride 8 | stride 16 | stride 32 | all stages |"
+    assert table[2].startswith("| mine | ") and len(table) == 4
