@@ -109,8 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-classes", type=int, default=6)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dense_probe.json"))
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # a context, not torch.set_grad_enabled(False): callers (tests) keep autograd
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> dict:
     root = Path(args.data) / "s2" / args.domain
     spec = resolve_sensors([("S2L2A", None, str(Path(args.data) / "s2" / "stats.json"), None)])
     x_tr, y_tr = load_split(root, args.train_split, spec, args.num_classes)

@@ -51,6 +51,7 @@ def test_a_run_on_the_tiny_demo_writes_the_table(tiny_demo, tmp_path):
     res = dense_probe.main(["--data", str(tiny_demo), "--export", f"mine={export}", "--random-seeds", "0",
                             "--max-pixels", "2000", "--out", str(out)])
     saved = json.loads(out.read_text())
+    assert torch.is_grad_enabled()  # the probe runs under no_grad without switching autograd off for its caller
     assert saved == json.loads(json.dumps(res))
     assert set(saved["backbones"]) == {"mine", "random_s0"}
     for entry in saved["backbones"].values():
