@@ -42,8 +42,8 @@ if [[ "${DEMO_QUICK:-0}" == 1 ]]; then  # a smoke run of the script itself: ever
   UDA_STEPS=("${SEMISUP_STEPS[@]}")
   DATA_EXTRA=(--tiles 32 --val-tiles 8 --sar-scenes 2 --sar-val-scenes 1)
 fi
-start=$(date +%s)
-stamp() { echo "[demo $(( $(date +%s) - start )) s] $*"; }
+DEMO_T0=$(date +%s)
+stamp() { echo "[demo $(( $(date +%s) - DEMO_T0 )) s] $*"; }
 # run_logged LOG CMD...: the command's output goes to LOG; on failure its last lines are shown and its exit status
 # returned. `accelerate launch` reports a failed script with its own traceback and status 1: that traceback is left
 # out and the script's status (2 for bad input, after its one-line message) is returned instead.
@@ -110,13 +110,13 @@ lane_b() {
       --output-dir "$RUNS/uda_source_only" data.root="$SRC" "$W" trainer.progress_bar=false "${UDA_STEPS[@]}"
   # the table's protocol (bench/uda_demo.py): ProDA and self-training continue from the source-only model, the
   # adversarial methods train from the export with their auxiliary head (multi-level)
-  local start=(model.init_from="$RUNS/uda_source_only") from="from the source-only model"
+  local uda_init=(model.init_from="$RUNS/uda_source_only") from="from the source-only model"
   case "$UDA_METHOD" in
-    adaptsegnet|advent) start=("$W" model.aux=true); from="from the export" ;;
+    adaptsegnet|advent) uda_init=("$W" model.aux=true); from="from the export" ;;
   esac
   stamp "7/7 [lane B] $UDA_METHOD $from on the unlabelled target tiles -> $RUNS/uda_$UDA_METHOD"
   run_logged "$RUNS/uda_$UDA_METHOD.log" "${LAUNCH[@]}" finetune/uda.py --config configs/finetune/demo_uda.yaml \
-      --output-dir "$RUNS/uda_$UDA_METHOD" data.root="$SRC" method="$UDA_METHOD" "${start[@]}" \
+      --output-dir "$RUNS/uda_$UDA_METHOD" data.root="$SRC" method="$UDA_METHOD" "${uda_init[@]}" \
       trainer.progress_bar=false "${UDA_STEPS[@]}"
   stamp "    [lane B] $UDA_METHOD done"
 }

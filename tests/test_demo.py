@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-
+import yaml
 from conftest import REPO
 
 
@@ -60,3 +60,19 @@ def test_demo_script_refuses_an_unknown_adaptation_method(tmp_path):
     assert out.returncode == 2
     assert out.stderr.startswith("error: UDA_METHOD=source_only:") and "adaptsegnet, advent, proda" in out.stderr
     assert not (tmp_path / "data").exists() and out.stdout == ""
+
+
+@pytest.mark.slow
+def test_demo_script_runs_an_adversarial_method_from_the_export(tmp_path):
+    """UDA_METHOD=advent follows the table's protocol: from the export with the auxiliary head, not from the
+    source-only model; the summary names the method."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    env = {**os.environ, "DEMO_QUICK": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "UDA_METHOD": "advent"}
+    out = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(data), str(runs)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "7/7 [lane B] advent from the export" in out.stdout
+    cfg = yaml.safe_load((runs / "uda_advent" / "config.yaml").read_text())
+    assert cfg["method"] == "advent" and cfg["model"]["aux"] is True and cfg["model"]["init_from"] is None
+    assert cfg["model"]["weights"] == str(runs / "backbone.safetensors")
+    assert re.search(r"source-only \d+\.\d\d -> advent \d+\.\d\d", out.stdout)
