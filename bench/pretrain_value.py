@@ -163,7 +163,9 @@ def print_ablations(rows: dict) -> None:
             c = r["tasks"].get(t, {}).get(f)
             cells.append(f"{c['dino']:.2f} ({c['gain']:+.2f})" if c else "-")
         knn = f"{r['knn_top1_last']:.1f}" if r["knn_top1_last"] is not None else "-"
-        print(f"| {name} | {what or 'as configured'} | {r['steps'] or '-'} | {r['pretraining_minutes'] or '-'} | "
+        n = max((len(c["seeds"]) for t in r["tasks"].values() for c in t.values()), default=0)
+        label = f"{name} ({n} seeds)" if n > 1 else name
+        print(f"| {label} | {what or 'as configured'} | {r['steps'] or '-'} | {r['pretraining_minutes'] or '-'} | "
               f"{knn} | " + " | ".join(cells) + " |")
 
 

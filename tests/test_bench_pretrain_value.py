@@ -94,5 +94,5 @@ def test_the_ablation_summary_pairs_seeds_and_skips_itself(tmp_path, capsys):
     assert rows["pool"]["tasks"]["finetune"]["1/8"]["gain"] == -1.0
     pretrain_value.print_ablations(rows)
     out = capsys.readouterr().out
-    assert "| a | augment.channel_p=[0,0,0] | 1800 | 10.0 | 56.2 | 62.50 (+0.00) |" in out
+    assert "| a (2 seeds) | augment.channel_p=[0,0,0] | 1800 | 10.0 | 56.2 | 62.50 (+0.00) |" in out
     assert "| pool | data data/demo_pool | 1800 |" in out
