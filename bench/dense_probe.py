@@ -21,12 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from eo_ssl.pretrain import ProbeTransform
 
 from common.backbones import create_backbone
 from common.bands import resolve_sensors
@@ -76,16 +77,12 @@ def probe(train_maps, val_maps, y_train, y_val, num_classes, lam, max_pixels, se
 
 
 def load_split(root: Path, split: str, spec, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = spec.mean_array()[:, None, None], spec.std_array()[:, None, None]
+    """The split's tiles as the pretraining's k-NN probe reads them (:class:`eo_ssl.pretrain.ProbeTransform`)."""
     ds = stacked_segmentation_dataset(root, split, spec, image_dirs=["images"], mask_dir="masks",
-                                      num_classes=num_classes)
-    images, masks = [], []
-    for s in ds:
-        img = (np.asarray(s["image"], np.float32) - mean) / std
-        img[:, ~np.asarray(s["valid"], bool)] = 0.0
-        images.append(torch.from_numpy(np.ascontiguousarray(img, np.float32)))
-        masks.append(torch.as_tensor(np.asarray(s["mask"]), dtype=torch.long))
-    return torch.stack(images), torch.stack(masks)
+                                      num_classes=num_classes,
+                                      transform=ProbeTransform(spec.mean_array(), spec.std_array()))
+    samples = [ds[i] for i in range(len(ds))]
+    return torch.stack([s["image"] for s in samples]), torch.stack([s["mask"] for s in samples])
 
 
 @torch.no_grad()

@@ -170,15 +170,6 @@ def print_ablations(rows: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--ablations" in argv:  # a summary of the variants run so far: no run, no other option
-        rows = ablation_summary()
-        out = RESULTS / "pretrain_value_ablations.json"
-        out.write_text(json.dumps(rows, indent=1) + "\n")
-        print_ablations(rows)
-        print(f"wrote {out}")
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo")
     ap.add_argument("--pretrain", default=None, metavar="DIR",
@@ -201,8 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     add_table_arguments(ap, TASKS, "runs/bench_pretrain_value", "bench/results/pretrain_value[_<variant>].json")
     ap.add_argument("--ablations", action="store_true",
                     help="run nothing: print every variant's results side by side and write "
-                         "bench/results/pretrain_value_ablations.json (give no other option)")
+                         "bench/results/pretrain_value_ablations.json")
     args = ap.parse_args(argv)
+    if args.ablations:  # a summary of the variants run so far: nothing runs
+        rows = ablation_summary()
+        out = RESULTS / "pretrain_value_ablations.json"
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        print_ablations(rows)
+        print(f"wrote {out}")
+        return 0
     if (args.pretrain_override or args.finetune_override) and args.variant == "default":
         ap.error("--pretrain-override / --finetune-override make another variant: name it with --variant")
     if not args.no_dino and not args.quick and (args.pretrain is None) == (args.export is None):

@@ -179,7 +179,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return votes.argmax(1)
 
 
-class _ProbeTransform:
+class ProbeTransform:
+    """A probe sample: the image normalised with the run's statistics (invalid pixels 0) and its mask as tensors."""
+
     def __init__(self, mean: np.ndarray, std: np.ndarray):
         self.mean, self.std = mean[:, None, None], std[:, None, None]
 
@@ -219,7 +221,7 @@ def knn_probe(backbone: nn.Module, train_ds, val_ds, probe: ProbeConfig, device:
 
 def build_probe_sets(cfg: PretrainConfig, spec: SensorSpec):
     p = cfg.probe
-    tf = _ProbeTransform(spec.mean_array(), spec.std_array())
+    tf = ProbeTransform(spec.mean_array(), spec.std_array())
     if len(p.stack_image_dirs) != len(spec.parts[1:]):
         raise UserInputError(f"probe.stack_image_dirs: the {spec.name} data needs {len(spec.parts[1:])} stacked image "
                          f"director{'y' if len(spec.parts) == 2 else 'ies'} for the probe, got {list(p.stack_image_dirs)}")

@@ -76,3 +76,17 @@ def test_demo_script_runs_an_adversarial_method_from_the_export(tmp_path):
     assert cfg["method"] == "advent" and cfg["model"]["aux"] is True and cfg["model"]["init_from"] is None
     assert cfg["model"]["weights"] == str(runs / "backbone.safetensors")
     assert re.search(r"source-only \d+\.\d\d -> advent \d+\.\d\d", out.stdout)
+
+
+def test_the_demo_follows_the_adaptation_tables_protocol():
+    """scripts/demo.sh's adaptation stage mirrors bench/uda_demo.py: the methods it accepts, those it warm-starts
+    from source-only and those it gives the auxiliary head. A change to the table's protocol must change the demo."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import uda_demo
+
+    script = (REPO / "scripts" / "demo.sh").read_text()
+    accepted = set(uda_demo.METHODS) - {"source_only"}
+    assert f"  {'|'.join(sorted(accepted))}) ;;" in script
+    assert set(uda_demo.WARM_START) == accepted - set(uda_demo.EXTRA)  # the case's default: from source-only
+    assert all(v == ["model.aux=true"] for v in uda_demo.EXTRA.values())
+    assert f"    {'|'.join(sorted(uda_demo.EXTRA))}) uda_init=(\"$W\" model.aux=true)" in script
