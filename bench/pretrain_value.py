@@ -75,11 +75,15 @@ def _jobs(args, export: Path | None) -> list[dict]:
                 for init, init_over in inits.items():
                     task_over = LINEAR_PROBE if task == "linear_probe" else []
                     extra = list(args.finetune_override) if (task == "finetune" and init == "dino") else []
+                    extra += args.eval_override  # both inits: the architecture both rows fine-tune
                     name = f"{task}_{split}_{init}_s{seed}"
-                    # the random rows do not depend on the variant: one record for all of them
-                    record = f"pretrain_value/{'random' if init == 'random' else args.variant}/{name}"
+                    # the random rows do not depend on the variant (one record for all of them) unless the variant
+                    # changes the evaluation of both rows (--eval-override): then they are the variant's own
+                    shared = "random" if not args.eval_override else f"random_{args.variant}"
+                    group = args.variant if init == "dino" else shared
+                    record = f"pretrain_value/{group}/{name}"
                     jobs.append({"name": task, "fraction": frac, "init": init, "seed": seed, "config": config,
-                                 "out": str(Path(args.runs) / (args.variant if init == "dino" else "random") / name),
+                                 "out": str(Path(args.runs) / group / name),
                                  "record": record, "quick": args.quick,
                                  "overrides": [f"data.root={root}", "method=supervised", f"trainer.seed={seed}",
                                                f"data.labelled_split={split}", *FRACTION_OVERRIDES.get(frac, []),
@@ -130,6 +134,7 @@ def ablation_summary(results: Path = RESULTS) -> dict:
         knn = ((pre.get("curves") or {}).get("knn_top1") or [[None, None]])[-1][1]
         entry = {"file": path.name, "pretraining_data": pre.get("data"), "pretraining_run": pre.get("run"),
                  "pretraining_overrides": pre.get("overrides"), "finetune_overrides": variant.get("finetune_overrides"),
+                 "eval_overrides": variant.get("eval_overrides") or [],
                  "steps": pre.get("steps"), "pretraining_minutes": (round(pre["train_time_s"] / 60, 1)
                                                                      if pre.get("train_time_s") else None),
                  "knn_top1_last": knn, "tasks": {}}
@@ -156,7 +161,8 @@ def print_ablations(rows: dict) -> None:
             parts.append(f"data {r['pretraining_data']}")
         elif not r["pretraining_overrides"] and r["pretraining_run"]:  # an --export: the run it came from
             parts.append(f"export of {r['pretraining_run']}")
-        parts += [*(r["pretraining_overrides"] or []), *(f"FT {o}" for o in r["finetune_overrides"] or [])]
+        parts += [*(r["pretraining_overrides"] or []), *(f"FT {o}" for o in r["finetune_overrides"] or []),
+                  *(f"eval {o}" for o in r.get("eval_overrides") or [])]
         what = " ".join(parts)
         cells = []
         for t, f in cols:
@@ -186,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="default", help="name of the pretraining/evaluation variant (records, JSON)")
     ap.add_argument("--finetune-override", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides of the 'dino' fine-tuning runs (e.g. model.backbone_lr_mult=0.1)")
+    ap.add_argument("--eval-override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of every evaluation run, DINO and random alike (e.g. model.stem_pool=false with "
+                         "a --pretrain-override model.stem_pool=false export: random init gets the same stem); the "
+                         "random rows are then the variant's own")
     ap.add_argument("--no-dino", action="store_true", help="the random-init rows only (no export needed)")
     ap.add_argument("--fractions", nargs="+", default=list(FRACTIONS), choices=list(FRACTIONS),
                     help="label fractions to run (a screening of a variant: --fractions 1/8 --seeds 0)")
@@ -201,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print_ablations(rows)
         print(f"wrote {out}")
         return 0
-    if (args.pretrain_override or args.finetune_override) and args.variant == "default":
-        ap.error("--pretrain-override / --finetune-override make another variant: name it with --variant")
+    if (args.pretrain_override or args.finetune_override or args.eval_override) and args.variant == "default":
+        ap.error("--pretrain-override / --finetune-override / --eval-override make another variant: name it with "
+                 "--variant")
     if not args.no_dino and not args.quick and (args.pretrain is None) == (args.export is None):
         ap.error("give one of --pretrain DIR and --export FILE (or --no-dino)")
     if args.quick:
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                                                list(args.pretrain_override),
                                                (args.pretrain_data or args.data) if args.pretrain else None)
     table["variant"] = {"name": args.variant, "finetune_overrides": list(args.finetune_override),
+                        "eval_overrides": list(args.eval_override),
                         "export_sha256": weights_digest(export) if export is not None and export.is_file() else None}
     if not args.quick:
         default = RESULTS / ("pretrain_value.json" if args.variant == "default"

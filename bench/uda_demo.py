@@ -7,7 +7,10 @@ it.
         --seeds 0 1 2 --parallel 2                         # bench/results/uda_demo.json
     python bench/uda_demo.py --quick ...                   # 8 steps, batch 2, tiny backbone: a smoke test
 
-Rows: ``source_only`` (baseline), each method, ``target_supervised`` (``method=source_only`` trained on the target
+Rows: ``source_only`` (baseline), each method, ``<row>_tstats`` (:data:`TARGET_STATS_ROWS`: the method with
+``data.target.stats_file``, the target tiles normalised with the target domain's own statistics, which the script
+writes once per scenario with ``python -m common.stats --split`` over the target's training split into
+``<runs>/<scenario>/target_stats.json``), ``target_supervised`` (``method=source_only`` trained on the target
 domain's labelled tiles: the upper bound). ``proda`` (its stage 1) and ``selftrain`` start (``model.init_from``) from
 the ``source_only`` run of the same init and seed (:data:`WARM_START`); ``adaptsegnet`` and ``advent`` run with
 ``model.aux=true`` (their multi-level default). Results: ``{scenario: {method: {"dino"|"random": {seed: mIoU}}}}``,
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,10 +34,14 @@ from semisup_demo import _fmt, add_table_arguments, run_all
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-METHODS = ("source_only", "adaptsegnet", "advent", "proda", "selftrain")
+METHODS = ("source_only", "adaptsegnet", "advent", "proda", "selftrain", "source_only_tstats", "selftrain_tstats")
+TARGET_STATS_ROWS = {"source_only_tstats": "source_only", "selftrain_tstats": "selftrain"}
+"""Rows that add per-domain standardisation (``data.target.stats_file``) to a method: source-only (the same training
+as ``source_only``; only the target tiles' normalisation differs, no training on them) and self-training."""
 SCENARIOS = {"s2": ("demo_uda.yaml", "s2"), "s1": ("demo_uda_s1.yaml", "s1")}
+SENSORS = {"s2": "S2L2A", "s1": "S1"}
 EXTRA = {"adaptsegnet": ["model.aux=true"], "advent": ["model.aux=true"]}  # multi-level by default
-WARM_START = ("proda", "selftrain")
+WARM_START = ("proda", "selftrain", "selftrain_tstats")
 """Methods that continue from the source-only run of the same init and seed (``model.init_from``): ProDA by its
 recipe; self-training because in a 450-step run from the initial weights its teacher's pseudo-labels stay below the
 confidence threshold for most of the run (quality 0.001-0.17 over the first 300 steps) while the mixed and masked
@@ -53,6 +61,7 @@ def _jobs(args) -> tuple[list[dict], list[dict]]:
         config, sub = SCENARIOS[scenario]
         source = Path(args.data) / sub / "source"
         target = Path(args.data) / sub / "target"
+        tstats = [f"data.target.stats_file={target_stats_path(args, scenario)}"]
         inits = {"random": []}
         if scenario in exports:
             inits["dino"] = [f"model.weights={exports[scenario]}"]
@@ -68,19 +77,39 @@ def _jobs(args) -> tuple[list[dict], list[dict]]:
 
                 source_only = job("source_only", "source_only", init_over)
                 for m in args.methods:
+                    method = TARGET_STATS_ROWS.get(m, m)
+                    norm = tstats if m in TARGET_STATS_ROWS else []
                     if m in WARM_START:
-                        warm = job(m, m, [f"model.init_from={source_only['out']}", f"data.target.root={target}",
-                                          *EXTRA.get(m, [])])
+                        warm = job(m, method, [f"model.init_from={source_only['out']}", f"data.target.root={target}",
+                                               *EXTRA.get(method, []), *norm])
                         second.append({**warm, "init_job": source_only})  # keyed by the source-only record
                     elif m == "source_only":
                         first.append(source_only)
                     else:
-                        first.append(job(m, m, [*init_over, *EXTRA.get(m, [])]))
-                if "proda" in args.methods and "source_only" not in args.methods:
+                        first.append(job(m, method, [*init_over, *EXTRA.get(method, []), *norm]))
+                if any(m in WARM_START for m in args.methods) and "source_only" not in args.methods:
                     first.append(source_only)
                 first.append(job("target_supervised", "source_only", [*init_over, f"data.target.root={target}"],
                                  root=target))
     return first, second
+
+
+def target_stats_path(args, scenario: str) -> Path:
+    """Where the scenario's target statistics live (written by :func:`write_target_stats`)."""
+    return Path(args.runs) / scenario / "target_stats.json"
+
+
+def write_target_stats(args, scenario: str) -> Path:
+    """The target domain's band statistics over its training split (``python -m common.stats --split``), as a user
+    would write them for ``data.target.stats_file``; made once per runs directory."""
+    out = target_stats_path(args, scenario)
+    if not out.is_file():
+        target = Path(args.data) / SCENARIOS[scenario][1] / "target"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "common.stats", "--root", str(target / "images"), "--glob", "*.tif",
+               "--split", str(target / "splits" / "train_all.txt"), "--sensor", SENSORS[scenario], "--out", str(out)]
+        subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     for e in args.export:
         if "=" not in e or e.split("=", 1)[0] not in SCENARIOS:
             ap.error(f"--export takes SCENARIO=PATH with SCENARIO in {list(SCENARIOS)}, got {e!r}")
+    if any(m in TARGET_STATS_ROWS for m in args.methods):
+        for scenario in args.scenarios:
+            write_target_stats(args, scenario)
     first, second = _jobs(args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(first) + len(second)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)

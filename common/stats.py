@@ -1,6 +1,6 @@
 """Per-band mean/std in model units, streamed over a dataset, written as the stats file configs refer to.
 
-``python -m common.stats --root DIR [--glob '**/*.tif'] --sensor S2L2A [--bands B02 B03 ...] --out stats.json``
+``python -m common.stats --root DIR [--glob '**/*.tif'] [--split FILE] --sensor S2L2A [--bands B02 B03 ...] --out stats.json``
 
 ``--sensor`` also takes a YAML file: a config whose ``data.sensor`` (with ``data.input_units``) is used, e.g. a
 sensor defined as a mapping (HLS, Landsat, ...) that has no statistics yet, or a file holding such a mapping alone.
@@ -191,6 +191,26 @@ def sensor_from_argument(value: str, input_units: str | None = None) -> tuple[st
     return spec.with_input_units(input_units) if sdef.input_units is None else spec, None
 
 
+def split_files(root: str | Path, glob: str, split: str | Path) -> list[Path]:
+    """The GeoTIFFs under ``root`` (matching ``glob``) whose stems a split file lists, in the file's order.
+
+    Raises:
+        DataError: the split file is missing or empty, or lists an id without a file (the message names both).
+    """
+    split = Path(split)
+    if not split.is_file():
+        raise DataError(f"--split: {split} does not exist; give a split file of ids, one per line")
+    ids = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"--split: {split} lists no ids")
+    by_stem = {p.stem: p for p in sorted(Path(root).glob(glob)) if p.is_file()}
+    missing = [i for i in ids if i not in by_stem]
+    if missing:
+        raise DataError(f"--split: {len(missing)} id(s) of {split} have no file matching {glob!r} under {root} "
+                        f"(first: {missing[0]}); check --root / --glob")
+    return [by_stem[i] for i in ids]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; see the module docstring."""
     ap = argparse.ArgumentParser(prog="python -m common.stats", description=__doc__.split("\n\n")[0])
@@ -204,13 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bands", nargs="+", default=None, help="band names (default: all bands of the sensor)")
     ap.add_argument("--out", required=True, help="output JSON (the data.stats_file of configs)")
     ap.add_argument("--layout", default="auto", choices=("auto", "multiband", "band_files"))
+    ap.add_argument("--split", default=None, metavar="FILE",
+                    help="only the tiles whose ids (file stems) a split file lists, one per line (e.g. a target "
+                         "domain's training split for data.target.stats_file: its validation tiles left out)")
     ap.add_argument("--max-files", type=int, default=None, help="subsample this many files/patches")
     ap.add_argument("--offset", type=float, default=0, help="Sentinel-2 DN offset (-1000 for baseline >= 04.00)")
     args = ap.parse_args(argv)
     try:
         sensor, units = sensor_from_argument(args.sensor, args.input_units)
+        source: Any = args.root if args.split is None else split_files(args.root, args.glob, args.split)
         stats = compute_band_stats(
-            args.root, sensor, args.bands, glob=args.glob, layout=args.layout, max_samples=args.max_files,
+            source, sensor, args.bands, glob=args.glob, layout=args.layout, max_samples=args.max_files,
             offset=args.offset, input_units=units,
         )  # fmt: skip
         stats.to_json(args.out)

@@ -46,6 +46,11 @@ class SegTargetConfig:
     val_split: str | None = None  # target tiles with masks, for the report (null: none)
     store: str | None = None  # a store packed from this root (python -m common.store pack --target), read
     #                           instead of its image folders; splits resolve in it
+    stats_file: str | None = None  # the target domain's own band statistics (python -m common.stats --root
+    #                                <root>/images --split <root>/splits/<train_split>.txt): target tiles are then
+    #                                normalised with them instead of the source's (per-domain standardisation, an
+    #                                input-level alignment for calibration, season or soil-moisture shifts); null: the
+    #                                source normalisation. predict.py --domain target applies them.
 
 
 @dataclass(frozen=True)

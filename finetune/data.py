@@ -7,6 +7,10 @@ Roles (a method's ``streams`` name them; :func:`stream_dataset` builds one):
 * ``unlabelled``: ``data.unlabelled_split`` of ``data.root``, images only (no mask files needed);
 * ``target``: ``data.target.train_split`` of ``data.target.root``, images only (the target domain).
 
+Normalisation: every role reads with the run's sensor spec (``data.stats_file`` or the export's statistics), except
+that with ``data.target.stats_file`` the target tiles (the ``target`` stream, its plain passes and ``target_val``) are
+normalised with the target domain's own statistics (:func:`role_spec`): per-domain standardisation.
+
 Validation sets (:func:`validation_sets`): ``val`` (``data.val_split``; its metrics are reported unprefixed, e.g.
 ``mIoU``) and, for adaptation runs with ``data.target.val_split``, ``target_val`` (metrics ``target_val/mIoU``): a
 report of labels a real user lacks, so selecting a checkpoint on it is labelled ``"oracle"`` in ``metrics.json``.
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from common.bands import SensorSpec
+from common.bands import BandStats, SensorSpec
 from common.datasets import stacked_segmentation_dataset
 from common.device_aug import DecodedTiles, collate_decoded
 from common.engine import LoaderSpec
@@ -33,7 +37,7 @@ from common.store import store_segmentation
 from finetune.device_views import DeviceSegViews
 from finetune.transforms import MultiViewTransform, SegAugConfig, SegmentationTransform
 
-__all__ = ["ROLES", "stream_dataset", "stream_loader", "plain_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
+__all__ = ["ROLES", "role_spec", "stream_dataset", "stream_loader", "plain_dataset", "validation_sets", "segmentation_datasets", "band_units_of", "EvalTransform",
            "TARGET_PREFIX"]
 
 ROLES = ("labelled", "source", "unlabelled", "target")
@@ -100,6 +104,23 @@ def _source(data: Any, role: str) -> tuple[str, str, bool, tuple[str, str] | Non
     raise ValueError(f"unknown data role {role!r}; roles: {ROLES}")
 
 
+def role_spec(role: str, data: Any, spec: SensorSpec) -> SensorSpec:
+    """The sensor spec a role's tiles are normalised with: for ``target`` / ``target_val`` with
+    ``data.target.stats_file`` set, ``spec`` with the target domain's mean and std (per-domain standardisation);
+    otherwise ``spec``. A stats file that is missing, unreadable or lacks a model band is a :class:`UserInputError`
+    naming ``data.target.stats_file``."""
+    target = getattr(data, "target", None)
+    path = getattr(target, "stats_file", None) if role in ("target", "target_val") else None
+    if path is None:
+        return spec
+    fix = ("write it with python -m common.stats --root <target root>/images --split <target train split file> "
+           "--sensor <sensor> --out <file>, or set data.target.stats_file: null")
+    try:
+        return spec.with_stats(BandStats.from_json(path))
+    except (ValueError, KeyError) as exc:  # DataError is a ValueError; a band the file lacks
+        raise UserInputError(f"data.target.stats_file: {str(exc).rstrip('.')}; {fix}") from None
+
+
 def _tiles(root: str, split: str, spec: SensorSpec, store: tuple[str, str] | None, **kw: Any) -> Any:
     """The tiles of ``split``: from the image/mask folders of ``root``, or from a tile store packed from them."""
     if store is None:
@@ -114,6 +135,7 @@ def stream_dataset(role: str, data: Any, spec: SensorSpec, augment: SegAugConfig
     With ``augment.device`` cpu / cuda the tiles are only decoded: :func:`stream_loader` adds the views on the
     device."""
     root, default_split, labelled, store = _source(data, role)
+    spec = role_spec(role, data, spec)
     base = _tiles(root, split or default_split, spec, store, labelled=labelled, **_kw(data))
     base = _Strip(base)
     if data.cache:
@@ -145,6 +167,7 @@ def plain_dataset(role: str, data: Any, spec: SensorSpec) -> Any:
     stream's data in a method's hooks (prototype initialisation, class statistics for rare-class sampling). The
     engine hands them to methods as ``ctx.datasets["<role>_plain"]``, index for index the stream's tiles."""
     root, split, labelled, store = _source(data, role)
+    spec = role_spec(role, data, spec)
     return _tiles(root, split, spec, store, labelled=labelled, transform=EvalTransform(spec), **_kw(data))
 
 
@@ -157,8 +180,10 @@ def validation_sets(data: Any, spec: SensorSpec) -> dict[str, Any]:
     target = getattr(data, "target", None)
     if target is not None and target.val_split is not None:
         store = getattr(target, "store", None)
-        out["target_val"] = _tiles(target.root, target.val_split, spec,
-                                   (store, "data.target.store") if store else None, transform=EvalTransform(spec), **kw)
+        tspec = role_spec("target_val", data, spec)
+        out["target_val"] = _tiles(target.root, target.val_split, tspec,
+                                   (store, "data.target.store") if store else None, transform=EvalTransform(tspec),
+                                   **kw)
     return out
 
 

@@ -63,6 +63,8 @@ class ModelCard:
             sensor.
         stem_pool: False when the backbone was built without its ResNet stem max-pool (``model.stem_pool``
             resolved); cards written before the key had the pool.
+        target_mean / target_std: the target domain's normalisation of an adaptation run with
+            ``data.target.stats_file`` (``predict.py --domain target``); None otherwise.
     """
 
     path: str
@@ -85,6 +87,8 @@ class ModelCard:
     aspp_channels: int = 256
     decoder_channels: int = 256
     stem_pool: bool = True
+    target_mean: tuple[float, ...] | None = None
+    target_std: tuple[float, ...] | None = None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelCard":
@@ -115,6 +119,9 @@ class ModelCard:
         bands = tuple(str(b) for b in raw["bands"])
         num_classes = int(raw["num_classes"])
         names = raw["class_names"]
+        target = raw.get("target_normalisation")
+        if target is not None and not (isinstance(target, dict) and "mean" in target and "std" in target):
+            raise DataError(f"{path}: target_normalisation must be null or an object with 'mean' and 'std'")
         class_names = tuple(str(n) for n in names) if names else tuple(str(i) for i in range(num_classes))
         card = cls(
             path=str(path), method=str(raw["method"]), arch=str(raw["arch"]), version=str(raw["version"]),
@@ -126,6 +133,8 @@ class ModelCard:
             sensor_def=raw.get("sensor_def") if isinstance(raw.get("sensor_def"), dict) else None,
             aspp_channels=int(raw.get("aspp_channels", 256)), decoder_channels=int(raw.get("decoder_channels", 256)),
             stem_pool=bool(raw.get("stem_pool", True)),
+            target_mean=tuple(float(v) for v in target["mean"]) if target else None,
+            target_std=tuple(float(v) for v in target["std"]) if target else None,
         )  # fmt: skip
         card.validate()
         return card
@@ -138,12 +147,15 @@ class ModelCard:
             raise DataError(f"{where}: {len(self.class_names)} class_names for num_classes={self.num_classes}")
         if not self.bands:
             raise DataError(f"{where}: empty band list")
-        if not len(self.mean) == len(self.std) == len(self.bands):
-            raise DataError(f"{where}: normalisation has {len(self.mean)} means and {len(self.std)} stds for "
-                             f"{len(self.bands)} bands")
-        if not all(math.isfinite(s) and s > 0 for s in self.std) or not all(math.isfinite(m) for m in self.mean):
-            raise DataError(f"{where}: normalisation needs finite means and positive stds, got mean={self.mean} "
-                             f"std={self.std}")
+        for key, mean, std in (("normalisation", self.mean, self.std),
+                               ("target_normalisation", self.target_mean, self.target_std)):
+            if mean is None or std is None:
+                continue
+            if not len(mean) == len(std) == len(self.bands):
+                raise DataError(f"{where}: {key} has {len(mean)} means and {len(std)} stds for {len(self.bands)} "
+                                f"bands")
+            if not all(math.isfinite(s) and s > 0 for s in std) or not all(math.isfinite(m) for m in mean):
+                raise DataError(f"{where}: {key} needs finite means and positive stds, got mean={mean} std={std}")
 
     def sensor_spec(self) -> SensorSpec:
         """The sensor restricted to the model's bands (re-created from ``sensor_def`` when the card has one, else
@@ -172,7 +184,14 @@ def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, 
 
     from common.weights import Normalisation
 
+    from finetune.data import role_spec
+
     spec = inputs.spec
+    target = None
+    if getattr(getattr(data, "target", None), "stats_file", None) is not None:
+        tspec = role_spec("target", data, spec)
+        target = {"stats_file": data.target.stats_file, "mean": [float(v) for v in tspec.mean_array()],
+                  "std": [float(v) for v in tspec.std_array()]}
     atomic_write_json(run_dir / "model.json", {
         "method": method,
         "arch": model.arch,
@@ -190,6 +209,7 @@ def write_model_card(run_dir: Path, model: SegModelConfig, data: SegDataConfig, 
                          for p in spec.parts],
         "sensor_def": spec.to_dict(),  # predict re-creates the sensor (custom ones too) from it
         "normalisation": asdict(Normalisation.from_spec(spec, float(data.offset))),
+        "target_normalisation": target,  # data.target.stats_file's mean/std (predict.py --domain target)
         "state_dict_prefix": eval_prefix,
         "weights_init": inputs.weights,
     })

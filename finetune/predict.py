@@ -26,7 +26,8 @@ Per input:
        ``--read-ahead`` (2 on a GPU, 0 on the CPU) window rows ahead of the one being predicted, GDAL decoding with
        ``--io-threads`` threads; the raw values (file dtype: uint16 DN are half the bytes of float32) are pinned and copied to the
        device, where they are converted to model units (the sensor's conversion and the S2 DN offset) and
-       normalised with the run's mean/std (:func:`finetune.model_input.model_input`, the torch twin of
+       normalised with the run's mean/std (``--domain target``: the target domain's of an adaptation run trained
+       with ``data.target.stats_file``) (:func:`finetune.model_input.model_input`, the torch twin of
        :func:`common.bands.to_model_units` and :func:`finetune.transforms.normalise`: bit-identical to them except
        the dB conversions, equal to float rounding); nodata / NaN / inf pixels are invalid and 0 after
        normalisation, as in training.
@@ -127,6 +128,8 @@ __all__ = [
 ]
 
 CHECKPOINTS = ("best", "last")
+DOMAINS = ("source", "target")
+"""Whose statistics normalise the inputs: the run's training tiles, or an adaptation run's target domain."""
 """Checkpoint names of a run (``checkpoints/<name>.safetensors``)."""
 
 DEFAULT_WINDOW = 512
@@ -176,6 +179,8 @@ class RunModel:
         spec: the sensor restricted to the model's bands (conversion, nodata, raw bands to read).
         checkpoint: the weights file loaded.
         run_dir: the run directory.
+        domain: ``"source"`` (the card's ``normalisation``) or ``"target"`` (its ``target_normalisation``: the
+            target domain's statistics of an adaptation run with ``data.target.stats_file``).
     """
 
     net: nn.Module
@@ -183,14 +188,19 @@ class RunModel:
     spec: SensorSpec
     checkpoint: Path
     run_dir: Path
+    domain: str = "source"
 
     @property
     def num_classes(self) -> int:
         return self.card.num_classes
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(mean, std)`` float32 ``(C,)`` in model channel order."""
-        return np.asarray(self.card.mean, dtype=np.float32), np.asarray(self.card.std, dtype=np.float32)
+        """``(mean, std)`` float32 ``(C,)`` in model channel order, of :attr:`domain`."""
+        if self.domain == "target":
+            mean, std = self.card.target_mean, self.card.target_std
+        else:
+            mean, std = self.card.mean, self.card.std
+        return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
 
 
 def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
@@ -209,25 +219,34 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
     raise FileNotFoundError(f"{path}: checkpoint not found")
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str = "best") -> RunModel:
+def load_run_model(run_dir: str | Path, checkpoint: str = "best", domain: str = "source") -> RunModel:
     """Rebuild a run's network from ``model.json`` and load its weights strictly.
 
     Args:
         run_dir: run directory (holds ``model.json`` and ``checkpoints/``).
         checkpoint: ``"best"`` (falls back to ``"last"``, with a message on stderr, when the run has no best) or
             ``"last"``.
+        domain: ``"source"`` normalises inputs as the run's training tiles; ``"target"`` with the target domain's
+            statistics of an adaptation run trained with ``data.target.stats_file`` (imagery of that domain).
 
     Returns:
         :class:`RunModel` with the network in eval mode on the CPU.
 
     Raises:
         FileNotFoundError: ``model.json`` or the checkpoint is missing (the message names the path).
-        ValueError: the card is invalid, or the weights do not fit the network it describes.
+        ValueError: the card is invalid, the weights do not fit the network it describes, or ``domain="target"``
+            for a run without target statistics.
     """
     run_dir = Path(run_dir)
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run directory not found")
     card = ModelCard.from_json(run_dir / MODEL_CARD)
+    if domain == "target" and card.target_mean is None:
+        raise ValueError(f"{card.path}: --domain target needs a run adapted with data.target.stats_file (its model "
+                         f"card then holds target_normalisation); this run normalises every input with its training "
+                         f"statistics: leave out --domain target")
     spec = card.sensor_spec()
     ckpt = _checkpoint_path(run_dir, checkpoint)
     model_cfg = SegModelConfig(arch=card.arch, version=card.version,  # type: ignore[arg-type]
@@ -248,7 +267,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best") -> RunModel:
         raise ValueError(f"{ckpt}: the weights under {prefix!r} do not fit DeepLab {card.version} on {card.arch} "
                          f"({len(card.bands)} bands, {card.num_classes} classes) described by {card.path}: "
                          f"{exc}") from None
-    return RunModel(net=net.eval(), card=card, spec=spec, checkpoint=ckpt, run_dir=run_dir)
+    return RunModel(net=net.eval(), card=card, spec=spec, checkpoint=ckpt, run_dir=run_dir, domain=domain)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -849,9 +868,10 @@ def predict_file(
     device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> Prediction:
-    """Load a run (:func:`load_run_model`) and predict one raster (:func:`predict_raster`; ``kwargs`` are its
-    keyword-only options: ``batch_size``, ``block_width``, ``read_ahead``, ``io_threads``, ...)."""
-    run = load_run_model(run_dir, checkpoint)
+    """Load a run (:func:`load_run_model`; ``domain="target"`` in ``kwargs`` for the target normalisation) and
+    predict one raster (:func:`predict_raster`; the other ``kwargs`` are its keyword-only options: ``batch_size``,
+    ``block_width``, ``read_ahead``, ``io_threads``, ...)."""
+    run = load_run_model(run_dir, checkpoint, kwargs.pop("domain", "source"))
     return predict_raster(run, input_path, output_path, window=window, overlap=overlap,
                           probabilities=probabilities, device=device, **kwargs)
 
@@ -874,6 +894,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory, or a .tif file for a single input")
     p.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
                    help="weights to use (best falls back to last when the run has no best; default best)")
+    p.add_argument("--domain", default="source", choices=DOMAINS,
+                   help="normalise inputs with the run's training statistics (source, default) or, for an adaptation "
+                        "run trained with data.target.stats_file, with the target domain's (target)")
     p.add_argument("--probabilities", action="store_true", help="also write the per-class probabilities")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                    help=f"window side in px for scenes larger than one window (default {DEFAULT_WINDOW})")
@@ -900,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> list[Prediction]:
     """Command line; returns the predictions. Input, run and argument errors exit with status 2 and one message."""
     args = _parser().parse_args(argv)
     try:
-        run = load_run_model(args.run, args.checkpoint)
+        run = load_run_model(args.run, args.checkpoint, args.domain)
         inputs = find_inputs(args.input, _source_specs(run, args.stack_input)[0].raw_bands)
         outputs = output_paths(inputs, args.output)
         if args.read_ahead is not None and args.read_ahead < 0:

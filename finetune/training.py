@@ -27,7 +27,8 @@ from finetune.config import EvalConfig, LossConfig, SegDataConfig, SegModelConfi
 from finetune.evaluation import make_multi_evaluate
 from finetune.inputs import ResolvedInputs, build_loss, build_model, resolve_inputs
 from finetune.model_card import write_model_card
-from finetune.data import TARGET_PREFIX, band_units_of, plain_dataset, stream_dataset, stream_loader, validation_sets
+from finetune.data import (TARGET_PREFIX, band_units_of, plain_dataset, role_spec, stream_dataset, stream_loader,
+                           validation_sets)
 from finetune.methods import methods_for
 from finetune.methods.base import SegSetup
 from finetune.transforms import SegAugConfig
@@ -169,6 +170,12 @@ def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[
     inputs = _resolve(cfg, args.config)
     spec = inputs.spec
     d = cfg.data
+    target_stats = getattr(getattr(d, "target", None), "stats_file", None)
+    if target_stats is not None:
+        tspec = role_spec("target", d, spec)  # checked here: a bad file stops the run before anything starts
+        inputs.notes.append(f"target tiles normalised with {target_stats} (per-domain standardisation): "
+                            + ", ".join(f"{b} {m:.4g} +- {s:.4g}" for b, m, s in
+                                        zip(tspec.bands, tspec.mean_array(), tspec.std_array())))
     streams = {role: stream_dataset(role, d, spec, cfg.augment, cfg.trainer.seed,
                                     n_strong=method_cls.views.get(role, 0))
                for role in method_cls.streams}
@@ -181,8 +188,8 @@ def run(task: str, argv: list[str] | None, description: str, prog: str) -> dict[
     loaders = {}
     for role, ds in streams.items():
         unl = role in _UNLABELLED_STREAMS and d.unlabelled_batch_size is not None
-        loaders[role] = stream_loader(ds, d.unlabelled_batch_size if unl else d.batch_size, spec, cfg.augment,
-                                      n_strong=method_cls.views.get(role, 0),
+        loaders[role] = stream_loader(ds, d.unlabelled_batch_size if unl else d.batch_size, role_spec(role, d, spec),
+                                      cfg.augment, n_strong=method_cls.views.get(role, 0),
                                       batch_size_key="data.unlabelled_batch_size" if unl else "data.batch_size")
     plan = engine.plan(loaders)
     init = inputs.weights if inputs.weights else "random init"

@@ -15,7 +15,7 @@ import pretrain_value
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(data="/d", methods=list(pretrain_value.TASKS), seeds=[0, 1], runs="/runs", variant="default",
-                finetune_override=[], quick=False, fractions=list(pretrain_value.FRACTIONS))
+                finetune_override=[], eval_override=[], quick=False, fractions=list(pretrain_value.FRACTIONS))
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -46,6 +46,17 @@ def test_the_matrix_and_its_overrides(tmp_path):
     other = _by_name(pretrain_value._jobs(_args(variant="nochannel"), export))
     assert other[("finetune", "all", "random", 1)]["record"] == rnd["record"]
     assert other[("finetune", "all", "random", 1)]["overrides"] == rnd["overrides"]
+
+
+def test_an_evaluation_override_reaches_both_inits_and_gives_the_variant_its_own_random_rows(tmp_path):
+    export = tmp_path / "backbone.safetensors"
+    j = _by_name(pretrain_value._jobs(_args(variant="stem", eval_override=["model.stem_pool=false"]), export))
+    for init in ("dino", "random"):
+        for task in pretrain_value.TASKS:
+            assert "model.stem_pool=false" in j[(task, "1/8", init, 0)]["overrides"]
+    rnd = j[("finetune", "1/8", "random", 0)]
+    assert rnd["record"] == "pretrain_value/random_stem/finetune_labelled_1_8_random_s0"  # not the shared rows
+    assert rnd["out"] == "/runs/random_stem/finetune_labelled_1_8_random_s0"
 
 
 def test_random_rows_only_without_an_export():

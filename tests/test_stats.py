@@ -85,6 +85,23 @@ def test_stats_cli(tmp_path):
     assert main(["--root", str(tmp_path / "none"), "--out", str(tmp_path / "x.json")]) == 2
 
 
+def test_stats_of_a_split_read_only_the_listed_tiles(tmp_path, capsys):
+    root, arrays = _tiny_dir(tmp_path)
+    split = tmp_path / "train.txt"
+    split.write_text("x2\nx0\n")
+    out = tmp_path / "stats.json"
+    assert main(["--root", str(root), "--glob", "*.tif", "--split", str(split), "--bands", "B02", "--out",
+                 str(out)]) == 0
+    stats = BandStats.from_json(out)
+    mean, std, n = _numpy_stats([arrays[0], arrays[2]], [1])  # x1 left out
+    assert stats.count["B02"] == n and stats.source["samples"] == 2
+    np.testing.assert_allclose([stats.mean["B02"], stats.std["B02"]], [mean[0], std[0]], rtol=1e-6)
+    split.write_text("x0\nx9\n")  # an id without a file: named, exit 2
+    assert main(["--root", str(root), "--glob", "*.tif", "--split", str(split), "--out", str(out)]) == 2
+    assert "x9" in capsys.readouterr().err
+    assert main(["--root", str(root), "--split", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+
+
 def test_stats_on_real_bigearthnet(bigearthnet_s2, bigearthnet_s1, tmp_path):
     s2 = compute_band_stats(bigearthnet_s2, "S2L2A")
     assert s2.source["layout"] == "band_files" and s2.count["B01"] == 6 * 120 * 120

@@ -1,0 +1,40 @@
+"""bench/uda_demo.py: the runs of the adaptation table — warm starts from the source-only run of the same init and
+seed, the multi-level methods' auxiliary head, and the per-domain standardisation rows (data.target.stats_file)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import uda_demo
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(data="/d", methods=list(uda_demo.METHODS), seeds=[1], runs="/runs", quick=False, export=[],
+                scenarios=["s1"])
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_the_target_statistics_rows_are_their_method_with_the_scenarios_statistics():
+    first, second = uda_demo._jobs(_args())
+    jobs = {j["name"]: j for j in first + second}
+    stats = "data.target.stats_file=/runs/s1/target_stats.json"
+    assert "method=source_only" in jobs["source_only_tstats"]["overrides"] and stats in jobs["source_only_tstats"]["overrides"]
+    assert jobs["source_only_tstats"] in first  # trained as source-only: nothing to wait for
+    warm = jobs["selftrain_tstats"]
+    assert "method=selftrain" in warm["overrides"] and stats in warm["overrides"]
+    assert warm["init_job"]["record"] == jobs["source_only"]["record"] == "uda/s1/source_only_random_s1"
+    assert "model.init_from=/runs/s1/source_only_random_s1" in warm["overrides"]
+    assert warm["record"] == "uda/s1/selftrain_tstats_random_s1"
+    for name in ("source_only", "selftrain", "adaptsegnet", "proda", "target_supervised"):
+        assert not any(o.startswith("data.target.stats_file=") for o in jobs[name]["overrides"])
+    assert "model.aux=true" in jobs["adaptsegnet"]["overrides"]
+
+
+def test_a_warm_started_row_alone_brings_its_source_only_run():
+    first, second = uda_demo._jobs(_args(methods=["selftrain_tstats"]))
+    assert [j["name"] for j in first] == ["source_only", "target_supervised"]
+    assert [j["name"] for j in second] == ["selftrain_tstats"]
