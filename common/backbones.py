@@ -483,6 +483,7 @@ def create_embedding_backbone(
     pretrained_file: str | Path | None = None,
     band_map: tuple[Sequence[str], Sequence[str]] | None = None,
     stem_pool: bool = True,
+    output_stride: int | None = None,
     **kw: Any,
 ) -> nn.Module:
     """The plain timm model DINO trains: ``timm.create_model(arch, num_classes=0, in_chans=C)`` -> pooled ``(B, D)``.
@@ -498,6 +499,10 @@ def create_embedding_backbone(
         band_map: ``(file_bands, model_bands)`` for the first convolution.
         stem_pool: keep a timm ResNet's stem max-pool; ``False`` replaces it by ``nn.Identity`` (as
             :func:`create_backbone`; the ``state_dict`` keys stay those of the plain timm model).
+        output_stride: stride of the last feature map (``forward_features``), 8 or 16 by dilating the last stages
+            of a CNN of :data:`DILATED_FAMILIES` (vgg excluded), as the DeepLab backbone is (a dense pretraining
+            objective then sees the map fine-tuning uses); ``None``: the architecture's own (32; 16 without the
+            stem pool). The weights and ``state_dict`` are the same at every stride.
         **kw: further timm kwargs. ``pretrained=True`` is refused.
     """
     _check_no_hub(kw)
@@ -508,6 +513,16 @@ def create_embedding_backbone(
         extra.setdefault("dynamic_img_size", True)
     if not stem_pool:
         _check_stem_pool(arch, _source_kwargs(in_chans, extra))
+    if output_stride is not None:
+        if output_stride not in SUPPORTED_OUTPUT_STRIDES:
+            raise _output_stride_error(arch, output_stride, f"supported values are {SUPPORTED_OUTPUT_STRIDES}")
+        if timm_family(arch) not in DILATED_FAMILIES or timm_family(arch) == "vgg":
+            raise _output_stride_error(arch, output_stride, "only CNNs timm dilates take it here (vgg excluded)")
+        if not stem_pool and output_stride == NATURAL_OUTPUT_STRIDE:
+            raise _stem_pool_stride_error(arch)
+        timm_stride = output_stride if stem_pool else 2 * output_stride  # timm's stride before the pool goes
+        if timm_stride != NATURAL_OUTPUT_STRIDE:
+            extra["output_stride"] = timm_stride
     model = timm.create_model(arch, num_classes=0, in_chans=in_chans, **extra)
     if not stem_pool:
         _remove_stem_pool(model)

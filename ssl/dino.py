@@ -62,6 +62,12 @@ Deviations from the paper / reference code (the values the reference *code* uses
 * :func:`clip_gradients_per_parameter` returns the norms as one tensor (the reference calls ``.item()`` per
   parameter, one device sync each).
 * The number of global (teacher) views is a parameter of the loss functions (the reference hard-codes 2).
+
+Addition (not in the paper; off by default): ``dino.dense_weight > 0`` adds :class:`DenseDINOLoss`, the same
+self-distillation per location of the last feature map between the two global views, matched by DenseCL's feature
+correspondence, with its own head and center: ``L = (1 - lambda) L_DINO + lambda L_d``. With ``model.output_stride``
+16 the map is DeepLab's (3 x 3 locations on a 48 px crop for a ResNet). See the README's pretraining-value section
+for what it gave on the demo data.
 """
 
 from __future__ import annotations
@@ -98,6 +104,10 @@ __all__ = [
     "DINOHead",
     "MultiCropWrapper",
     "DINOLoss",
+    "backbone_tokens",
+    "match_locations",
+    "dense_cross_entropy",
+    "DenseDINOLoss",
     "N_GLOBAL_CROPS",
 ]
 
@@ -125,6 +135,8 @@ class DINOConfig:
     center_momentum: float = 0.9  # m (Eq. 4)
     momentum_teacher: float = 0.996  # lambda at step 0, cosine to 1 at the end (teacher EMA)
     freeze_last_layer: int = 1  # epochs during which the last layer's gradients are dropped
+    dense_weight: float = 0.0  # lambda of the dense term (this project's; 0: DINO as published, see DenseDINOLoss)
+    dense_out_dim: int = 1024  # K_d, output dimension of the dense head
 
     def validate(self) -> None:
         """Raise ``ValueError`` on impossible values."""
@@ -140,6 +152,10 @@ class DINOConfig:
             raise ValueError(f"center_momentum must be in [0, 1), got {self.center_momentum}")
         if not 0.0 <= self.momentum_teacher <= 1.0:
             raise ValueError(f"momentum_teacher must be in [0, 1], got {self.momentum_teacher}")
+        if not 0.0 <= self.dense_weight < 1.0:
+            raise ValueError(f"dense_weight must be in [0, 1) (0: no dense term), got {self.dense_weight}")
+        if self.dense_out_dim < 1:
+            raise ValueError(f"dense_out_dim must be >= 1, got {self.dense_out_dim}")
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -380,24 +396,41 @@ class MultiCropWrapper(nn.Module):
             ViTs with ``dynamic_img_size=True`` so that local views of another size pass). A tuple output (XCiT)
             contributes its first element.
         head: maps ``(N, D)`` to ``(N, K)``.
+        dense_head: optional head for the dense term (:class:`DenseDINOLoss`), applied to every location of the
+            backbone's last feature map.
 
     ``forward(views)`` takes a tensor or a list of ``(B, C, h_i, w_i)`` tensors and returns ``(len(views) * B, K)``,
-    view-major.
+    view-major. ``forward(views, dense_views=n)`` (with a ``dense_head``) also returns, for the first ``n`` views
+    (which must share the first resolution group), the last feature map's locations ``(n * B, L, D)``
+    (:func:`backbone_tokens`, from the same backbone pass) and the dense head's outputs on them ``(n * B, L, K_d)``.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, dense_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        if dense_head is not None:
+            self.dense_head = dense_head
 
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor], dense_views: int = 0
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         views = [x] if isinstance(x, torch.Tensor) else list(x)
+        if dense_views and not hasattr(self, "dense_head"):
+            raise ValueError("dense_views needs a wrapper built with a dense_head")
         features, start = [], 0
+        tokens = None
         while start < len(views):
             end = start + 1
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            out = self.backbone(torch.cat(views[start:end]) if end - start > 1 else views[start])
+            batch = torch.cat(views[start:end]) if end - start > 1 else views[start]
+            if start == 0 and dense_views:
+                if end < dense_views:
+                    raise ValueError(f"the first {dense_views} views must have the same size for the dense term")
+                out, tokens = backbone_tokens(self.backbone, batch)
+                tokens = tokens[: dense_views * views[0].shape[0]]
+            else:
+                out = self.backbone(batch)
             if isinstance(out, tuple):
                 out = out[0]
             if out.ndim != 2:
@@ -407,7 +440,57 @@ class MultiCropWrapper(nn.Module):
                 )
             features.append(out)
             start = end
-        return self.head(torch.cat(features) if len(features) > 1 else features[0])
+        head_out = self.head(torch.cat(features) if len(features) > 1 else features[0])
+        if not dense_views:
+            return head_out
+        n, length, dim = tokens.shape
+        return head_out, tokens, self.dense_head(tokens.reshape(n * length, dim)).reshape(n, length, -1)
+
+
+def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of a timm ``num_classes=0`` model: its pooled features ``(N, D)`` (``forward_head`` of
+    ``forward_features``: what ``backbone(x)`` returns) and the locations of its last feature map ``(N, L, D)`` (a
+    CNN's ``(N, D, h, w)`` map flattened row-major, ``L = h w``; a ViT's patch tokens, prefix tokens left out)."""
+    maps = backbone.forward_features(x)
+    pooled = backbone.forward_head(maps)
+    if maps.ndim == 4:
+        tokens = maps.flatten(2).transpose(1, 2)
+    elif maps.ndim == 3:
+        tokens = maps[:, int(getattr(backbone, "num_prefix_tokens", 0)):]
+    else:
+        raise ValueError(f"forward_features returned shape {tuple(maps.shape)}; the dense term needs (N, D, h, w) "
+                         f"maps or (N, L, D) tokens")
+    return pooled, tokens
+
+
+@torch.no_grad()
+def match_locations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """For every location of view ``a``, the index of the location of view ``b`` of the same image with the most
+    cosine-similar feature (DenseCL's correspondence): ``a`` ``(B, L_a, D)``, ``b`` ``(B, L_b, D)`` -> ``(B, L_a)``
+    int64."""
+    sim = torch.bmm(F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1).transpose(1, 2))
+    return sim.argmax(dim=-1)
+
+
+def dense_cross_entropy(student_dense: Sequence[torch.Tensor], teacher_probs_views: Sequence[torch.Tensor],
+                        matches: dict[tuple[int, int], torch.Tensor], student_temp: float) -> torch.Tensor:
+    """The dense term: for each ordered pair ``(a, b)`` of global views, every location ``i`` of the student's view
+    ``a`` is trained towards the teacher's distribution at its matched location ``m_ab(i)`` of view ``b``:
+    ``L_d = mean_{(a,b)} mean_{n,i} H(P_t^b[n, m_ab(n, i)], P_s^a[n, i])``.
+
+    Args:
+        student_dense: per global view ``(B, L, K_d)`` student dense logits.
+        teacher_probs_views: per global view ``(B, L, K_d)`` teacher probabilities (centred, sharpened).
+        matches: ``{(a, b): (B, L) indices into view b}`` (:func:`match_locations` of the teacher's features).
+        student_temp: ``tau_s``.
+    """
+    total, n_terms = student_dense[0].new_zeros((), dtype=torch.float32), 0
+    for (a, b), idx in matches.items():
+        log_p = F.log_softmax(student_dense[a].float() / student_temp, dim=-1)
+        q = torch.gather(teacher_probs_views[b], 1, idx.unsqueeze(-1).expand(-1, -1, teacher_probs_views[b].shape[-1]))
+        total = total + torch.sum(-q * log_p, dim=-1).mean()
+        n_terms += 1
+    return total / n_terms
 
 
 class DINOLoss(nn.Module):
@@ -508,6 +591,52 @@ class DINOLoss(nn.Module):
         return loss, stats
 
 
+class DenseDINOLoss(nn.Module):
+    """A dense self-distillation term beside DINO's (this project's; off by default, ``dino.dense_weight: 0``).
+
+    DINO's loss trains the pooled feature only. For segmentation the per-location features of the last map matter
+    (what DeepLab's head reads), so the same centring and sharpening is applied per location between the two global
+    views: a dense head (a :class:`DINOHead` of output ``K_d`` on every location, :class:`MultiCropWrapper`'s
+    ``dense_head``) and, because the views' crop geometry is not tracked, DenseCL's correspondence (Wang et al.,
+    "Dense Contrastive Learning for Self-Supervised Visual Pre-Training", CVPR 2021): each location of one view is
+    matched to the most cosine-similar location of the other view in the *teacher's* backbone features
+    (:func:`match_locations`; DenseCL matches query and key encoder features). With ``lambda = dense_weight``:
+
+    ``L = (1 - lambda) L_DINO + lambda L_d``, ``L_d`` of :func:`dense_cross_entropy` (DenseCL's mixing, lambda 0.5
+    there), with its own center ``c_d`` (Eq. 4 over all locations of the teacher's global views) and DINO's
+    temperatures and schedule.
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, student_temp: float, center_momentum: float):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def loss_and_stats(self, student_dense: torch.Tensor, teacher_dense: torch.Tensor, teacher_tokens: torch.Tensor,
+                       teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``student_dense`` / ``teacher_dense`` ``(2 B, L, K_d)`` and ``teacher_tokens`` ``(2 B, L, D)``, view-major
+        over the two global views; the loss with the current center and the dense teacher entropy."""
+        k = teacher_dense.shape[-1]
+        p_t = teacher_probs(teacher_dense.reshape(-1, k), self.center, teacher_temp).reshape(teacher_dense.shape)
+        t_views = teacher_tokens.chunk(N_GLOBAL_CROPS)
+        matches = {(a, b): match_locations(t_views[a], t_views[b])
+                   for a in range(N_GLOBAL_CROPS) for b in range(N_GLOBAL_CROPS) if a != b}
+        loss = dense_cross_entropy(student_dense.chunk(N_GLOBAL_CROPS), p_t.chunk(N_GLOBAL_CROPS), matches,
+                                   self.student_temp)
+        with torch.no_grad():
+            entropy = _entropy(p_t.reshape(-1, k), _safe_log(p_t.reshape(-1, k)))
+        return loss, {"dense_loss": loss.detach(), "dense_teacher_entropy": entropy}
+
+    @torch.no_grad()
+    def update_center(self, teacher_dense: torch.Tensor) -> None:
+        """Eq. (4) for ``c_d`` over every location of the teacher's global views (all processes)."""
+        self.center.mul_(self.center_momentum).add_(batch_center(teacher_dense.reshape(-1, teacher_dense.shape[-1])),
+                                                    alpha=1.0 - self.center_momentum)
+
+
 # ---------------------------------------------------------------------------------------------- the method
 class DINOMethod(Method):
     """DINO as a :class:`common.method.Method`: student, EMA teacher and loss (with its center) in one module, so
@@ -541,12 +670,20 @@ class DINOMethod(Method):
             return DINOHead(dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers, cfg.use_bn_in_head,
                             norm_last_layer)
 
-        self.student = MultiCropWrapper(student, head(cfg.norm_last_layer))
-        self.teacher = MultiCropWrapper(teacher, head(True))
+        def dense_head(norm_last_layer: bool) -> DINOHead | None:
+            if cfg.dense_weight <= 0:
+                return None
+            return DINOHead(dim, cfg.dense_out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers,
+                            cfg.use_bn_in_head, norm_last_layer)
+
+        self.student = MultiCropWrapper(student, head(cfg.norm_last_layer), dense_head(cfg.norm_last_layer))
+        self.teacher = MultiCropWrapper(teacher, head(True), dense_head(True))
         self.teacher.load_state_dict(self.student.state_dict())  # teacher and student start equal
         self.teacher.requires_grad_(False)
         self.loss_fn = DINOLoss(cfg.out_dim, num_crops, cfg.warmup_teacher_temp, cfg.teacher_temp,
                                 cfg.warmup_teacher_temp_epochs, epochs, cfg.student_temp, cfg.center_momentum)
+        self.dense_loss = (DenseDINOLoss(cfg.dense_out_dim, cfg.student_temp, cfg.center_momentum)
+                           if cfg.dense_weight > 0 else None)
         self.cfg = cfg
         self.rgb = rgb
         self.momentum = teacher_momentum_schedule(cfg.momentum_teacher, total_steps)
@@ -566,12 +703,28 @@ class DINOMethod(Method):
 
     def training_step(self, batch: dict, ctx) -> dict[str, torch.Tensor]:
         crops = batch["tiles"]
+        if self.dense_loss is not None:
+            return self._dense_step(crops, ctx.epoch)
         with torch.no_grad():
             teacher_out = self.teacher(crops[:N_GLOBAL_CROPS])
         student_out = self.wrapped("student")(crops)
         loss, stats = self.loss_fn.loss_and_stats(student_out, teacher_out, ctx.epoch)  # loss and monitors
         self.loss_fn.update_center(teacher_out)
         return {"loss": loss, **stats}
+
+    def _dense_step(self, crops: Sequence[torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+        """DINO's step with :class:`DenseDINOLoss`: the global views' feature maps come from the same backbone
+        passes as their pooled features; ``loss = (1 - lambda) L_DINO + lambda L_d``, both centers updated after."""
+        with torch.no_grad():
+            teacher_out, teacher_tokens, teacher_dense = self.teacher(crops[:N_GLOBAL_CROPS], dense_views=N_GLOBAL_CROPS)
+        student_out, _, student_dense = self.wrapped("student")(crops, dense_views=N_GLOBAL_CROPS)
+        loss, stats = self.loss_fn.loss_and_stats(student_out, teacher_out, epoch)
+        dense, dense_stats = self.dense_loss.loss_and_stats(student_dense, teacher_dense, teacher_tokens,
+                                                            self.loss_fn.teacher_temp(epoch))
+        self.loss_fn.update_center(teacher_out)
+        self.dense_loss.update_center(teacher_dense)
+        w = self.cfg.dense_weight
+        return {"loss": (1.0 - w) * loss + w * dense, "dino_loss": loss.detach(), **stats, **dense_stats}
 
     def before_optimizer_step(self, name: str, step: int, epoch: int) -> None:
         cancel_last_layer_gradients(epoch, self.student, self.cfg.freeze_last_layer)

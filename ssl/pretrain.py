@@ -104,6 +104,9 @@ class PretrainModelConfig:
     init_file: str | None = None  # continue from local weights (a previous export or timm file), strict
     stem_pool: bool = True  # false: a ResNet stem without its 3x3/2 max-pool (stride 2, not 4: small crops keep
     #                         more than 1x1 features); same weights, recorded in the export for fine-tuning
+    output_stride: int | None = None  # 8 or 16: dilate the last stages (CNNs) so the last feature map has this
+    #                                   stride, as DeepLab's backbone; for dino.dense_weight > 0 (more locations
+    #                                   per crop). Same weights; null: the architecture's own (32)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,8 @@ class PretrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
+        if self.model.output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"model.output_stride must be 8, 16, 32 or null, got {self.model.output_stride}")
         if self.probe.root is not None and self.trainer.best_metric not in (None, "knn_top1"):
             raise ValueError("trainer.best_metric of a pretraining run can only be knn_top1 (with a probe) or null")
         if self.probe.root is None and self.trainer.best_metric is not None:
@@ -354,9 +359,15 @@ def build_method(cfg: PretrainConfig, in_chans: int, epochs: int | None = None, 
     epochs = epochs or cfg.trainer.epochs or max(cfg.dino.warmup_teacher_temp_epochs, 1)
     total_steps = total_steps or epochs
     m = cfg.model
-    student = create_embedding_backbone(m.arch, in_chans, drop_path_rate=m.drop_path_rate,
-                                        pretrained_file=m.init_file, stem_pool=m.stem_pool)
-    teacher = create_embedding_backbone(m.arch, in_chans, stem_pool=m.stem_pool)
+    try:
+        student = create_embedding_backbone(m.arch, in_chans, drop_path_rate=m.drop_path_rate,
+                                            pretrained_file=m.init_file, stem_pool=m.stem_pool,
+                                            output_stride=m.output_stride)
+        teacher = create_embedding_backbone(m.arch, in_chans, stem_pool=m.stem_pool, output_stride=m.output_stride)
+    except ValueError as exc:
+        if m.output_stride is None or "output_stride" not in str(exc):
+            raise
+        raise UserInputError(f"model.output_stride: {exc}") from None
     return DINOMethod(cfg.dino, student, teacher, cfg.augment.num_crops, epochs, total_steps, rgb=rgb)
 
 
