@@ -24,6 +24,7 @@ from finetune.methods.base import SegSetup
 from finetune.methods.common import mix
 from finetune.methods.selftrain import (
     SelfTrain,
+    align_distribution,
     SelfTrainConfig,
     block_masks,
     check_mic_blocks,
@@ -55,6 +56,17 @@ def test_quality_weight_is_the_share_of_confident_valid_pixels():
     assert torch.allclose(weights, torch.tensor([[[1 / 3, 1 / 3, 0.0, 1 / 3]]]))
     _, _, q = quality_pseudo_labels(logits, valid, 0.7)
     assert q.item() == pytest.approx(2 / 3)
+
+
+def test_distribution_alignment_by_hand():
+    # one pixel p = (0.6, 0.3, 0.1); pi_s = (0.2, 0.3, 0.5); pbar_t = (0.5, 0.3, 0.2): ratio (0.4, 1, 2.5)
+    # -> (0.24, 0.30, 0.25) / 0.79: the argmax moves from class 0 to class 1
+    probs = torch.tensor([0.6, 0.3, 0.1]).reshape(1, 3, 1, 1)
+    out = align_distribution(probs, torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.5, 0.3, 0.2]))
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.24, 0.30, 0.25]) / 0.79)
+    # a class the running mean has never seen keeps weight 0 (no division by zero): ratio (0.4, 0.6, 0)
+    out = align_distribution(probs, torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.5, 0.5, 0.0]))
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.24, 0.18, 0.0]) / 0.42)
 
 
 def test_classmix_masks_are_exactly_the_chosen_classes_pixels():
@@ -202,6 +214,27 @@ def test_step_with_and_without_an_export_backbone():
     assert plain.sampling_weights("target", 0) is None
 
 
+def test_distribution_alignment_keeps_a_running_mean_of_the_teachers_valid_target_pixels():
+    setup = SegSetup(3, build_segmentation_loss("ce", 3), make_model=lambda: _model(1))
+    method = SelfTrain(SelfTrainConfig(mic_block_size=8, distribution_alignment=True, da_momentum=0.9), _model(),
+                       setup).train()
+    method.da_source_prior.copy_(torch.tensor([0.5, 0.3, 0.2]))
+    means = []
+    for seed in (0, 1):
+        batch = _batch(seed)
+        with torch.no_grad():
+            p = method.teacher(batch["target"]["image"], return_aux=False).logits.float().softmax(1)
+        v = batch["target"]["valid"]
+        means.append(p.permute(1, 0, 2, 3)[:, v].mean(1))  # over valid pixels only
+        method.forward(batch)
+        if seed == 0:  # the first batch sets pbar_t as it is
+            torch.testing.assert_close(method.da_target_mean, means[0])
+    torch.testing.assert_close(method.da_target_mean, 0.9 * means[0] + 0.1 * means[1])
+    assert {"da_source_prior", "da_target_mean"} <= set(method.state_dict())  # checkpointed
+    with pytest.raises(ValueError, match="da_momentum"):
+        SelfTrainConfig(da_momentum=1.5).validate()
+
+
 def test_more_target_than_source_tiles_pair_them_cyclically():
     """data.unlabelled_batch_size != data.batch_size: target tile i is mixed with source tile i mod B_s (the
     reference's batches are equal). 3 target tiles, 2 source tiles: tile 2 gets source tile 0's classes."""
@@ -263,6 +296,19 @@ def test_run_without_an_export_reports_target_entropy(run, capsys):
     assert "loss_fd" not in final["train"]
     state = load_file(str(run / "checkpoints" / "last.safetensors"))
     assert any(k.startswith("teacher.") for k in state) and not any(k.startswith("fd_backbone.") for k in state)
+
+
+def test_a_run_with_distribution_alignment_takes_the_source_prior_from_the_masks(tiny_demo, tmp_path, capsys):
+    from finetune.uda import main
+
+    out = tmp_path / "run"
+    main(["--config", CONFIG, "--output-dir", str(out), *_tiny(tiny_demo / "s2" / "source", steps=2),
+          "selftrain.distribution_alignment=true", "trainer.eval_every=2"])
+    assert "distribution alignment to the source pixel classes" in capsys.readouterr().out
+    state = load_file(str(out / "checkpoints" / "last.safetensors"))
+    prior, mean = state["da_source_prior"], state["da_target_mean"]
+    assert prior.sum().item() == pytest.approx(1.0) and mean.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert (prior > 0).sum() >= 2
 
 
 def test_run_with_an_export_keeps_the_frozen_backbone(tiny_demo, tmp_path):

@@ -24,6 +24,11 @@ Equation map:
     Pseudo-labels (teacher on the weak target view, no gradient):
         yhat = argmax softmax f_t(x_t);  q = |{p valid: max softmax >= tau}| / |{p valid}|  (DAFormer's quality)
         w_p = q * v_p                                                 -> :func:`quality_pseudo_labels`
+    Distribution alignment (optional, ``distribution_alignment``; ReMixMatch, Berthelot et al., ICLR 2020, Sec. 3.2,
+    as CBST / DA for classes a source model never predicts on the target): the teacher's probabilities p are
+        p~ = normalise(p * pi_s / pbar_t) before the argmax and the confidence above, pi_s the source pixel
+        class distribution (train start), pbar_t a running mean (momentum ``da_momentum``, first batch as is)
+        of the teacher's mean p over valid target pixels (all-reduced)   -> :func:`align_distribution`
     ClassMix (DACS): per source sample, ceil(n / 2) of its n labelled classes, M = [y_s in chosen]
         x_m = M x_s^1 + (1 - M) x_t^1,  y_m = M y_s + (1 - M) yhat,  w_m = M 1 + (1 - M) w
                                                                       -> :func:`classmix_masks`, ``mix``
@@ -75,6 +80,9 @@ Deviations from the reference code:
       is printed; the export is recognised by the frozen copy's backbone equalling the student's initial one.
       With ``fd_classes`` unset only cells with a dominant labelled class count (the reference: every feature
       cell); ``fd_classes`` names the thing/rare classes (DAFormer's Cityscapes thing classes 6, 7, 11-18).
+    * Distribution alignment is not in DAFormer / MIC (an option, off by default): its target prior is the source
+      labels' class distribution, an assumption that holds for a region or sensor shift of the same land cover and
+      not for a change of the class mix.
     * Mixed / masked losses use plain pixel-weighted cross-entropy (the reference's ``seg_weight``), not the
       run's ``loss`` section (OHEM / Dice do not take pixel weights).
 """
@@ -97,7 +105,7 @@ from finetune.methods.base import SegMethod
 from finetune.methods.common import bn_stats_frozen, export_backbone_copy, mix, normalised_entropy, target_entropy
 from finetune.methods.mean_teacher import ema_decay_at
 
-__all__ = ["SelfTrainConfig", "SelfTrain", "quality_pseudo_labels", "classmix_masks", "block_masks", "weighted_ce",
+__all__ = ["SelfTrainConfig", "SelfTrain", "quality_pseudo_labels", "align_distribution", "classmix_masks", "block_masks", "weighted_ce",
            "feature_distance_mask", "masked_feature_distance", "rare_class_probabilities",
            "rare_class_tile_weights", "class_pixel_counts", "normalised_entropy", "target_entropy",
            "export_backbone_copy"]  # the last three re-exported from finetune.methods.common
@@ -108,17 +116,29 @@ __all__ = ["SelfTrainConfig", "SelfTrain", "quality_pseudo_labels", "classmix_ma
 # ------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def quality_pseudo_labels(logits: torch.Tensor, valid: torch.Tensor, threshold: float,
-                          ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DAFormer's pseudo-labels of teacher logits ``(B, K, H, W)``: ``(labels, weights, q)``.
+                          ignore_index: int = IGNORE_INDEX, probs: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DAFormer's pseudo-labels of teacher logits ``(B, K, H, W)``: ``(labels, weights, q)`` (of ``probs`` instead
+    of ``softmax(logits)`` when given, e.g. aligned ones).
 
     ``labels = argmax softmax`` (``ignore_index`` on invalid pixels), ``q`` = the fraction of valid pixels whose
     confidence is at least ``threshold`` (one scalar for the batch) and ``weights = q`` on valid pixels, 0 elsewhere.
     """
-    conf, labels = logits.float().softmax(1).max(1)
+    conf, labels = (logits.float().softmax(1) if probs is None else probs).max(1)
     valid = valid.bool()
     q = ((conf >= threshold) & valid).sum() / valid.sum().clamp_min(1)
     labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     return labels, q * valid.float(), q
+
+
+@torch.no_grad()
+def align_distribution(probs: torch.Tensor, source_prior: torch.Tensor, target_mean: torch.Tensor) -> torch.Tensor:
+    """ReMixMatch's distribution alignment of ``(B, K, H, W)`` probabilities: each pixel's ``p * pi_s / pbar_t``
+    renormalised over the classes (``source_prior`` and ``target_mean`` ``(K,)``; a class with ``pbar_t = 0`` keeps
+    weight 0)."""
+    ratio = torch.where(target_mean > 0, source_prior / target_mean.clamp_min(1e-12), torch.zeros_like(target_mean))
+    aligned = probs * ratio.view(1, -1, 1, 1).to(probs.dtype)
+    return aligned / aligned.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def classmix_masks(labels: torch.Tensor, generator: torch.Generator,
@@ -260,11 +280,13 @@ class SelfTrainConfig:
     fd_classes: tuple[int, ...] | None = None  # classes the FD applies to (None: every labelled class)
     fd_min_ratio: float = 0.75  # share of a feature cell its class must cover (imnet_feature_dist_scale_min_ratio)
     aux_weight: float = 0.4  # lambda_aux: auxiliary-head loss on the source (model.aux only)
+    distribution_alignment: bool = False  # align the teacher's target class distribution to the source's (ReMixMatch)
+    da_momentum: float = 0.99  # momentum of the running mean of the teacher's target class distribution
     entropy_batch_size: int = 8  # batch size of the target_entropy pass at evaluation
     entropy_max_tiles: int | None = None  # target tiles of that pass (first N; None: all)
 
     def validate(self) -> None:
-        for key in ("ema_decay", "threshold"):
+        for key in ("ema_decay", "threshold", "da_momentum"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"selftrain.{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0.0 <= self.mic_ratio < 1.0:
@@ -313,6 +335,9 @@ class SelfTrain(SegMethod):
             else:
                 self.fd_backbone = fresh.backbone.requires_grad_(False)
                 self.fd_note = "selftrain: feature distance to the frozen backbone of model.weights"
+        # distribution alignment: pi_s (from the source masks at train start) and pbar_t (running), checkpointed
+        self.register_buffer("da_source_prior", torch.zeros(k))
+        self.register_buffer("da_target_mean", torch.zeros(k))
         self._rcs_weights: np.ndarray | None = None
         self._rcs_ready = False
         self._target_tiles = None
@@ -328,12 +353,21 @@ class SelfTrain(SegMethod):
     def on_train_start(self, ctx) -> None:
         self._target_tiles = ctx.datasets["target_plain"]
         ctx.print(self.fd_note)
-        if self.cfg.rcs:
-            self._init_rare_class_sampling(ctx)
+        if self.cfg.rcs or self.cfg.distribution_alignment:
+            counts, pixels = self._source_class_counts(ctx)
+            if self.cfg.rcs:
+                self._init_rare_class_sampling(ctx, counts, pixels)
+            if self.cfg.distribution_alignment:
+                total = counts.sum(0)
+                self.da_source_prior.copy_((total / total.sum().clamp_min(1)).to(self.da_source_prior))
+                names = self.setup.class_names or tuple(str(c) for c in range(len(total)))
+                ctx.print("selftrain: distribution alignment to the source pixel classes: " + ", ".join(
+                    f"{n} {float(v):.3f}" for n, v in zip(names, self.da_source_prior)))
         self._rcs_ready = True
 
     @torch.no_grad()
-    def _init_rare_class_sampling(self, ctx) -> None:
+    def _source_class_counts(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, K)`` pixels of each class and ``(N,)`` pixels of every source tile (one pass, all processes)."""
         ds = ctx.datasets["source_plain"]
         k = self.setup.num_classes
         counts = torch.zeros(len(ds), k, dtype=torch.float64, device=ctx.device)
@@ -343,7 +377,11 @@ class SelfTrain(SegMethod):
             mask, valid = batch["mask"].to(ctx.device), batch["valid"].to(ctx.device)
             counts[idx] = class_pixel_counts(mask, valid, k)
             pixels[idx] = float(mask.shape[-2] * mask.shape[-1])
-        counts, pixels = ctx.reduce(counts, "sum"), ctx.reduce(pixels, "sum")  # each tile on exactly one process
+        return ctx.reduce(counts, "sum"), ctx.reduce(pixels, "sum")  # each tile on exactly one process
+
+    @torch.no_grad()
+    def _init_rare_class_sampling(self, ctx, counts: torch.Tensor, pixels: torch.Tensor) -> None:
+        k = self.setup.num_classes
         weights, p = rare_class_tile_weights(counts.cpu(), pixels.cpu(), self.cfg.rcs_temperature,
                                              self.cfg.rcs_min_fraction)
         self._rcs_weights = weights
@@ -371,6 +409,20 @@ class SelfTrain(SegMethod):
     def after_optimizer_step(self, step: int, epoch: int) -> None:
         ema_update_(self.teacher, self.model, ema_decay_at(step, self.cfg.ema_decay, self.cfg.ema_warmup),
                     copy_buffers=True)
+
+    @torch.no_grad()
+    def _aligned(self, probs: torch.Tensor, valid: torch.Tensor, ctx) -> torch.Tensor:
+        """Update ``pbar_t`` with this batch's mean teacher distribution over valid pixels (all processes; the first
+        batch sets it) and return the aligned probabilities."""
+        v = valid.to(probs.dtype).unsqueeze(1)
+        stats = torch.cat([(probs * v).sum((0, 2, 3)), v.sum().reshape(1)]).double()
+        stats = ctx.reduce(stats, "sum").to(self.da_target_mean)
+        mean = stats[:-1] / stats[-1].clamp_min(1)
+        old = self.da_target_mean
+        m = torch.where(old.sum() > 0, torch.full_like(stats[-1], self.cfg.da_momentum), torch.zeros_like(stats[-1]))
+        # no device sync: a batch without valid pixels leaves pbar_t as it was
+        self.da_target_mean.copy_(torch.where(stats[-1] > 0, m * old + (1.0 - m) * mean, old))
+        return align_distribution(probs, self.da_source_prior, self.da_target_mean)
 
     # ---- one step
     def training_step(self, batch: dict, ctx) -> dict[str, torch.Tensor]:
@@ -401,7 +453,8 @@ class SelfTrain(SegMethod):
         # 2. teacher pseudo-labels of the weak target view, DAFormer's quality weight
         with torch.no_grad():
             t_logits = self.teacher(x_t, return_aux=False).logits
-        labels, weights, q = quality_pseudo_labels(t_logits, v_t, cfg.threshold)
+            probs = self._aligned(t_logits.float().softmax(1), v_t, ctx) if cfg.distribution_alignment else None
+        labels, weights, q = quality_pseudo_labels(t_logits, v_t, cfg.threshold, probs=probs)
 
         # 3. ClassMix: half of each source sample's classes pasted onto the target (strong views); target tile i
         #    gets source tile i mod B_s (the reference's batches are equal: i with i)
