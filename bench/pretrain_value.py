@@ -8,6 +8,8 @@ init, in a linear probe and after fine-tuning, at 1/32, 1/8 and all of the label
         # an ablation of the pretraining recipe: bench/results/pretrain_value_nochannel.json
     python bench/pretrain_value.py --pretrain DIR --pretrain-data data/demo_pool --variant pool \
         --pretrain-override data.stats_file=$PWD/data/demo/s2/stats.json   # a larger unlabelled pool
+    python bench/pretrain_value.py --pretrain DIR --variant stem --pretrain-override model.stem_pool=false \
+        --eval-override model.stem_pool=false      # a variant whose evaluation changes for both rows (own random rows)
     python bench/pretrain_value.py --ablations    # every variant so far side by side: pretrain_value_ablations.json
     python bench/pretrain_value.py --quick --data /tmp/demo --seeds 0       # smoke test: a few steps per run
         # (demo data of at least 64 training tiles per domain: 1/32 of them must fill a batch of 2)
