@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         inits = sorted({i for row in rows.values() for i in row}, key=lambda i: i != "dino")
         print(f"\n{scenario}: target mIoU (last step)\n| method | " + " | ".join(inits) + " |")
         print("|---" * (1 + len(inits)) + "|")
-        order = ["source_only", *[m for m in rows if m not in ("source_only", "target_supervised")],
-                 "target_supervised"]
+        order = [*METHODS, *[m for m in rows if m not in METHODS and m != "target_supervised"],
+                 "target_supervised"]  # the methods' order, then the per-domain-standardisation rows
         for name in [n for n in order if n in rows]:
             print(f"| {name} | " + " | ".join(_fmt(list(rows[name].get(i, {}).values())) for i in inits) + " |")
     if failed:
