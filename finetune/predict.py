@@ -128,9 +128,9 @@ __all__ = [
 ]
 
 CHECKPOINTS = ("best", "last")
+"""Checkpoint names of a run (``checkpoints/<name>.safetensors``)."""
 DOMAINS = ("source", "target")
 """Whose statistics normalise the inputs: the run's training tiles, or an adaptation run's target domain."""
-"""Checkpoint names of a run (``checkpoints/<name>.safetensors``)."""
 
 DEFAULT_WINDOW = 512
 """Window side (px) for scenes larger than one window."""

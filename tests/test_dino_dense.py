@@ -126,6 +126,24 @@ def test_pretraining_with_the_dense_term_runs_and_exports_a_plain_backbone(tiny_
     net.load_state_dict(load_file(str(run / "backbone.safetensors")), strict=True)  # no dense head in the export
 
 
+@pytest.mark.slow
+def test_the_dense_term_trains_in_two_processes_and_checkpoints_its_head_and_center(tiny_demo, tmp_path):
+    """DDP with the dense head inside the wrapped student and the tuple output of the dense pass: two gloo processes
+    run the dense steps (the dense center's all-reduce included) and the checkpoint holds the head and center."""
+    from safetensors.torch import load_file
+    from test_pretrain import CONFIG, tiny_overrides
+
+    run = tmp_path / "ddp"
+    launch("ssl/pretrain.py", ["--config", CONFIG, "--output-dir", str(run), *tiny_overrides(tiny_demo, steps=2),
+                               "data.batch_size=2", "dino.dense_weight=0.5", "dino.dense_out_dim=32",
+                               "model.output_stride=16"], processes=2)
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["num_processes"] == 2 and "dense_loss" in final["train"]
+    state = load_file(str(next((run / "checkpoints").glob("step_*/model.safetensors"))))
+    assert state["dense_loss.center"].abs().sum() > 0
+    assert any(k.startswith("student.dense_head.") for k in state)
+
+
 def test_a_stride_the_backbone_cannot_take_is_refused_with_its_key(tiny_demo, tmp_path, capsys):
     from eo_ssl.pretrain import main
     from test_pretrain import CONFIG, tiny_overrides
