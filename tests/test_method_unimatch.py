@@ -185,11 +185,83 @@ def test_unsup_ce_divides_by_all_valid_pixels():
     assert unsup_ce(logits, torch.full_like(labels, 255), torch.zeros_like(valid)).item() == 0.0
 
 
+class _Shifted(_Echo):
+    """``_Echo`` whose class is ``round(x[:, 0]) + shift`` (mod K), with a buffer (copied by the teacher's EMA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = 0
+        self.register_buffer("running", torch.zeros(()))
+
+    def forward(self, x, return_aux=None, feature_dropout=0.0, generator=None) -> SegmenterOutput:
+        return super().forward(torch.cat([(x[:, :1].round() + self.shift) % K, x[:, 1:]], 1), return_aux,
+                               feature_dropout, generator)
+
+
+def test_ema_teacher_labels_every_weak_view(monkeypatch):
+    """V2 option: the pseudo-labels of the strong views and of the feature-perturbed stream are the EMA teacher's
+    (eval mode), not the student's; no extra student pass for the partner."""
+    boxes = iter(_boxes())
+    monkeypatch.setattr(um, "cutmix_masks", lambda *a, **k: next(boxes))
+    calls = []
+    monkeypatch.setattr(um, "unsup_ce", lambda logits, labels, valid: calls.append(labels) or logits.sum())
+    net = _Shifted()
+    method = UniMatch(UniMatchConfig(teacher_ema=0.9), net, SegSetup(K, nn.CrossEntropyLoss(ignore_index=255)))
+    method.train()
+    assert not method.teacher.training and net.training  # the teacher always predicts in eval mode
+    method.teacher.shift = 1  # the teacher says class i + 1 where the student says i
+    method(_batch())
+    assert len(net.inputs) == 2  # labelled + weak, strong views: no eval-mode student pass
+    (y1, y2, y_fp) = calls
+    lab_fp = torch.tensor([1, 2, 0]).view(3, 1, 1).repeat(1, 4, 4)
+    lab_fp[1, :, 0] = 255
+    assert torch.equal(y_fp, lab_fp)
+    lab1 = torch.tensor([1, 2, 0]).view(3, 1, 1).repeat(1, 4, 4)
+    lab1[0, :2, :2] = 0  # partner 2's teacher label
+    lab1[1, :, :2] = 1  # partner 0's teacher label
+    assert torch.equal(y1, lab1)
+    lab2 = torch.tensor([1, 2, 2]).view(3, 1, 1).repeat(1, 4, 4)
+    lab2[1:, :, 0] = 255
+    assert torch.equal(y2, lab2)
+
+
+def test_ema_teacher_update_by_hand():
+    net = _Shifted()
+    method = UniMatch(UniMatchConfig(teacher_ema=0.9), net, SegSetup(K, nn.CrossEntropyLoss(ignore_index=255)))
+    with torch.no_grad():
+        net.bias.fill_(1.0)
+        net.running.fill_(3.0)
+    method.after_optimizer_step(0, 0)  # a_0 = min(1 - 1 / 2, 0.9) = 0.5: 0.5 * 0 + 0.5 * 1
+    assert method.teacher.bias.item() == pytest.approx(0.5) and method.teacher.running.item() == 3.0
+    method.after_optimizer_step(100, 0)  # a = min(1 - 1 / 102, 0.9) = 0.9: 0.9 * 0.5 + 0.1 * 1
+    assert method.teacher.bias.item() == pytest.approx(0.55)
+    assert not method.teacher.bias.requires_grad
+    plain = UniMatch(UniMatchConfig(), _Shifted(), SegSetup(K, nn.CrossEntropyLoss(ignore_index=255)))
+    assert not hasattr(plain, "teacher") and not any(k.startswith("teacher.") for k in plain.state_dict())
+    plain.after_optimizer_step(0, 0)  # V1: nothing to update
+
+
+def test_ema_teacher_evaluated_when_asked():
+    net = _Shifted()
+    setup = SegSetup(K, nn.CrossEntropyLoss(ignore_index=255))
+    method = UniMatch(UniMatchConfig(teacher_ema=0.99, eval_model="teacher"), net, setup)
+    assert method.eval_model is method.teacher and method.eval_prefix == "teacher."
+    assert {"teacher.bias", "teacher.running", "model.bias"} <= set(method.state_dict())
+    student = UniMatch(UniMatchConfig(teacher_ema=0.99), _Shifted(), setup)
+    assert student.eval_model is student.model and student.eval_prefix == "model."
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="feature_dropout"):
         UniMatchConfig(feature_dropout=0.0).validate()
     with pytest.raises(ValueError, match="cutmix_area"):
         UniMatchConfig(cutmix_area=(0.5, 0.2)).validate()
+    with pytest.raises(ValueError, match="teacher_ema"):
+        UniMatchConfig(teacher_ema=1.0).validate()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        UniMatchConfig(eval_model="teacher").validate()
+    with pytest.raises(ValueError, match="eval_model"):
+        UniMatchConfig(teacher_ema=0.9, eval_model="ema").validate()
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -276,6 +348,28 @@ def test_resume_mid_run_matches_uninterrupted(uni_run, tiny_demo, tmp_path):
                                          *_overrides(tiny_demo)])
     assert "resumed from" in res.stdout + res.stderr
     assert_same_last_weights(uni_run, cut)  # CutMix boxes and dropout masks come from the step's generator: identical after the resume
+
+
+def test_ema_teacher_trains_exports_and_resumes(tiny_demo, tmp_path):
+    """``unimatch.teacher_ema`` with the teacher evaluated: the card names ``teacher.``, the teacher's weights load
+    strictly into a fresh DeepLab, and a run resumed from its step-2 checkpoint ends bit-identical (teacher too)."""
+    from finetune.predict import load_run_model
+    from finetune.semisup import main
+
+    over = [*_overrides(tiny_demo), "unimatch.teacher_ema=0.9", "unimatch.eval_model=teacher"]
+    run = tmp_path / "ema"
+    main(["--config", CONFIG, "--output-dir", str(run), "--cpu", *over])
+    card = json.loads((run / "model.json").read_text())
+    assert card["state_dict_prefix"] == "teacher."
+    state = load_file(str(run / "checkpoints" / "last.safetensors"))
+    net = load_run_model(run, "last").net
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state["teacher." + key]), key
+    assert any(not torch.equal(state["teacher." + k], state["model." + k]) for k in net.state_dict()
+               if state["model." + k].is_floating_point())  # an average, not a copy, of the student
+    cut = cut_back(run, tmp_path / "cut")
+    main(["--config", CONFIG, "--output-dir", str(cut), "--cpu", "--resume", *over])
+    assert_same_last_weights(run, cut)
 
 
 @pytest.mark.slow

@@ -52,16 +52,28 @@ Deviations from the reference code:
     * Feature-dropout masks are drawn from the step's generator, not the global RNG (independent across processes).
     * The pseudo-labels never cover invalid (nodata / padding) pixels; the reference only excludes padding.
     * Optional auxiliary-head term (``aux_weight``, with ``model.aux``); the reference has no auxiliary head.
+
+Option from UniMatch V2 (Yang et al., "UniMatch V2: Pushing the Limit of Semi-Supervised Semantic Segmentation",
+TPAMI 2025, arXiv:2410.10777; reference LiheYoung/UniMatch-V2 ``unimatch_v2.py``): ``teacher_ema: a`` takes the
+pseudo-labels (own and partner) from an EMA teacher in eval mode instead of the model being trained:
+    theta_t <- a_t theta_t + (1 - a_t) theta_s after every optimiser step, a_t = min(1 - 1 / (t + 2), a)
+        (V2's ``min(1 - 1 / (iters + 1), 0.996)`` with iters the 0-based step before the increment)   -> ``after_optimizer_step``
+    p_w = softmax(f_t(x_w)) (eval mode, no gradient)                                                  -> ``training_step``
+The student's weak pass still runs (its decoder gives L_fp and its BatchNorm sees the weak images). Deviation: the
+teacher's BatchNorm statistics are copied from the student after every EMA step (V2 averages them with the same
+decay). ``eval_model: teacher`` evaluates and exports the teacher (V2 reports both).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from common.bands import IGNORE_INDEX
+from common.ema import ema_update_, make_teacher
 from finetune.methods import register
 from finetune.methods.base import SegMethod
 from finetune.methods.common import cutmix_masks, mix, pseudo_labels
@@ -84,6 +96,8 @@ class UniMatchConfig:
     cutmix_area: tuple[float, float] = (0.02, 0.4)  # box area as a fraction of the crop (reference size_min / max)
     cutmix_ratio: tuple[float, float] = (0.3, 1 / 0.3)  # box aspect ratio h / w range (reference ratio_1 / ratio_2)
     partner_eval_mode: bool = True  # partner pseudo-labels from an eval-mode pass (reference) or the train pass
+    teacher_ema: float | None = None  # a: pseudo-labels from an EMA teacher with this decay (V2: 0.996); null: V1
+    eval_model: Literal["student", "teacher"] = "student"  # network evaluated and exported (teacher: teacher_ema)
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -101,6 +115,13 @@ class UniMatchConfig:
         lo, hi = self.cutmix_ratio
         if not 0.0 < lo <= hi:
             raise ValueError(f"unimatch.cutmix_ratio must satisfy 0 < low <= high, got {self.cutmix_ratio}")
+        if self.teacher_ema is not None and not 0.0 <= self.teacher_ema < 1.0:
+            raise ValueError(f"unimatch.teacher_ema must be in [0, 1) or null, got {self.teacher_ema}")
+        if self.eval_model not in ("student", "teacher"):
+            raise ValueError(f"unimatch.eval_model must be 'student' or 'teacher', got {self.eval_model!r}")
+        if self.eval_model == "teacher" and self.teacher_ema is None:
+            raise ValueError("unimatch.eval_model: teacher needs a teacher: set unimatch.teacher_ema (e.g. 0.99) "
+                             "or eval_model: student")
 
 
 def unsup_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -127,6 +148,29 @@ class UniMatch(SegMethod):
     streams = ("labelled", "unlabelled")
     views = {"unlabelled": 2}
 
+    def __init__(self, cfg: UniMatchConfig, model: torch.nn.Module, setup) -> None:
+        super().__init__(cfg, model, setup)
+        if cfg.teacher_ema is not None:  # outside DDP (not in ``trainable``), checkpointed with the method
+            self.teacher = make_teacher(model)
+            self.teacher.eval()
+            if cfg.eval_model == "teacher":
+                self.eval_prefix = "teacher."
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.teacher if self.cfg.eval_model == "teacher" else self.model
+
+    def train(self, mode: bool = True) -> "UniMatch":
+        super().train(mode)
+        if self.cfg.teacher_ema is not None:
+            self.teacher.eval()  # the teacher always predicts in eval mode (V2's ``model_ema.eval()``)
+        return self
+
+    def after_optimizer_step(self, step: int, epoch: int) -> None:
+        if self.cfg.teacher_ema is not None:
+            ema_update_(self.teacher, self.model, min(1.0 - 1.0 / (step + 2), self.cfg.teacher_ema),
+                        copy_buffers=True)
+
     def training_step(self, batch: dict, ctx) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         lab, unl = batch["labelled"], batch["unlabelled"]
@@ -141,7 +185,12 @@ class UniMatch(SegMethod):
                                    cfg.cutmix_ratio, device=device) for _ in range(2))
         partner = torch.roll(torch.arange(n_u, device=device), 1)  # 3. sample i mixes with sample i - 1
 
-        if cfg.partner_eval_mode:  # 4. partner predictions: eval mode, no gradient (reference's img_u_w_mix pass)
+        teacher_w = None
+        if cfg.teacher_ema is not None:  # 4. V2: the EMA teacher labels every weak view (own and partner)
+            with torch.no_grad():
+                teacher_w = self.teacher(x_w, return_aux=False).logits
+            logits_partner = teacher_w
+        elif cfg.partner_eval_mode:  # 4. partner predictions: eval mode, no gradient (reference's img_u_w_mix pass)
             was_training = self.training
             with torch.no_grad():
                 self.model.eval()
@@ -161,8 +210,8 @@ class UniMatch(SegMethod):
         logits_s1, logits_s2 = self.wrapped("model")(torch.cat([x_s1m, x_s2m]), return_aux=False).logits.chunk(2)
 
         # 7. pseudo-labels (invalid pixels never labelled), mixed with the same boxes as the images
-        y_w, _, keep_w = pseudo_labels(logits_w.detach(), cfg.threshold, valid)
-        if not cfg.partner_eval_mode:
+        y_w, _, keep_w = pseudo_labels(logits_w.detach() if teacher_w is None else teacher_w, cfg.threshold, valid)
+        if teacher_w is None and not cfg.partner_eval_mode:
             logits_partner = logits_w.detach()
         y_p, _, _ = pseudo_labels(logits_partner, cfg.threshold, valid)
         y_p, valid_p = y_p[partner], valid[partner]
