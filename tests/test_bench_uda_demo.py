@@ -38,3 +38,15 @@ def test_a_warm_started_row_alone_brings_its_source_only_run():
     first, second = uda_demo._jobs(_args(methods=["selftrain_tstats"]))
     assert [j["name"] for j in first] == ["source_only", "target_supervised"]
     assert [j["name"] for j in second] == ["selftrain_tstats"]
+
+
+def test_adaptsegnet_with_target_statistics_is_an_s1_row():
+    first, second = uda_demo._jobs(_args(scenarios=["s2", "s1"]))
+    rows = [(j["scenario"], j["name"]) for j in first + second]
+    assert ("s1", "adaptsegnet_tstats") in rows and ("s2", "adaptsegnet_tstats") not in rows
+    assert ("s2", "selftrain_tstats") in rows  # the other standardisation rows stay on both scenarios
+    job = next(j for j in first if j["name"] == "adaptsegnet_tstats")
+    assert job in first and "init_job" not in job  # from the same starting weights as source-only
+    over = job["overrides"]
+    assert {"method=adaptsegnet", "model.aux=true", "data.target.stats_file=/runs/s1/target_stats.json"} <= set(over)
+    assert job["record"] == "uda/s1/adaptsegnet_tstats_random_s1"
