@@ -10,9 +10,11 @@ it.
 Rows: ``source_only`` (baseline), each method, ``<row>_tstats`` (:data:`TARGET_STATS_ROWS`: the method with
 ``data.target.stats_file``, the target tiles normalised with the target domain's own statistics, which the script
 writes once per scenario with ``python -m common.stats --split`` over the target's training split into
-``<runs>/<scenario>/target_stats.json``), ``target_supervised`` (``method=source_only`` trained on the target
-domain's labelled tiles: the upper bound). ``proda`` (its stage 1) and ``selftrain`` start (``model.init_from``) from
-the ``source_only`` run of the same init and seed (:data:`WARM_START`); ``adaptsegnet`` and ``advent`` run with
+``<runs>/<scenario>/target_stats.json``), ``<row>_jitter`` (:data:`JITTER_ROWS`: the recipe with per-band brightness
+jitter of the training tiles, S1 only), ``target_supervised`` (``method=source_only`` trained on the target
+domain's labelled tiles: the upper bound; ``target_supervised_jitter`` with the jitter). ``proda`` (its stage 1)
+and ``selftrain`` start (``model.init_from``) from the ``source_only`` run of the same init and seed
+(:data:`WARM_START`; ``selftrain_jitter`` from ``source_only_jitter``); ``adaptsegnet`` and ``advent`` run with
 ``model.aux=true`` (their multi-level default). Results: ``{scenario: {method: {"dino"|"random": {seed: mIoU}}}}``,
 the target validation mIoU (``target_val/mIoU``, a report: never used for selection) of the last step; the figures
 of the checkpoint selected on source validation go to ``uda_demo_best.json``. Finished runs are reused from their
@@ -35,24 +37,36 @@ from semisup_demo import _fmt, add_table_arguments, run_all
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 METHODS = ("source_only", "adaptsegnet", "advent", "proda", "selftrain", "source_only_tstats", "selftrain_tstats",
-           "adaptsegnet_tstats")
+           "adaptsegnet_tstats", "source_only_jitter", "selftrain_jitter")
 TARGET_STATS_ROWS = {"source_only_tstats": "source_only", "selftrain_tstats": "selftrain",
                      "adaptsegnet_tstats": "adaptsegnet"}
 """Rows that add per-domain standardisation (``data.target.stats_file``) to a method: source-only (the same training
 as ``source_only``; only the target tiles' normalisation differs, no training on them), self-training and
 AdaptSegNet."""
-ROW_SCENARIOS = {"adaptsegnet_tstats": ("s1",)}
+JITTER = ["augment.brightness=0.3"]
+"""Per-band brightness jitter of every training tile, uniform in +-0.3 band std (``augment.brightness``): the shift of
+the S1 band means between the two domains in std units (VV 1.41 dB of a 4.5 dB std: 0.31; VH 0.09), measured on
+unlabelled tiles only (``python -m common.stats``); no target label chose it."""
+JITTER_ROWS = {"source_only_jitter": "source_only", "selftrain_jitter": "selftrain"}
+"""Rows of the recipe with :data:`JITTER`; their upper bound is ``target_supervised_jitter`` (the same recipe trained
+on the target)."""
+VARIANT_ROWS = {**TARGET_STATS_ROWS, **JITTER_ROWS}
+"""Every row that is a method with an option (row -> method)."""
+ROW_SCENARIOS = {"adaptsegnet_tstats": ("s1",), "source_only_jitter": ("s1",), "selftrain_jitter": ("s1",)}
 """Rows made on some scenarios only: per-domain standardisation lowers source-only and self-training on S2 (rows
-``*_tstats``, 3 seeds), so AdaptSegNet with it was run on S1, where it helps."""
+``*_tstats``, 3 seeds), so AdaptSegNet with it was run on S1, where it helps; the brightness jitter's amplitude is
+the S1 domains' backscatter offset (not measured on S2)."""
 SCENARIOS = {"s2": ("demo_uda.yaml", "s2"), "s1": ("demo_uda_s1.yaml", "s1")}
 SENSORS = {"s2": "S2L2A", "s1": "S1"}
 EXTRA = {"adaptsegnet": ["model.aux=true"], "advent": ["model.aux=true"]}  # multi-level by default
-WARM_START = ("proda", "selftrain", "selftrain_tstats")
+WARM_START = ("proda", "selftrain", "selftrain_tstats", "selftrain_jitter")
 """Methods that continue from the source-only run of the same init and seed (``model.init_from``): ProDA by its
 recipe; self-training because in a 450-step run from the initial weights its teacher's pseudo-labels stay below the
 confidence threshold for most of the run (quality 0.001-0.17 over the first 300 steps) while the mixed and masked
 passes slow the source training. Seed 0, random init, target mIoU after 450 steps: source-only 56.5, self-training
 from scratch 49.6 (57.6 without rare-class sampling), from the source-only model 64.3; trained on the target 69.1."""
+WARM_FROM = {"selftrain_jitter": "source_only_jitter"}
+"""The source-only row a warm-started row continues from, where it is not ``source_only`` (the same recipe)."""
 
 
 def _jobs(args) -> tuple[list[dict], list[dict]]:
@@ -81,24 +95,30 @@ def _jobs(args) -> tuple[list[dict], list[dict]]:
                             "overrides": [f"data.root={root}", f"method={method}", f"trainer.seed={seed}", *extra,
                                           *common]}
 
-                source_only = job("source_only", "source_only", init_over)
-                for m in args.methods:
-                    if scenario not in ROW_SCENARIOS.get(m, (scenario,)):
-                        continue
-                    method = TARGET_STATS_ROWS.get(m, m)
-                    norm = tstats if m in TARGET_STATS_ROWS else []
+                bases = {"source_only": job("source_only", "source_only", init_over),
+                         "source_only_jitter": job("source_only_jitter", "source_only", [*init_over, *JITTER])}
+                rows = [m for m in args.methods if scenario in ROW_SCENARIOS.get(m, (scenario,))]
+                if not rows:
+                    continue  # no row of this scenario asked for: not even its upper bound
+                for m in rows:
+                    method = VARIANT_ROWS.get(m, m)
+                    option = (tstats if m in TARGET_STATS_ROWS else []) + (JITTER if m in JITTER_ROWS else [])
                     if m in WARM_START:
-                        warm = job(m, method, [f"model.init_from={source_only['out']}", f"data.target.root={target}",
-                                               *EXTRA.get(method, []), *norm])
-                        second.append({**warm, "init_job": source_only})  # keyed by the source-only record
-                    elif m == "source_only":
-                        first.append(source_only)
+                        base = bases[WARM_FROM.get(m, "source_only")]
+                        warm = job(m, method, [f"model.init_from={base['out']}", f"data.target.root={target}",
+                                               *EXTRA.get(method, []), *option])
+                        second.append({**warm, "init_job": base})  # keyed by the source-only record
+                    elif m in bases:
+                        first.append(bases[m])
                     else:
-                        first.append(job(m, method, [*init_over, *EXTRA.get(method, []), *norm]))
-                if any(m in WARM_START for m in args.methods) and "source_only" not in args.methods:
-                    first.append(source_only)
+                        first.append(job(m, method, [*init_over, *EXTRA.get(method, []), *option]))
+                for name in sorted({WARM_FROM.get(m, "source_only") for m in rows if m in WARM_START} - set(rows)):
+                    first.append(bases[name])  # a warm-started row alone brings its source-only run
                 first.append(job("target_supervised", "source_only", [*init_over, f"data.target.root={target}"],
                                  root=target))
+                if any(m in JITTER_ROWS for m in rows):
+                    first.append(job("target_supervised_jitter", "source_only",
+                                     [*init_over, f"data.target.root={target}", *JITTER], root=target))
     return first, second
 
 
@@ -145,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     best: dict = {}
     for r in done:
         last = r["last"].get("target_val/mIoU", r["last"].get("mIoU"))
-        if r["name"] == "target_supervised":  # trained and validated on the target: its validation is the target's
+        if r["name"].startswith("target_supervised"):  # trained and validated on the target: its validation is that
             last = r["last"]["mIoU"]
         table.setdefault(r["scenario"], {}).setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = last
         sel = r["best"]
+        on_target = r["name"].startswith("target_supervised")
         best.setdefault(r["scenario"], {}).setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = {
             "step": sel.get("step"), "selection": r.get("selection"),
-            "target_val/mIoU": sel["mIoU"] if r["name"] == "target_supervised" else sel.get("target_val/mIoU"),
-            "source_val/mIoU": None if r["name"] == "target_supervised" else sel.get("mIoU")}
+            "target_val/mIoU": sel["mIoU"] if on_target else sel.get("target_val/mIoU"),
+            "source_val/mIoU": None if on_target else sel.get("mIoU")}
     if not args.quick:
         out = Path(args.out or RESULTS / "uda_demo.json")
         out.parent.mkdir(parents=True, exist_ok=True)

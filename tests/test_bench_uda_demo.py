@@ -50,3 +50,26 @@ def test_adaptsegnet_with_target_statistics_is_an_s1_row():
     over = job["overrides"]
     assert {"method=adaptsegnet", "model.aux=true", "data.target.stats_file=/runs/s1/target_stats.json"} <= set(over)
     assert job["record"] == "uda/s1/adaptsegnet_tstats_random_s1"
+
+
+def test_the_jitter_rows_are_their_own_recipe_with_their_own_baseline_and_bound():
+    first, second = uda_demo._jobs(_args(scenarios=["s2", "s1"], methods=["selftrain_jitter"]))
+    names = [(j["scenario"], j["name"]) for j in first + second]
+    assert names == [("s1", "source_only_jitter"), ("s1", "target_supervised"), ("s1", "target_supervised_jitter"),
+                     ("s1", "selftrain_jitter")]  # S1 only; a warm-started row alone brings its source-only run
+    jobs = {j["name"]: j for j in first + second}
+    jitter = "augment.brightness=0.3"
+    assert uda_demo.JITTER == [jitter]
+    base, warm, bound = jobs["source_only_jitter"], jobs["selftrain_jitter"], jobs["target_supervised_jitter"]
+    assert "method=source_only" in base["overrides"] and jitter in base["overrides"]
+    assert "method=selftrain" in warm["overrides"] and jitter in warm["overrides"]
+    assert warm["init_job"]["record"] == base["record"] == "uda/s1/source_only_jitter_random_s1"
+    assert "model.init_from=/runs/s1/source_only_jitter_random_s1" in warm["overrides"]
+    assert jitter in bound["overrides"] and "data.root=/d/s1/target" in bound["overrides"]
+    assert jitter not in jobs["target_supervised"]["overrides"]
+    assert not any(o.startswith("data.target.stats_file=") for j in jobs.values() for o in j["overrides"])
+    # the rows that existed before keep their runs: same overrides, same records
+    first, second = uda_demo._jobs(_args(methods=["source_only", "selftrain"]))
+    st = next(j for j in second if j["name"] == "selftrain")
+    assert st["init_job"]["record"] == "uda/s1/source_only_random_s1" and not any("brightness" in o for o in
+                                                                                    st["overrides"])

@@ -85,10 +85,10 @@ def test_the_demo_follows_the_adaptation_tables_protocol():
     import uda_demo
 
     script = (REPO / "scripts" / "demo.sh").read_text()
-    rows = set(uda_demo.TARGET_STATS_ROWS)  # table rows of a method with another option, not methods
+    rows = set(uda_demo.VARIANT_ROWS)  # table rows of a method with another option, not methods
     accepted = set(uda_demo.METHODS) - {"source_only"} - rows
     assert f"  {'|'.join(sorted(accepted))}) ;;" in script
     assert set(uda_demo.WARM_START) - rows == accepted - set(uda_demo.EXTRA)  # the case's default: from source-only
-    assert {uda_demo.TARGET_STATS_ROWS[r] for r in rows} <= set(uda_demo.METHODS)
+    assert {uda_demo.VARIANT_ROWS[r] for r in rows} <= set(uda_demo.METHODS)
     assert all(v == ["model.aux=true"] for v in uda_demo.EXTRA.values())
     assert f"    {'|'.join(sorted(uda_demo.EXTRA))}) uda_init=(\"$W\" model.aux=true)" in script
