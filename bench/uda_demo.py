@@ -45,8 +45,9 @@ as ``source_only``; only the target tiles' normalisation differs, no training on
 AdaptSegNet."""
 JITTER = ["augment.brightness=0.3"]
 """Per-band brightness jitter of every training tile, uniform in +-0.3 band std (``augment.brightness``): the shift of
-the S1 band means between the two domains in std units (VV 1.41 dB of a 4.5 dB std: 0.31; VH 0.09), measured on
-unlabelled tiles only (``python -m common.stats``); no target label chose it."""
+the S1 band means between the two domains' training tiles, to one decimal, in units of the std the demo normalises
+with (``python -m common.stats --compare <source stats> <target stats> data/demo/s1/stats.json``: VV -1.50 dB =
+-0.33 std, VH -0.53 dB = -0.12 std), measured on unlabelled tiles only: no target label chose it."""
 JITTER_ROWS = {"source_only_jitter": "source_only", "selftrain_jitter": "selftrain"}
 """Rows of the recipe with :data:`JITTER`; their upper bound is ``target_supervised_jitter`` (the same recipe trained
 on the target)."""

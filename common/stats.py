@@ -1,6 +1,11 @@
 """Per-band mean/std in model units, streamed over a dataset, written as the stats file configs refer to.
 
 ``python -m common.stats --root DIR [--glob '**/*.tif'] [--split FILE] --sensor S2L2A [--bands B02 B03 ...] --out stats.json``
+``python -m common.stats --compare SOURCE.json TARGET.json [NORM.json]``: the shift of each band's mean between two
+domains, in model units and in units of the std the model normalises with (``NORM``: the run's ``data.stats_file``;
+default ``SOURCE``). That is the scale of ``augment.brightness`` (per-band additive jitter of the normalised tiles):
+a jitter about as wide as the shift makes the source model see the target's band levels, with no target label
+involved.
 
 ``--sensor`` also takes a YAML file: a config whose ``data.sensor`` (with ``data.input_units``) is used, e.g. a
 sensor defined as a mapping (HLS, Landsat, ...) that has no statistics yet, or a file holding such a mapping alone.
@@ -27,7 +32,7 @@ from common.bands import INPUT_UNITS, BandStats, SensorDef, SensorSpec, get_sens
 from common.errors import DataError
 from common.raster import RasterError
 
-__all__ = ["RunningBandStats", "compute_band_stats", "sensor_from_argument", "main"]
+__all__ = ["RunningBandStats", "compute_band_stats", "sensor_from_argument", "mean_shift", "main"]
 
 
 class RunningBandStats:
@@ -211,8 +216,50 @@ def split_files(root: str | Path, glob: str, split: str | Path) -> list[Path]:
     return [by_stem[i] for i in ids]
 
 
+def mean_shift(source: BandStats, target: BandStats,
+               norm: BandStats | None = None) -> dict[str, tuple[float, float]]:
+    """Per band of ``source``: ``(target mean - source mean, that difference / std)``, the std of ``norm`` (the
+    statistics the model normalises with; default ``source``).
+
+    Raises:
+        DataError: the files are of other sensors, or one lacks a band of ``source``.
+    """
+    norm = source if norm is None else norm
+    for other in (target, norm):
+        if source.sensor and other.sensor and source.sensor != other.sensor:
+            raise DataError(f"the statistics files are of other sensors ({source.sensor} vs {other.sensor}): compare "
+                            f"files of one sensor")
+        missing = [b for b in source.bands if b not in other.mean]
+        if missing:
+            raise DataError(f"{other.path or 'a statistics file'} lacks band(s) {missing} of the source statistics")
+    return {b: (target.mean[b] - source.mean[b], (target.mean[b] - source.mean[b]) / norm.std[b])
+            for b in source.bands}
+
+
+def _compare(paths: Sequence[str]) -> int:
+    try:
+        stats = [BandStats.from_json(p) for p in paths]
+        shift = mean_shift(*stats)
+    except (ValueError, KeyError) as exc:
+        print(f"error: --compare: {exc}", file=sys.stderr)
+        return 2
+    source, target = stats[0], stats[1]
+    print(f"mean shift from {paths[0]} to {paths[1]} (model units, and in units of the std of {paths[-1]}):")
+    for b, (delta, in_std) in shift.items():
+        print(f"  {b:<7} {source.mean[b]:.6g} -> {target.mean[b]:.6g}: {delta:+.4g} = {in_std:+.3f} std")
+    widest = max(abs(v) for _, v in shift.values())
+    print(f"largest shift {widest:.3f} std: the scale of augment.brightness (per-band jitter, +-{widest:.2f} spans it)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; see the module docstring."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--compare"]:
+        if len(argv) not in (3, 4):
+            print("usage: python -m common.stats --compare SOURCE.json TARGET.json [NORM.json]", file=sys.stderr)
+            return 2
+        return _compare(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m common.stats", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", required=True, help="directory with GeoTIFFs or BigEarthNet patch folders")
     ap.add_argument("--glob", default="**/*.tif", help="file pattern inside --root (default: **/*.tif)")

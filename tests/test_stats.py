@@ -13,7 +13,7 @@ import pytest
 
 from common.bands import BandStats, get_sensor
 from common.datasets import SegmentationDataset
-from common.stats import RunningBandStats, compute_band_stats, main
+from common.stats import RunningBandStats, compute_band_stats, main, mean_shift
 from conftest import random_s2, write_tif
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,28 @@ def test_stats_of_a_split_read_only_the_listed_tiles(tmp_path, capsys):
     assert main(["--root", str(root), "--glob", "*.tif", "--split", str(split), "--out", str(out)]) == 2
     assert "x9" in capsys.readouterr().err
     assert main(["--root", str(root), "--split", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+
+
+def test_mean_shift_between_domains_by_hand(tmp_path, capsys):
+    src = BandStats(mean={"VV": -10.0, "VH": -17.0}, std={"VV": 4.0, "VH": 5.0}, sensor="S1")
+    tgt = BandStats(mean={"VV": -11.5, "VH": -16.5, "HH": 0.0}, std={"VV": 3.0, "VH": 3.0, "HH": 1.0}, sensor="S1")
+    norm = BandStats(mean={"VV": -11.0, "VH": -17.0}, std={"VV": 5.0, "VH": 2.0}, sensor="S1")
+    assert mean_shift(src, tgt) == {"VV": (-1.5, -0.375), "VH": (0.5, 0.1)}  # in the source's std
+    assert mean_shift(src, tgt, norm) == {"VV": (-1.5, -0.3), "VH": (0.5, 0.25)}  # in the normalisation's std
+    paths = []
+    for name, stats in (("s", src), ("t", tgt), ("n", norm)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        stats.to_json(paths[-1])
+    assert main(["--compare", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "VV      -10 -> -11.5: -1.5 = -0.300 std" in out and "largest shift 0.300 std" in out
+    assert main(["--compare", paths[1], paths[0]]) == 2  # the target holds a band (HH) the other file lacks
+    assert "lacks band(s) ['HH']" in capsys.readouterr().err
+    BandStats(mean={"VV": 0.0, "VH": 0.0}, std={"VV": 1.0, "VH": 1.0}, sensor="S2L2A").to_json(tmp_path / "o.json")
+    assert main(["--compare", paths[0], str(tmp_path / "o.json")]) == 2
+    assert "other sensors (S1 vs S2L2A)" in capsys.readouterr().err
+    assert main(["--compare", paths[0]]) == 2  # two or three files
+    assert main(["--compare", paths[0], str(tmp_path / "none.json")]) == 2
 
 
 def test_stats_on_real_bigearthnet(bigearthnet_s2, bigearthnet_s1, tmp_path):
