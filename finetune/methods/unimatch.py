@@ -56,9 +56,9 @@ Deviations from the reference code:
 Option from UniMatch V2 (Yang et al., "UniMatch V2: Pushing the Limit of Semi-Supervised Semantic Segmentation",
 TPAMI 2025, arXiv:2410.10777; reference LiheYoung/UniMatch-V2 ``unimatch_v2.py``): ``teacher_ema: a`` takes the
 pseudo-labels (own and partner) from an EMA teacher in eval mode instead of the model being trained:
-    theta_t <- a_t theta_t + (1 - a_t) theta_s after every optimiser step, a_t = min(1 - 1 / (t + 2), a)
-        (V2's ``min(1 - 1 / (iters + 1), 0.996)`` with iters the 0-based step before the increment)   -> ``after_optimizer_step``
-    p_w = softmax(f_t(x_w)) (eval mode, no gradient)                                                  -> ``training_step``
+    theta_t <- a_t theta_t + (1 - a_t) theta_s after optimiser step t (0-based),
+        a_t = min(1 - 1 / (t + 2), a)  (V2's ``min(1 - 1 / (iters + 1), 0.996)``)  -> ``after_optimizer_step``
+    p_w = softmax(f_t(x_w)) (eval mode, no gradient)                                -> ``training_step``
 The student's weak pass still runs (its decoder gives L_fp and its BatchNorm sees the weak images). Deviation: the
 teacher's BatchNorm statistics are copied from the student after every EMA step (V2 averages them with the same
 decay). ``eval_model: teacher`` evaluates and exports the teacher (V2 reports both).
