@@ -165,12 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     table: dict = {}
     best: dict = {}
     for r in done:
-        last = r["last"].get("target_val/mIoU", r["last"].get("mIoU"))
-        if r["name"].startswith("target_supervised"):  # trained and validated on the target: its validation is that
-            last = r["last"]["mIoU"]
+        on_target = r["name"].startswith("target_supervised")  # trained and validated on the target: its validation
+        last = r["last"]["mIoU"] if on_target else r["last"].get("target_val/mIoU", r["last"].get("mIoU"))
         table.setdefault(r["scenario"], {}).setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = last
         sel = r["best"]
-        on_target = r["name"].startswith("target_supervised")
         best.setdefault(r["scenario"], {}).setdefault(r["name"], {}).setdefault(r["init"], {})[str(r["seed"])] = {
             "step": sel.get("step"), "selection": r.get("selection"),
             "target_val/mIoU": sel["mIoU"] if on_target else sel.get("target_val/mIoU"),
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{scenario}: target mIoU (last step)\n| method | " + " | ".join(inits) + " |")
         print("|---" * (1 + len(inits)) + "|")
         order = [*METHODS, *[m for m in rows if m not in METHODS and m != "target_supervised"],
-                 "target_supervised"]  # the methods' order, then the per-domain-standardisation rows
+                 "target_supervised"]  # the methods' order (variant rows included), then other rows, the bound last
         for name in [n for n in order if n in rows]:
             print(f"| {name} | " + " | ".join(_fmt(list(rows[name].get(i, {}).values())) for i in inits) + " |")
     if failed:

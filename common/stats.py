@@ -232,6 +232,10 @@ def mean_shift(source: BandStats, target: BandStats,
         missing = [b for b in source.bands if b not in other.mean]
         if missing:
             raise DataError(f"{other.path or 'a statistics file'} lacks band(s) {missing} of the source statistics")
+    flat = [b for b in source.bands if not norm.std[b] > 0]
+    if flat:
+        raise DataError(f"{norm.path or 'the normalisation statistics'}: band(s) {flat} have std 0; a shift cannot be "
+                        f"expressed in their std (recompute the statistics over more tiles)")
     return {b: (target.mean[b] - source.mean[b], (target.mean[b] - source.mean[b]) / norm.std[b])
             for b in source.bands}
 
@@ -260,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("usage: python -m common.stats --compare SOURCE.json TARGET.json [NORM.json]", file=sys.stderr)
             return 2
         return _compare(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m common.stats", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m common.stats", description=__doc__.split("\n\n")[0],
+                                 epilog="python -m common.stats --compare SOURCE.json TARGET.json [NORM.json]: each "
+                                        "band's mean shift between two domains, in the std of NORM (default SOURCE)")
     ap.add_argument("--root", required=True, help="directory with GeoTIFFs or BigEarthNet patch folders")
     ap.add_argument("--glob", default="**/*.tif", help="file pattern inside --root (default: **/*.tif)")
     ap.add_argument("--sensor", default="S2L2A",

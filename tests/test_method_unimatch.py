@@ -264,6 +264,18 @@ def test_config_is_validated():
         UniMatchConfig(teacher_ema=0.9, eval_model="ema").validate()
 
 
+def test_teacher_without_ema_is_one_message_and_exit_2(tmp_path, capsys):
+    from finetune.semisup import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", CONFIG, "--output-dir", str(tmp_path / "run"), "--cpu", "method=unimatch",
+              "unimatch.eval_model=teacher"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unimatch.eval_model: teacher needs a teacher" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def _overrides(root: Path, steps: int = 4, labelled: str = "labelled_1_8", arch: str = "test_resnet") -> list[str]:
     return [f"data.root={root / 's2' / 'source'}", "method=unimatch", "data.batch_size=2",

@@ -120,6 +120,9 @@ def test_mean_shift_between_domains_by_hand(tmp_path, capsys):
     BandStats(mean={"VV": 0.0, "VH": 0.0}, std={"VV": 1.0, "VH": 1.0}, sensor="S2L2A").to_json(tmp_path / "o.json")
     assert main(["--compare", paths[0], str(tmp_path / "o.json")]) == 2
     assert "other sensors (S1 vs S2L2A)" in capsys.readouterr().err
+    BandStats(mean={"VV": 0.0, "VH": 0.0}, std={"VV": 0.0, "VH": 1.0}, sensor="S1").to_json(tmp_path / "f.json")
+    assert main(["--compare", paths[0], paths[1], str(tmp_path / "f.json")]) == 2  # no division by a zero std
+    assert "['VV'] have std 0" in capsys.readouterr().err
     assert main(["--compare", paths[0]]) == 2  # two or three files
     assert main(["--compare", paths[0], str(tmp_path / "none.json")]) == 2
 
